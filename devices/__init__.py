@@ -1,0 +1,1 @@
+"""Target device profiles (one TOML per board)."""

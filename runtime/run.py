@@ -1,0 +1,373 @@
+#!/usr/bin/env python3
+"""Measure an ONNX image classifier with onnxruntime: latency, throughput, peak memory and accuracy.
+
+One file, copied alone to a board (Raspberry Pi, Jetson) beside a ``.onnx``; it needs only ``onnxruntime``, ``numpy``
+and the standard library::
+
+    python run.py model.onnx                       # random inputs of the model's shape
+    python run.py model.onnx --data val.npz        # raw images: x uint8 [N, H, W, C], y int labels [N]
+    python run.py model.onnx --threads 4 --warmup 20 --runs 200 --batch 1 --json result.json
+
+With ``--data`` the images are preprocessed as the model's metadata (``tmlp.preprocessing``) says: bilinear resize to
+the input size, scale to [0, 1], subtract the mean, divide by the std, NHWC -> NCHW. ``tmlp bench`` imports this file
+(as ``tmlp.runtime.run``) so that host and device figures are measured by the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+PREPROCESSING_KEY = "tmlp.preprocessing"
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class RunError(Exception):
+    """A problem with the user's input, reported as one line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing (shared with tmlp's training code so that the two always agree)
+# ----------------------------------------------------------------------------------------------------------------
+def _bilinear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of a 1-D bilinear resize (half-pixel centres, as torch's align_corners=False)."""
+    scale = n_in / n_out
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w_hi = (src - lo).astype(np.float32)
+    return lo, hi, w_hi
+
+
+def resize_bilinear(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize ``images`` [N, H, W, C] (any real dtype) to [N, height, width, C] float32, bilinear."""
+    x = images.astype(np.float32, copy=False)
+    n, h, w, c = x.shape
+    if (h, w) == (height, width):
+        return x.copy() if x is images else x
+    lo, hi, wy = _bilinear_weights(h, height)
+    x = x[:, lo] * (1.0 - wy)[None, :, None, None] + x[:, hi] * wy[None, :, None, None]
+    lo, hi, wx = _bilinear_weights(w, width)
+    x = x[:, :, lo] * (1.0 - wx)[None, None, :, None] + x[:, :, hi] * wx[None, None, :, None]
+    return x.astype(np.float32, copy=False)
+
+
+def preprocess(images: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Raw uint8 images [N, H, W, C] -> float32 model input [N, C, H', W'] as ``spec`` (the model's metadata) says."""
+    height, width = spec["input_size"]
+    x = resize_bilinear(images, height, width) * np.float32(spec.get("scale", 1.0 / 255.0))
+    mean = np.asarray(spec["mean"], dtype=np.float32)
+    std = np.asarray(spec["std"], dtype=np.float32)
+    x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------
+def load_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Load ``x`` uint8 [N, H, W, C] and optional ``y`` int [N] from an ``.npz`` file, checking shapes and dtypes."""
+    if not os.path.isfile(path):
+        raise RunError(f"data file {path!r} does not exist; pass an .npz with arrays x (uint8 NHWC) and y")
+    try:
+        with np.load(path) as archive:
+            if "x" not in archive:
+                raise RunError(f"{path!r} has no array 'x' (found {sorted(archive.files)}); save images as x")
+            x = archive["x"]
+            y = archive["y"] if "y" in archive else None
+    except (OSError, ValueError) as err:
+        raise RunError(f"cannot read {path!r} as .npz ({err}); write it with numpy.savez") from None
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise RunError(f"{path!r}: x must be uint8 [N, H, W, C], got {x.dtype} {list(x.shape)}")
+    if y is not None:
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+            raise RunError(f"{path!r}: y must be integer labels [N={len(x)}], got {y.dtype} {list(y.shape)}")
+    return x, y
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident set size of this process in MiB (Linux: VmHWM; elsewhere getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+    except (ImportError, OSError):
+        return None
+
+
+def current_rss_mb() -> float | None:
+    """Current resident set size in MiB (Linux only; None elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0) so that the next peak counts only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Measurement:
+    """Everything one run of a model measured. Latencies in milliseconds, memory in MiB, sizes in bytes."""
+
+    model: str
+    file_bytes: int
+    provider: str
+    threads: int
+    batch: int
+    warmup: int
+    runs: int
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    throughput_per_s: float = 0.0
+    rss_baseline_mb: float | None = None
+    peak_rss_mb: float | None = None
+    peak_rss_delta_mb: float | None = None
+    accuracy: float | None = None
+    n_eval: int = 0
+    inputs: str = "random"
+    metadata: dict[str, str] = field(default_factory=dict)
+    machine: dict[str, str] = field(default_factory=dict)
+
+
+def model_bytes(path: str) -> int:
+    """Bytes of the ``.onnx`` file plus any external-data files it names beside it."""
+    total = os.path.getsize(path)
+    try:
+        import onnx
+
+        model = onnx.load(path, load_external_data=False)
+        seen = set()
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value not in seen:
+                    seen.add(entry.value)
+                    total += os.path.getsize(os.path.join(os.path.dirname(path), entry.value))
+    except ImportError:  # on a board without onnx, count files named like the model's external data
+        base = os.path.basename(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        total += sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                     if f.startswith(base) and f != base and f.endswith(".data"))
+    return total
+
+
+def make_session(path: str, provider: str = "cpu", threads: int = 1, arena: bool = True):
+    """An onnxruntime InferenceSession with fixed intra-op threads; falls back to CPU after other providers."""
+    import onnxruntime as ort
+
+    if not os.path.isfile(path):
+        raise RunError(f"model file {path!r} does not exist; pass the path of an .onnx file")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = arena
+    options.log_severity_level = 3
+    providers = [PROVIDERS.get(provider, provider)]
+    if providers[0] != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    try:
+        return ort.InferenceSession(path, sess_options=options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunError(f"onnxruntime cannot load {path!r}: {first[:300]}") from None
+
+
+def input_shape(session, batch: int) -> tuple[str, list[int]]:
+    """Name and concrete shape of the model's single image input, with the batch dimension set to ``batch``."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise RunError(f"expected a model with one image input, found {len(inputs)}: {[i.name for i in inputs]}")
+    shape = [batch if i == 0 else d for i, d in enumerate(inputs[0].shape)]
+    if any(not isinstance(d, int) for d in shape):
+        raise RunError(f"input {inputs[0].name!r} has symbolic dimensions {inputs[0].shape} beyond the batch")
+    return inputs[0].name, shape
+
+
+def percentiles(times_ms: list[float]) -> dict[str, float]:
+    """p50/p90/p99, mean, min and max of a list of latencies in ms."""
+    t = np.asarray(times_ms, dtype=np.float64)
+    return {
+        "p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90)),
+        "p99": float(np.percentile(t, 99)), "mean": float(t.mean()), "min": float(t.min()), "max": float(t.max()),
+    }
+
+
+def time_batches(session, name: str, batches: list[np.ndarray], warmup: int, runs: int) -> list[float]:
+    """Run ``warmup`` untimed then ``runs`` timed inferences, cycling through ``batches``; returns ms per run."""
+    for i in range(warmup):
+        session.run(None, {name: batches[i % len(batches)]})
+    times = []
+    for i in range(runs):
+        feed = {name: batches[(warmup + i) % len(batches)]}
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def evaluate(session, name: str, x: np.ndarray, y: np.ndarray, batch: int = 64) -> float:
+    """Top-1 accuracy (fraction) of the model's first output over preprocessed inputs ``x`` [N, C, H, W]."""
+    correct = 0
+    for start in range(0, len(x), batch):
+        logits = session.run(None, {name: x[start:start + batch]})[0]
+        if logits.ndim != 2:
+            raise RunError(f"model output has shape {list(logits.shape)}; expected class scores [batch, classes]")
+        if start == 0 and y.max() >= logits.shape[1]:
+            raise RunError(f"labels go up to {int(y.max())} but the model has {logits.shape[1]} classes")
+        correct += int((logits.argmax(axis=1) == y[start:start + batch]).sum())
+    return correct / len(x)
+
+
+def machine_info() -> dict[str, str]:
+    """What this was measured on."""
+    import onnxruntime as ort
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "system": platform.system(), "cpu": cpu, "cores": str(os.cpu_count()),
+            "python": platform.python_version(), "onnxruntime": ort.__version__, "numpy": np.__version__}
+
+
+def measure(path: str, data: str | None = None, provider: str = "cpu", threads: int = 1, warmup: int = 10,
+            runs: int = 50, batch: int = 1, eval_limit: int | None = None, seed: int = 0) -> Measurement:
+    """Load ``path`` and measure latency (``runs`` timed batches of ``batch``), peak RSS and, with labelled data,
+    accuracy. Peak RSS is counted from after the data are loaded: model weights, arena and activations."""
+    if warmup < 0 or runs < 1 or batch < 1 or threads < 0:
+        raise RunError("--warmup must be >= 0, --runs >= 1, --batch >= 1 and --threads >= 0")
+    import onnxruntime as ort  # noqa: F401  (imported before the baseline so that it does not count)
+
+    rng = np.random.default_rng(seed)
+    images = labels = None
+    if data is not None:
+        images, labels = load_images(data)
+        if eval_limit is not None:
+            images, labels = images[:eval_limit], (labels[:eval_limit] if labels is not None else None)
+    reset_peak_rss()
+    baseline = current_rss_mb()
+    session = make_session(path, provider, threads)
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    name, shape = input_shape(session, batch)
+    if images is not None:
+        if PREPROCESSING_KEY not in meta:
+            raise RunError(f"{path!r} has no '{PREPROCESSING_KEY}' metadata, so raw images cannot be prepared for it;"
+                           " run without --data")
+        spec = json.loads(meta[PREPROCESSING_KEY])
+        if images.shape[-1] != spec.get("channels", images.shape[-1]):
+            raise RunError(f"images have {images.shape[-1]} channels, the model expects {spec['channels']}")
+        x = preprocess(images, spec)
+        if list(x.shape[1:]) != shape[1:]:
+            raise RunError(f"preprocessed images have shape {list(x.shape[1:])}, the model expects {shape[1:]}")
+        n_batches = max(1, min(len(x) // batch, 64))
+        batches = [x[i * batch:(i + 1) * batch] for i in range(n_batches)]
+        if len(batches[0]) < batch:
+            raise RunError(f"--batch {batch} is larger than the {len(x)} images in {data!r}")
+    else:
+        batches = [rng.standard_normal(shape).astype(np.float32) for _ in range(8)]
+    times = time_batches(session, name, batches, warmup, runs)
+    lat = percentiles(times)
+    result = Measurement(model=path, file_bytes=model_bytes(path), provider=session.get_providers()[0],
+                         threads=threads, batch=batch, warmup=warmup, runs=runs, latency_ms=lat,
+                         throughput_per_s=batch * 1e3 / lat["mean"], metadata=meta, machine=machine_info(),
+                         inputs=data or "random")
+    if images is not None and labels is not None:
+        result.accuracy = evaluate(session, name, x, labels)
+        result.n_eval = len(x)
+    peak = peak_rss_mb()
+    result.rss_baseline_mb, result.peak_rss_mb = baseline, peak
+    if peak is not None and baseline is not None:
+        result.peak_rss_delta_mb = peak - baseline
+    return result
+
+
+def format_report(m: Measurement) -> str:
+    """Human-readable summary of a Measurement."""
+    lat = m.latency_ms
+    lines = [
+        f"model       {m.model} ({m.file_bytes / 1e6:.2f} MB)",
+        f"machine     {m.machine.get('machine')} {m.machine.get('cpu')}, {m.machine.get('cores')} cores, "
+        f"onnxruntime {m.machine.get('onnxruntime')}, {m.provider}, {m.threads} thread(s)",
+        f"inputs      {m.inputs}, batch {m.batch}, warm-up {m.warmup}, timed runs {m.runs}",
+        f"latency     p50 {lat['p50']:.3f} ms  p90 {lat['p90']:.3f} ms  p99 {lat['p99']:.3f} ms  "
+        f"(mean {lat['mean']:.3f}, min {lat['min']:.3f})",
+        f"throughput  {m.throughput_per_s:.1f} images/s",
+    ]
+    if m.peak_rss_delta_mb is not None:
+        lines.append(f"peak RSS    {m.peak_rss_mb:.1f} MiB ({m.peak_rss_delta_mb:+.1f} MiB above the "
+                     f"{m.rss_baseline_mb:.1f} MiB after import and data loading)")
+    if m.accuracy is not None:
+        lines.append(f"accuracy    {100 * m.accuracy:.2f}% top-1 on {m.n_eval} images")
+    for key in sorted(m.metadata):
+        value = m.metadata[key]
+        lines.append(f"meta        {key} = {value if len(value) < 120 else value[:117] + '...'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Measure an ONNX model with onnxruntime: latency, memory, accuracy.")
+    parser.add_argument("model", help="path of the .onnx file")
+    parser.add_argument("--data", help=".npz with raw images x (uint8 [N,H,W,C]) and labels y; random inputs if absent")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed runs before timing (default 10)")
+    parser.add_argument("--runs", type=int, default=50, help="timed runs (default 50)")
+    parser.add_argument("--batch", type=int, default=1, help="images per timed run (default 1)")
+    parser.add_argument("--provider", default="cpu", help="cpu, cuda or tensorrt (CPU fallback); default cpu")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate accuracy on the first N images only")
+    parser.add_argument("--json", help="also write the measurement to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        m = measure(args.model, args.data, args.provider, args.threads, args.warmup, args.runs, args.batch,
+                    args.limit)
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_report(m))
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(m), f, indent=2, sort_keys=True)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Calibration: bounded token collection, deterministic K-means, errors for impossible requests, caching."""
+import os
+
+import pytest
+import torch
+
+from tmlp.calibrate import cache_dir, calibrate, collect_inputs, kmeans
+from tmlp.errors import TmlpError
+from tmlp.taylor import TaylorConfig
+
+
+def test_collect_keeps_at_most_max_tokens_and_leaves_outputs_untouched(tiny_vit, digit_batches):
+    before = tiny_vit(digit_batches[0])
+    rows = collect_inputs(tiny_vit, ["blocks.0.mlp", "blocks.3.mlp"], iter(digit_batches), 4, max_tokens=300,
+                          progress=False)
+    assert rows["blocks.0.mlp"].shape == (300, 64) and rows["blocks.3.mlp"].shape == (300, 64)
+    assert torch.equal(before, tiny_vit(digit_batches[0]))  # the recording hooks returned None and were removed
+    assert not tiny_vit.blocks[0].mlp._forward_pre_hooks
+
+
+def test_kmeans_is_deterministic_for_a_seed():
+    x = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0))
+    a, b = kmeans(x, 16, seed=3, n_init=2), kmeans(x, 16, seed=3, n_init=2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, kmeans(x, 16, seed=4, n_init=2))
+
+
+def test_k_larger_than_tokens_is_refused():
+    with pytest.raises(TmlpError, match="k = 50 expansion points but only 20 input tokens"):
+        kmeans(torch.randn(20, 4), 50, seed=0, n_init=1)
+
+
+def test_nan_activations_are_reported(tiny_vit, digit_batches):
+    bad = digit_batches[0].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(TmlpError, match="NaN or Inf"):
+        collect_inputs(tiny_vit, ["blocks.0.mlp"], iter([bad]), 1, max_tokens=100, progress=False)
+
+
+def test_results_are_cached_by_their_inputs(tiny_vit, digit_batches):
+    config = TaylorConfig(k=8, order=1, max_tokens=500)
+    key = {"checkpoint": "abc", "dataset": "digits"}
+    first = calibrate(tiny_vit, ["blocks.1.mlp"], lambda: iter(digit_batches), 4, config, key=key, progress=False)
+    files = os.listdir(os.path.join(cache_dir(), "calibration"))
+    assert len(files) >= 1
+    calls = []
+    second = calibrate(tiny_vit, ["blocks.1.mlp"], lambda: calls.append(1) or iter(digit_batches), 4, config, key=key,
+                       progress=False)
+    assert not calls  # served from the cache: no data streamed
+    assert torch.equal(first["blocks.1.mlp"].centres, second["blocks.1.mlp"].centres)
+    calibrate(tiny_vit, ["blocks.1.mlp"], lambda: calls.append(1) or iter(digit_batches), 4,
+              TaylorConfig(k=9, order=1, max_tokens=500), key=key, progress=False)
+    assert calls  # another k: recomputed

@@ -1,0 +1,102 @@
+"""``tmlp bench``: measure the models of one run folder side by side, each in a fresh subprocess running
+runtime/run.py (the file that runs on the device), and write bench.json and bench.md."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from tmlp.errors import TmlpError
+from tmlp.io import write_json, write_text
+from tmlp.runtime import run as runtime_run
+
+# (label, file in the run folder, how to make it if missing)
+VARIANTS = (("fp32 original", "original.onnx", None),
+            ("int8 original (ORT dynamic)", "original.int8.onnx", "original.onnx"),
+            ("T-MLP", "tmlp.onnx", None))
+
+
+def find_run(root: str = "runs") -> str:
+    """The newest run folder (by manifest.json time) under ``root``."""
+    manifests = glob.glob(os.path.join(root, "*", "manifest.json"))
+    if not manifests:
+        raise TmlpError(f"no exported run under {root!r}; run `tmlp export --model deit_small --k 100` first or pass "
+                        "--run DIR")
+    return os.path.dirname(max(manifests, key=os.path.getmtime))
+
+
+def measure_in_subprocess(model: str, data: str | None, provider: str, threads: int, warmup: int, runs: int,
+                          batch: int) -> dict[str, Any]:
+    """Run runtime/run.py on ``model`` in a fresh Python process; returns its Measurement as a dict."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "m.json")
+        cmd = [sys.executable, runtime_run.__file__, model, "--provider", provider, "--threads", str(threads),
+               "--warmup", str(warmup), "--runs", str(runs), "--batch", str(batch), "--json", out]
+        if data:
+            cmd += ["--data", data]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.isfile(out):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise TmlpError(f"measuring {model} failed: {tail[-1] if tail else 'no output'}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int = 10, runs: int = 50,
+              batch: int = 1, progress=print) -> dict[str, Any]:
+    """Measure original, int8 original and T-MLP in ``run_dir``; write bench.json and bench.md; return both."""
+    manifest_path = os.path.join(run_dir, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise TmlpError(f"{run_dir!r} has no manifest.json; pass a folder written by `tmlp export`")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    data = os.path.join(run_dir, "val.npz")
+    data = data if os.path.isfile(data) else None
+    rows = []
+    for label, name, source in VARIANTS:
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            if source is None:
+                raise TmlpError(f"{path} is missing; export again with `tmlp export`")
+            from tmlp.export.quantize import quantize_int8_dynamic
+
+            progress(f"quantizing {source} -> {name} (onnxruntime quantize_dynamic, int8 weights, per channel)")
+            quantize_int8_dynamic(os.path.join(run_dir, source), path)
+        progress(f"measuring {label}: {name} (fresh process, {threads} thread(s), {runs} runs of batch {batch})")
+        rows.append({"variant": label, "file": name,
+                     **measure_in_subprocess(path, data, provider, threads, warmup, runs, batch)})
+    base = rows[0]
+    for row in rows:
+        row["speedup_vs_fp32"] = base["latency_ms"]["p50"] / row["latency_ms"]["p50"]
+        row["size_ratio_vs_fp32"] = row["file_bytes"] / base["file_bytes"]
+    result = {"run": run_dir, "model": manifest.get("model"), "dataset": manifest.get("dataset"),
+              "taylor_config": manifest.get("taylor_config"), "layers": manifest.get("layers"),
+              "provider": provider, "threads": threads, "batch": batch, "warmup": warmup, "runs": runs,
+              "machine": base["machine"], "rows": rows}
+    result["markdown"] = format_table(result)
+    write_json(os.path.join(run_dir, "bench.json"), {k: v for k, v in result.items() if k != "markdown"})
+    write_text(os.path.join(run_dir, "bench.md"), result["markdown"] + "\n")
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The markdown table of a bench result, with a line saying what was measured and where."""
+    m = result["machine"]
+    cfg = (result.get("taylor_config") or {}).get("_data", {})
+    lines = [f"{result['model']} on {result['dataset']}: T-MLP k={cfg.get('k')}, order {cfg.get('order')}, "
+             f"{len(result.get('layers') or [])} block(s) replaced. onnxruntime {m['onnxruntime']} "
+             f"{result['provider']}, {result['threads']} thread(s), batch {result['batch']}, {result['runs']} runs "
+             f"after {result['warmup']} warm-up; {m['cpu']} ({m['machine']}, {m['cores']} cores).", "",
+             "| variant | accuracy | p50 ms | p90 ms | speed-up vs fp32 | peak RSS MiB | file MB | size vs fp32 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        acc = f"{100 * r['accuracy']:.2f}% (n={r['n_eval']})" if r.get("accuracy") is not None else "n/a"
+        rss = f"{r['peak_rss_delta_mb']:.1f}" if r.get("peak_rss_delta_mb") is not None else "n/a"
+        lines.append(f"| {r['variant']} | {acc} | {r['latency_ms']['p50']:.3f} | {r['latency_ms']['p90']:.3f} | "
+                     f"{r['speedup_vs_fp32']:.2f}x | {rss} | {r['file_bytes'] / 1e6:.2f} | "
+                     f"{r['size_ratio_vs_fp32']:.2f}x |")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""Calibration: stream the inputs of the blocks to replace, cluster them, and compute the per-centre tensors.
+
+Memory is bounded: each block keeps at most ``max_tokens`` input rows, sampled uniformly from every batch, never
+all activations of the data set. Results are cached on disk under the hash of everything they depend on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tmlp.derivatives import BlockDerivatives, block_derivatives
+from tmlp.errors import TmlpError
+from tmlp.io import atomic_path
+from tmlp.taylor import TaylorConfig
+
+KMEANS_FULL_LIMIT = 100_000  # above this many rows, mini-batch K-means
+
+
+@dataclass
+class BlockCalibration:
+    """What calibration produced for one block: centres [k, d_in] and the per-centre tensors."""
+
+    fqn: str
+    centres: torch.Tensor
+    derivatives: BlockDerivatives
+    n_tokens: int  # rows K-means saw
+
+
+def cache_dir() -> str:
+    """$TMLP_CACHE, else ~/.cache/tmlp."""
+    return os.environ.get("TMLP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tmlp"))
+
+
+def get_module(model: nn.Module, fqn: str) -> nn.Module:
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        raise TmlpError(f"the model has no block {fqn!r}; list its blocks with `tmlp models show` or fix --layers") \
+            from None
+
+
+@torch.no_grad()
+def collect_inputs(model: nn.Module, fqns: list[str], batches: Iterable[torch.Tensor], n_batches: int,
+                   max_tokens: int, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Run ``model`` over ``batches`` and keep, for each block in ``fqns``, a uniform sample of at most
+    ``max_tokens`` of its input rows; returns {fqn: [n, d_in] float32}."""
+    per_batch = max(1, math.ceil(max_tokens / max(1, n_batches)))
+    rng = torch.Generator().manual_seed(seed)
+    kept: dict[str, list[torch.Tensor]] = {f: [] for f in fqns}
+
+    def make_hook(fqn: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:  # records only: must return None
+            rows = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if not torch.isfinite(rows).all():
+                raise TmlpError(f"block {fqn} received NaN or Inf activations; check the checkpoint and the "
+                                "input preprocessing")
+            if rows.shape[0] > per_batch:
+                rows = rows[torch.randperm(rows.shape[0], generator=rng)[:per_batch]]
+            kept[fqn].append(rows.clone())
+        return hook
+
+    handles = [get_module(model, f).register_forward_pre_hook(make_hook(f)) for f in fqns]
+    try:
+        model.eval()
+        for x in tqdm(batches, total=n_batches, desc="calibrate: collect inputs", disable=not progress, leave=False):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {f: torch.cat(rows)[:max_tokens] for f, rows in kept.items()}
+
+
+def kmeans(rows: torch.Tensor, k: int, seed: int, n_init: int) -> torch.Tensor:
+    """K-means centres [k, d] of ``rows`` [n, d] (scikit-learn; mini-batch above KMEANS_FULL_LIMIT rows)."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    n = rows.shape[0]
+    if k > n:
+        raise TmlpError(f"k = {k} expansion points but only {n} input tokens were collected; lower --k or "
+                        "calibrate on more data")
+    x = rows.float().numpy()
+    if n > KMEANS_FULL_LIMIT:
+        km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=n_init, batch_size=4096)
+    else:
+        km = KMeans(n_clusters=k, random_state=seed, n_init=n_init)
+    km.fit(x)
+    return torch.from_numpy(km.cluster_centers_).float()
+
+
+def cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[torch.Tensor]], n_batches: int,
+              config: TaylorConfig, key: dict | None = None, progress: bool = True) -> dict[str, BlockCalibration]:
+    """Centres and per-centre tensors for each block in ``fqns``.
+
+    ``batches()`` yields model inputs [B, C, H, W]. With ``key`` (a dict naming the model weights and data), the
+    result is cached in ``cache_dir()/calib-<hash>.pt`` and reused when every input is the same.
+    """
+    if config.order == 2 and config.hessian == "full":
+        block = get_module(model, fqns[0])
+        d_in = next(m for m in block.modules() if isinstance(m, nn.Linear)).in_features
+        d_out = [m for m in block.modules() if isinstance(m, nn.Linear)][-1].out_features
+        from tmlp.derivatives import refuse_full_hessian
+
+        raise refuse_full_hessian(config.k, d_out, d_in)
+    for f in fqns:
+        get_module(model, f)
+    path = None
+    if key is not None:
+        digest = cache_key({"key": key, "fqns": fqns, "config": config.to_dict(), "n_batches": n_batches})
+        path = os.path.join(cache_dir(), "calibration", f"calib-{digest}.pt")
+        if os.path.isfile(path):
+            try:
+                stored = torch.load(path, map_location="cpu", weights_only=False)
+                return {f: BlockCalibration(f, s["centres"], BlockDerivatives(**s["derivatives"]), s["n_tokens"])
+                        for f, s in stored.items()}
+            except Exception:  # a damaged cache entry is recomputed, never trusted
+                os.unlink(path)
+    inputs = collect_inputs(model, fqns, batches(), n_batches, config.max_tokens, config.seed, progress)
+    result = {}
+    for fqn in tqdm(fqns, desc=f"calibrate: K-means k={config.k} + order-{config.order} tensors",
+                    disable=not progress, leave=False):
+        centres = kmeans(inputs[fqn], config.k, config.seed, config.n_init)
+        derivs = block_derivatives(get_module(model, fqn), centres, config.order, config.hessian)
+        result[fqn] = BlockCalibration(fqn, centres, derivs, int(inputs[fqn].shape[0]))
+    if path is not None:
+        with atomic_path(path) as tmp:
+            torch.save({f: {"centres": r.centres, "n_tokens": r.n_tokens,
+                            "derivatives": {"value": r.derivatives.value, "jacobian": r.derivatives.jacobian,
+                                            "hessian_diag": r.derivatives.hessian_diag}}
+                        for f, r in result.items()}, tmp)
+    return result
+
+
+def nearest_centre_bruteforce(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Reference argmin_i ||x - C_i|| for rows x [N, d] (tests)."""
+    d = ((x[:, None, :].astype(np.float64) - centres[None].astype(np.float64)) ** 2).sum(-1)
+    return d.argmin(1)

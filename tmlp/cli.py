@@ -1,0 +1,232 @@
+"""The ``tmlp`` command line: train, export, bench, data, models."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from tmlp import __version__
+from tmlp.errors import TmlpError
+
+
+def user_errors(fn):
+    """Turn a TmlpError (bad input) into ``error: <one line>`` on stderr and exit status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TmlpError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; finished files are intact, nothing partial was left under a final name", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="tmlp")
+def main() -> None:
+    """T-MLP: replace the MLP blocks of a trained network by Taylor expansions around K-means centres, export the
+    result to ONNX and measure it against the original and int8 with onnxruntime.
+
+    \b
+    Typical use:
+      tmlp export --model deit_small --k 100     # calibrate, write runs/<model>-<data>/{original,tmlp}.onnx
+      tmlp bench --provider cpu                  # original vs T-MLP vs int8: accuracy, latency, memory, size
+      python runtime/run.py runs/.../tmlp.onnx --data runs/.../val.npz   # the same measurement on a device
+    """
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--model", required=True, help="deit_small, deit_tiny, vgg16 or a timm model name.")
+@click.option("--dataset", default="digits", show_default=True,
+              help="digits, cifar10, cifar100, npz:PATH (file, or folder with train.npz/val.npz), imagefolder:PATH.")
+@click.option("--path", "out_dir", default=None, help="Run folder for last.pt/best.pt/train_log.jsonl "
+              "[default: runs/train-<model>-<dataset>]. An interrupted run in it resumes.")
+@click.option("--epoch", "epochs", type=int, default=200, show_default=True, help="Epochs to train.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 0.05 for sgd, 5e-4 for adamw].")
+@click.option("--batch_size", "--batch-size", "batch_size", type=int, default=128, show_default=True)
+@click.option("--weight_decay", "--weight-decay", "weight_decay", type=float, default=None,
+              help="[default: 1e-4 for sgd, 0.05 for adamw]")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+              help="sgd: momentum 0.95, Nesterov (the CIFAR recipe); adamw for ViTs from scratch.")
+@click.option("--warmup", "warmup_epochs", type=float, default=None,
+              help="Linear warm-up epochs before the cosine decay [default: 0 for sgd, 1 for adamw].")
+@click.option("--clip-grad", type=float, default=None, help="Clip the gradient norm (1.0 helps ViTs).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16 autocast is faster only where the CPU/GPU has fast bf16 matmuls: measure.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Share of the training data held out for validation (data sets without their own split).")
+@click.option("--patience", type=int, default=20, show_default=True,
+              help="Stop after this many epochs without a better validation accuracy.")
+@click.option("--eval-every", type=int, default=10, show_default=True, help="Print validation accuracy every N epochs.")
+@click.option("--img-size", type=int, default=None, help="Model input size (ViT img_size; images are resized).")
+@click.option("--patch-size", type=int, default=None, help="ViT patch size.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto.")
+@click.option("--num_workers", "--num-workers", "num_workers", type=int, default=0, show_default=True,
+              help="DataLoader worker processes.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data-root", default=None, help="Where cifar10/100 live or download to [default: $TMLP_DATA or "
+              "~/.cache/tmlp/data].")
+@click.option("--download/--no-download", default=False, help="Download cifar10/100 if missing.")
+@click.option("--fp16-copy", default=None, help="Also write the best checkpoint in fp16 to this path (for the repo).")
+@user_errors
+def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimizer, warmup_epochs, clip_grad,
+          precision, val_fraction, patience, eval_every, img_size, patch_size, device, num_workers, threads, seed,
+          data_root, download, fp16_copy) -> None:
+    """Train a model from scratch, keeping the best checkpoint on a held-out validation split.
+
+    Checkpoints (last.pt every epoch and every 5 minutes, best.pt on each improvement) make the run resumable:
+    run the same command again after an interruption.
+    """
+    from tmlp.models import load_checkpoint, save_checkpoint
+    from tmlp.train import TrainConfig, train as run_train
+
+    adam = optimizer == "adamw"
+    model_config = {k: v for k, v in {"img_size": img_size, "patch_size": patch_size}.items() if v is not None}
+    cfg = TrainConfig(model=model, dataset=dataset, model_config=model_config, epochs=epochs,
+                      lr=lr if lr is not None else (5e-4 if adam else 0.05), batch_size=batch_size,
+                      weight_decay=weight_decay if weight_decay is not None else (0.05 if adam else 1e-4),
+                      optimizer=optimizer, warmup_epochs=warmup_epochs if warmup_epochs is not None else
+                      (1.0 if adam else 0.0), clip_grad=clip_grad, precision=precision, val_fraction=val_fraction,
+                      patience=patience, eval_every=eval_every, seed=seed, num_workers=num_workers, device=device,
+                      threads=threads, data_root=data_root, download=download)
+    out_dir = out_dir or os.path.join("runs", f"train-{model}-{dataset.replace(':', '-').replace('/', '_')}")
+    summary = run_train(cfg, out_dir)
+    click.echo(f"best validation accuracy {100 * summary['best_acc']:.2f}% at epoch {summary['best_epoch']}; "
+               f"checkpoint {summary['checkpoint']}")
+    if fp16_copy:
+        net, payload = load_checkpoint(summary["checkpoint"])
+        extra = {k: v for k, v in payload.items() if k not in ("format", "version", "model", "config", "state_dict")}
+        save_checkpoint(fp16_copy, net, payload["model"], payload["config"], extra, half=True)
+        click.echo(f"fp16 copy: {fp16_copy} ({os.path.getsize(fp16_copy) / 1e6:.1f} MB)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--model", required=True, help="deit_small, deit_tiny, vgg16 or a timm model name.")
+@click.option("--k", type=int, default=100, show_default=True, help="Expansion points (K-means centres) per block.")
+@click.option("--order", type=click.IntRange(0, 2), default=1, show_default=True,
+              help="Taylor order: 0 (value), 1 (value + Jacobian), 2 (+ diagonal Hessian).")
+@click.option("--hessian", type=click.Choice(["diag", "full"]), default="diag", show_default=True,
+              help="Second-order term; 'full' is refused with its storage figure.")
+@click.option("--layers", default="all", show_default=True,
+              help="Blocks to replace: 'all', indices (0,1,2) or module names (blocks.0.mlp,blocks.5.mlp).")
+@click.option("--dataset", default=None, help="Calibration/validation data [default: the checkpoint's data set].")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
+              help="A checkpoint from `tmlp train`. Without it, the embedded default (the model trained on digits "
+                   "once, then cached) is used.")
+@click.option("--pretrained", is_flag=True, help="Use timm's pretrained weights (needs network access).")
+@click.option("--out", "out_dir", default=None, help="Run folder [default: runs/<model>-<dataset>].")
+@click.option("--calib-images", type=int, default=5000, show_default=True,
+              help="Training images streamed through the model for calibration.")
+@click.option("--eval-images", type=int, default=10000, show_default=True,
+              help="Validation images written to val.npz for accuracy measurements.")
+@click.option("--seed", type=int, default=0, show_default=True, help="K-means seed.")
+@click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset.")
+@click.option("--data-root", default=None, help="Where cifar10/100 live [default: $TMLP_DATA or ~/.cache/tmlp/data].")
+@user_errors
+def export(model, k, order, hessian, layers, dataset, checkpoint, pretrained, out_dir, calib_images, eval_images, seed,
+           opset, data_root) -> None:
+    """Calibrate the T-MLP blocks and write original.onnx, tmlp.onnx, val.npz and manifest.json.
+
+    Each replaced block becomes ArgMin over centre distances, Gather of the per-centre tensors and MatMul. Every
+    export runs onnx.checker (full_check) and an onnxruntime vs PyTorch parity check on real inputs.
+    """
+    from tmlp.pipeline import run_export
+
+    if k <= 0:
+        raise TmlpError(f"--k must be a positive number of expansion points, got {k}")
+    result = run_export(model, k=k, order=order, layers=layers, dataset=dataset, checkpoint=checkpoint,
+                        out_dir=out_dir, hessian=hessian, seed=seed, calib_images=calib_images,
+                        eval_images=eval_images, data_root=data_root, pretrained=pretrained, opset=opset)
+    click.echo(f"done in {result.summary['export_seconds']:.0f} s: {result.out_dir}/ holds "
+               f"{', '.join(sorted(os.path.basename(p) for p in result.files.values()))} and manifest.json; next: "
+               f"tmlp bench --provider cpu --run {result.out_dir}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--provider", default="cpu", show_default=True, help="onnxruntime provider: cpu, cuda or tensorrt.")
+@click.option("--run", "run_dir", default=None, help="Run folder written by `tmlp export` [default: the newest "
+              "under runs/].")
+@click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--runs", type=int, default=50, show_default=True, help="Timed runs per model.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Images per timed run.")
+@user_errors
+def bench(provider, run_dir, threads, warmup, runs, batch) -> None:
+    """Original vs T-MLP vs onnxruntime int8, side by side: accuracy, latency p50/p90, peak RSS, file size.
+
+    Each model is measured in a fresh subprocess by runtime/run.py (the same code that runs on a device); results
+    go to bench.json and bench.md in the run folder.
+    """
+    from tmlp.bench import find_run, run_bench
+
+    run_dir = run_dir or find_run("runs")
+    result = run_bench(run_dir, provider=provider, threads=threads, warmup=warmup, runs=runs, batch=batch)
+    click.echo(result["markdown"])
+    click.echo(f"wrote {os.path.join(run_dir, 'bench.json')} and {os.path.join(run_dir, 'bench.md')}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+@main.group()
+def data() -> None:
+    """Data sets: download them for training and calibration."""
+
+
+@data.command()
+@click.option("--dataset", required=True, type=click.Choice(["cifar10", "cifar100", "digits"]))
+@click.option("--dir", "root", default=None, help="Target folder [default: $TMLP_DATA or ~/.cache/tmlp/data].")
+@user_errors
+def download(dataset, root) -> None:
+    """Download a data set (torchvision's CIFAR archives, checked by MD5) into --dir."""
+    from tmlp.download import download_dataset
+
+    path = download_dataset(dataset, root)
+    click.echo(f"{dataset} ready in {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """The model registry."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """Registered short names and what they build."""
+    from tmlp.models import MODELS
+
+    for name in sorted(MODELS):
+        entry = MODELS[name]
+        click.echo(f"{name:12s} {entry.description}; T-MLP replaces {entry.mlp_pattern}")
+    click.echo("Any timm model name (timm.list_models()) works too.")
+
+
+@models.command("show")
+@click.argument("name")
+@click.option("--checkpoint", default=None, help="Show the blocks of this checkpoint's model instead.")
+@user_errors
+def models_show(name, checkpoint) -> None:
+    """The config of model NAME and the blocks T-MLP would replace."""
+    from tmlp.models import create_model, load_checkpoint, resolve_config
+    from tmlp.surgery import select_blocks
+
+    if checkpoint:
+        net, payload = load_checkpoint(checkpoint)
+        config = payload["config"]
+    else:
+        config = resolve_config(name)
+        net = create_model(name, config)
+    click.echo(json.dumps({"model": name, "config": config, "replaceable_blocks": select_blocks(net)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The export pipeline: checkpoint (or the embedded default) -> calibrate -> T-MLP -> original.onnx, tmlp.onnx,
+val.npz and manifest.json in one run folder."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import tmlp
+from tmlp.data import DataSet, load_dataset, to_tensor
+from tmlp.errors import TmlpError
+from tmlp.export.onnx_export import export_onnx, parity
+from tmlp.io import atomic_path, ensure_writable_dir, write_json
+from tmlp.models import create_model, file_sha256, input_size, load_checkpoint, model_names, resolve_config
+from tmlp.surgery import select_blocks, taylorize_
+from tmlp.taylor import TaylorConfig
+from tmlp.train import TrainConfig, evaluate, is_trained, train
+
+# The embedded default: each registered model, shaped as named, trained on scikit-learn's digits once and cached.
+DEFAULT_DATASET = "digits"
+EMBEDDED_RECIPES: dict[str, dict[str, Any]] = {
+    "deit_small": {"model_config": {"img_size": 16, "patch_size": 4}, "epochs": 20, "lr": 5e-4, "batch_size": 64,
+                   "optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 1.0, "clip_grad": 1.0},
+    "deit_tiny": {"model_config": {"img_size": 16, "patch_size": 4}, "epochs": 20, "lr": 5e-4, "batch_size": 64,
+                  "optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 1.0, "clip_grad": 1.0},
+    "vgg16": {"model_config": {"img_size": 32, "hidden": 512}, "epochs": 15, "lr": 0.02, "batch_size": 64},
+}
+
+
+def cache_root() -> str:
+    return os.environ.get("TMLP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tmlp"))
+
+
+def embedded_default_checkpoint(model: str, log: Callable[[str], None] = print, progress: bool = True) -> str:
+    """Path of ``model`` trained on digits with its embedded recipe, training it first if it is not cached."""
+    if model not in EMBEDDED_RECIPES:
+        raise TmlpError(f"no embedded default for {model!r} (only {sorted(EMBEDDED_RECIPES)}); pass --checkpoint")
+    recipe = EMBEDDED_RECIPES[model]
+    out = os.path.join(cache_root(), "models", f"{model}-{DEFAULT_DATASET}")
+    if is_trained(out, recipe["epochs"]):
+        log(f"no --checkpoint: using the embedded default, {model} trained on {DEFAULT_DATASET} (cached in {out})")
+        return os.path.join(out, "best.pt")
+    log(f"no --checkpoint: training the embedded default, {model} on {DEFAULT_DATASET} "
+        f"({recipe['epochs']} epochs, once; cached in {out})")
+    cfg = TrainConfig(model=model, dataset=DEFAULT_DATASET, eval_every=5, patience=recipe["epochs"], **recipe)
+    summary = train(cfg, out, progress=progress, log=log)
+    log(f"embedded default trained: best val acc {100 * summary['best_acc']:.2f}% at epoch {summary['best_epoch']}")
+    return summary["checkpoint"]
+
+
+def parse_layers(spec: str | None, candidates: list[str]) -> list[str] | None:
+    """``--layers``: None/'all' -> every candidate; '0,3,5' -> those indices of the candidates; otherwise a comma
+    list of module names."""
+    if spec is None or spec == "all":
+        return None
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise TmlpError("--layers is empty; pass 'all', block indices (0,1,2) or module names (blocks.0.mlp)")
+    if all(s.isdigit() for s in items):
+        bad = [int(s) for s in items if int(s) >= len(candidates)]
+        if bad:
+            raise TmlpError(f"--layers index {bad[0]} does not exist: the model has {len(candidates)} replaceable "
+                            f"blocks (0..{len(candidates) - 1})")
+        return [candidates[int(s)] for s in items]
+    return items
+
+
+@dataclass
+class ExportResult:
+    out_dir: str
+    files: dict[str, str]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _tensor_batches(data: DataSet, spec: dict[str, Any], split: str, limit: int, batch_size: int = 64):
+    part = getattr(data, split)
+    n = min(limit, len(part))
+
+    def gen():
+        for s in range(0, n, batch_size):
+            yield to_tensor(part.images(np.arange(s, min(n, s + batch_size))), spec)
+    return gen, (n + batch_size - 1) // batch_size
+
+
+def run_export(model_name: str, k: int = 100, order: int = 1, layers: str | None = None, dataset: str | None = None,
+               checkpoint: str | None = None, out_dir: str | None = None, hessian: str = "diag", seed: int = 0,
+               calib_images: int = 5000, eval_images: int = 10000, data_root: str | None = None,
+               pretrained: bool = False, opset: int = 20, log: Callable[[str], None] = print,
+               progress: bool = True) -> ExportResult:
+    """Calibrate, build the T-MLP model, export original.onnx and tmlp.onnx, check them, and write val.npz and
+    manifest.json (last) into ``out_dir``."""
+    started = time.time()
+    config = TaylorConfig(k=k, order=order, hessian=hessian, seed=seed)
+    if model_name not in model_names():
+        resolve_config(model_name)  # raises for unknown names
+    if checkpoint is not None:
+        model, payload = load_checkpoint(checkpoint, expect_model=None)
+        if payload["model"] != model_name:
+            raise TmlpError(f"checkpoint {checkpoint!r} holds a {payload['model']}, not a {model_name}; pass "
+                            f"--model {payload['model']}")
+        ckpt_path = checkpoint
+    elif pretrained:
+        if dataset is None:
+            raise TmlpError("--pretrained needs --dataset to calibrate and evaluate on (e.g. imagefolder:PATH)")
+        model = create_model(model_name, pretrained=True).eval()
+        payload, ckpt_path = {"model": model_name, "config": resolve_config(model_name)}, None
+    else:
+        ckpt_path = embedded_default_checkpoint(model_name, log, progress)
+        model, payload = load_checkpoint(ckpt_path)
+    dataset = dataset or payload.get("dataset", DEFAULT_DATASET)
+    mcfg = payload["config"]
+    chans, h, w = input_size(model_name, mcfg)
+    data = load_dataset(dataset, data_root, seed=payload.get("train_config", {}).get("seed", 0),
+                        image_size=h, val_fraction=payload.get("train_config", {}).get("val_fraction", 0.2))
+    if data.channels != chans:
+        raise TmlpError(f"{dataset} images have {data.channels} channels, the model takes {chans}; pick the data set "
+                        "the checkpoint was trained on")
+    spec = payload.get("preprocessing") or data.preprocessing((h, w))
+    if payload.get("preprocessing") and payload.get("dataset") != dataset:
+        spec = data.preprocessing((h, w))
+    out_dir = ensure_writable_dir(out_dir or os.path.join("runs", f"{model_name}-{_slug(dataset)}"))
+
+    candidates = select_blocks(model)
+    chosen = parse_layers(layers, candidates)
+    fqns = select_blocks(model, layers=chosen)
+    tokens_per_image = _tokens_per_image(model, fqns[0], torch.zeros(1, chans, h, w))
+    available = min(calib_images, len(data.train)) * tokens_per_image
+    if k > available:
+        raise TmlpError(f"k = {k} expansion points but the calibration data give only {available} tokens "
+                        f"({min(calib_images, len(data.train))} images x {tokens_per_image}); lower --k")
+    log(f"calibrating {len(fqns)} block(s) ({fqns[0]}{' ...' if len(fqns) > 1 else ''}) with k={k}, order {order} "
+        f"on {min(calib_images, len(data.train))} training images of {dataset}")
+    ckpt_sha = file_sha256(ckpt_path) if ckpt_path else "pretrained:" + model_name
+    batches, n_batches = _tensor_batches(data, spec, "train", calib_images)
+    tmlp_model = copy.deepcopy(model)
+    t0 = time.time()
+    taylorize_(tmlp_model, config, layers=fqns, batches=batches, n_batches=n_batches,
+               cache_key={"checkpoint": ckpt_sha, "dataset": dataset, "calib_images": calib_images,
+                          "spec": spec, "version": tmlp.__version__}, progress=progress)
+    calib_seconds = time.time() - t0
+
+    n_eval = min(eval_images, len(data.val))
+    val_x = data.val.images(np.arange(n_eval))
+    val_y = data.val.y[:n_eval]
+    device = torch.device("cpu")
+    acc_orig = evaluate(model, data.val, spec, device, limit=n_eval)
+    acc_tmlp = evaluate(tmlp_model, data.val, spec, device, limit=n_eval)
+    log(f"PyTorch accuracy on {n_eval} validation images: original {100 * acc_orig:.2f}%, T-MLP {100 * acc_tmlp:.2f}%")
+
+    meta_common = {"tmlp.version": tmlp.__version__, "tmlp.model": model_name, "tmlp.model_config": json.dumps(
+        mcfg, sort_keys=True), "tmlp.dataset": dataset, "tmlp.preprocessing": json.dumps(spec, sort_keys=True),
+        "tmlp.source_checkpoint_sha256": ckpt_sha}
+    meta_tmlp = {**meta_common, "tmlp.kind": "tmlp", "tmlp.k": str(k), "tmlp.order": str(order),
+                 "tmlp.layers": json.dumps(fqns), "tmlp.taylor_config": json.dumps(config.to_dict(), sort_keys=True)}
+    example = to_tensor(val_x[:2], spec)
+    parity_inputs = to_tensor(val_x[:64], spec)
+    files = {}
+    for name, net, meta in (("original.onnx", model, {**meta_common, "tmlp.kind": "original"}),
+                            ("tmlp.onnx", tmlp_model, meta_tmlp)):
+        path = os.path.join(out_dir, name)
+        t0 = time.time()
+        ops = export_onnx(net, example, path, meta, opset=opset)
+        check = parity(path, net, parity_inputs)
+        log(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, {time.time() - t0:.0f} s); onnx.checker "
+            f"full_check passed; onnxruntime vs PyTorch: {check}")
+        if name == "tmlp.onnx":
+            log(f"  Taylor blocks in the graph: ArgMin x{ops.get('ArgMin', 0)}, Gather x{ops.get('Gather', 0)}, "
+                f"MatMul x{ops.get('MatMul', 0)}")
+        files[name] = path
+        files[name + ".parity"] = check
+    val_path = os.path.join(out_dir, "val.npz")
+    with atomic_path(val_path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, x=val_x, y=val_y)
+    files["val.npz"] = val_path
+    summary = {"model": model_name, "model_config": mcfg, "dataset": dataset, "checkpoint": ckpt_path,
+               "checkpoint_sha256": ckpt_sha, "taylor_config": config.to_dict(), "layers": fqns,
+               "preprocessing": spec, "pytorch_val_accuracy": {"original": acc_orig, "tmlp": acc_tmlp},
+               "n_val": n_eval, "calibration_seconds": round(calib_seconds, 1),
+               "parity": {n: vars(files.pop(n + ".parity")) for n in ("original.onnx", "tmlp.onnx")},
+               "versions": {"tmlp": tmlp.__version__, "torch": torch.__version__, "python": platform.python_version()},
+               "export_seconds": round(time.time() - started, 1)}
+    write_manifest(out_dir, files, summary)
+    return ExportResult(out_dir, files, summary)
+
+
+def write_manifest(out_dir: str, files: dict[str, str], summary: dict[str, Any]) -> str:
+    """manifest.json, written last: the run's config and each file's sha256 and size."""
+    entries = {os.path.basename(p): {"sha256": file_sha256(p), "bytes": os.path.getsize(p)} for p in files.values()}
+    path = os.path.join(out_dir, "manifest.json")
+    write_json(path, {"files": entries, **summary})
+    return path
+
+
+def _slug(dataset: str) -> str:
+    return dataset.replace(":", "-").replace("/", "_").strip("_.-") or "data"
+
+
+@torch.no_grad()
+def _tokens_per_image(model: torch.nn.Module, fqn: str, example: torch.Tensor) -> int:
+    seen = {}
+    handle = model.get_submodule(fqn).register_forward_pre_hook(
+        lambda m, args: seen.setdefault("n", args[0].reshape(-1, args[0].shape[-1]).shape[0]) and None)
+    try:
+        model(example)
+    finally:
+        handle.remove()
+    return seen["n"]
+

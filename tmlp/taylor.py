@@ -1,0 +1,114 @@
+"""The Taylor block: a drop-in replacement for an MLP that computes, in PyTorch, exactly what the ONNX graph does.
+
+For inputs x [N, d_in], centres C [k, d_in]::
+
+    c    = argmin_i (1/2 ||C_i||^2 - x . C_i)          (= argmin_i ||x - C_i||; ||x||^2 is the same for every i)
+    y    = a_c                                          order 0  (a = F(C))
+    y    = a_c + J_c x                                  order 1  (a = F(C) - J C, folded at calibration)
+    y    = a_c + J_c x + 1/2 H_c (x - C_c)^2            order 2, diagonal Hessian
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tmlp.derivatives import BlockDerivatives
+from tmlp.errors import TmlpError
+
+
+@dataclass
+class TaylorConfig:
+    """How to replace one block. ``k`` expansion points (K-means centres of the block's inputs), Taylor ``order``
+    (0, 1, 2), ``hessian`` for order 2 ("diag"; "full" is refused with its storage figure), K-means ``seed`` and
+    ``n_init``, and ``max_tokens`` input rows kept per block for K-means (bounded memory)."""
+
+    VERSION: ClassVar[int] = 1
+    k: int = 100
+    order: int = 1
+    hessian: str = "diag"
+    seed: int = 0
+    n_init: int = 1
+    max_tokens: int = 20000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k <= 0:
+            raise TmlpError(f"k (number of expansion points) must be a positive integer, got {self.k!r}")
+        if self.order not in (0, 1, 2):
+            raise TmlpError(f"Taylor order must be 0, 1 or 2, got {self.order!r}; use 2 for the diagonal Hessian")
+        if self.hessian not in ("diag", "full"):
+            raise TmlpError(f"hessian must be 'diag' or 'full', got {self.hessian!r}")
+        if self.n_init < 1 or self.max_tokens < self.k:
+            raise TmlpError(f"n_init must be >= 1 and max_tokens >= k ({self.k}), got {self.n_init}, "
+                            f"{self.max_tokens}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_type": "TaylorConfig", "_version": self.VERSION, "_data": asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaylorConfig":
+        if d.get("_type") != "TaylorConfig" or d.get("_version") != cls.VERSION:
+            raise TmlpError(f"cannot read TaylorConfig {d.get('_type')} v{d.get('_version')}; this tmlp reads "
+                            f"v{cls.VERSION}: calibrate again")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d["_data"].items() if k in names})
+
+
+class TaylorMLP(nn.Module):
+    """Piecewise Taylor approximation of a block R^d_in -> R^d_out; x [..., d_in] -> y [..., d_out].
+
+    Buffers: ``centres`` [k, d_in], ``half_sq_norm`` [k], ``offset`` a [k, d_out], and for order >= 1
+    ``jacobian`` [k, d_out, d_in], for order 2 ``hessian_diag`` [k, d_out, d_in].
+    """
+
+    def __init__(self, centres: torch.Tensor, derivatives: BlockDerivatives, order: int):
+        super().__init__()
+        if order not in (0, 1, 2):
+            raise TmlpError(f"Taylor order must be 0, 1 or 2, got {order}")
+        centres = centres.float()
+        self.order = order
+        self.d_in = centres.shape[1]
+        self.d_out = derivatives.value.shape[1]
+        self.register_buffer("centres", centres.contiguous())
+        self.register_buffer("half_sq_norm", 0.5 * (centres * centres).sum(1))
+        offset = derivatives.value.float()
+        if order >= 1:
+            if derivatives.jacobian is None:
+                raise TmlpError("order >= 1 needs Jacobians; calibrate with order >= 1")
+            jac = derivatives.jacobian.float()
+            offset = offset - torch.einsum("koi,ki->ko", jac, centres)
+            self.register_buffer("jacobian", jac.contiguous())
+        if order == 2:
+            if derivatives.hessian_diag is None:
+                raise TmlpError("order 2 needs Hessian diagonals; calibrate with order 2")
+            self.register_buffer("hessian_diag", (0.5 * derivatives.hessian_diag.float()).contiguous())
+        self.register_buffer("offset", offset.contiguous())
+
+    @property
+    def k(self) -> int:
+        return self.centres.shape[0]
+
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest centre for each row of x [N, d_in] -> [N] (int64)."""
+        return torch.argmin(self.half_sq_norm - x @ self.centres.T, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.d_in)
+        c = self.assign(x)
+        y = torch.index_select(self.offset, 0, c)  # index_select exports as ONNX Gather
+        if self.order >= 1:
+            y = y + torch.matmul(torch.index_select(self.jacobian, 0, c), x.unsqueeze(-1)).squeeze(-1)
+        if self.order == 2:
+            diff = x - torch.index_select(self.centres, 0, c)
+            y = y + torch.matmul(torch.index_select(self.hessian_diag, 0, c), (diff * diff).unsqueeze(-1)).squeeze(-1)
+        return y.reshape(*lead, self.d_out)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, order={self.order}, d_in={self.d_in}, d_out={self.d_out}"
+
+    def nbytes(self) -> int:
+        """Bytes of the per-centre tensors."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
