@@ -101,7 +101,8 @@ def cache_key(parts: dict) -> str:
 
 
 def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[torch.Tensor]], n_batches: int,
-              config: TaylorConfig, key: dict | None = None, progress: bool = True) -> dict[str, BlockCalibration]:
+              config: TaylorConfig, key: dict | None = None, progress: bool = True,
+              log: Callable[[str], None] | None = None) -> dict[str, BlockCalibration]:
     """Centres and per-centre tensors for each block in ``fqns``.
 
     ``batches()`` yields model inputs [B, C, H, W]. With ``key`` (a dict naming the model weights and data), the
@@ -123,6 +124,8 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
         if os.path.isfile(path):
             try:
                 stored = torch.load(path, map_location="cpu", weights_only=False)
+                if log:
+                    log(f"calibration cache hit: {path}")
                 return {f: BlockCalibration(f, s["centres"], BlockDerivatives(**s["derivatives"]), s["n_tokens"])
                         for f, s in stored.items()}
             except Exception:  # a damaged cache entry is recomputed, never trusted

@@ -184,12 +184,14 @@ def data() -> None:
 @data.command()
 @click.option("--dataset", required=True, type=click.Choice(["cifar10", "cifar100", "digits"]))
 @click.option("--dir", "root", default=None, help="Target folder [default: $TMLP_DATA or ~/.cache/tmlp/data].")
+@click.option("--url", default=None, help="Download from this mirror of the archive instead of the official address.")
+@click.option("--md5", default=None, help="MD5 of the mirror's archive (the official archive's MD5 is built in).")
 @user_errors
-def download(dataset, root) -> None:
+def download(dataset, root, url, md5) -> None:
     """Download a data set (torchvision's CIFAR archives, checked by MD5) into --dir."""
     from tmlp.download import download_dataset
 
-    path = download_dataset(dataset, root)
+    path = download_dataset(dataset, root, url=url, md5=md5)
     click.echo(f"{dataset} ready in {path}")
 
 

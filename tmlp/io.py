@@ -23,6 +23,19 @@ def ensure_writable_dir(path: str | os.PathLike) -> str:
     return path
 
 
+def check_can_write(path: str | os.PathLike) -> str:
+    """Fail early, creating nothing, unless folder ``path`` exists writable or could be created."""
+    path = os.path.abspath(os.fspath(path))
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise TmlpError(f"output folder {path!r} cannot be created: {probe!r} is a file; choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise TmlpError(f"output folder {path!r} is not writable ({probe!r}); choose another --out")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, on any error delete it."""

@@ -17,7 +17,7 @@ import tmlp
 from tmlp.data import DataSet, load_dataset, to_tensor
 from tmlp.errors import TmlpError
 from tmlp.export.onnx_export import export_onnx, parity
-from tmlp.io import atomic_path, ensure_writable_dir, write_json
+from tmlp.io import atomic_path, check_can_write, ensure_writable_dir, write_json
 from tmlp.models import create_model, file_sha256, input_size, load_checkpoint, model_names, resolve_config
 from tmlp.surgery import select_blocks, taylorize_
 from tmlp.taylor import TaylorConfig
@@ -26,10 +26,13 @@ from tmlp.train import TrainConfig, evaluate, is_trained, train
 # The embedded default: each registered model, shaped as named, trained on scikit-learn's digits once and cached.
 DEFAULT_DATASET = "digits"
 EMBEDDED_RECIPES: dict[str, dict[str, Any]] = {
-    "deit_small": {"model_config": {"img_size": 16, "patch_size": 4}, "epochs": 20, "lr": 5e-4, "batch_size": 64,
-                   "optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 1.0, "clip_grad": 1.0},
-    "deit_tiny": {"model_config": {"img_size": 16, "patch_size": 4}, "epochs": 20, "lr": 5e-4, "batch_size": 64,
-                  "optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 1.0, "clip_grad": 1.0},
+    # Measured here: AdamW 5e-4, batch 32, no augmentation reached 90.0% in 6 epochs (1e-3 stalled near 15%).
+    "deit_small": {"model_config": {"img_size": 16, "patch_size": 4}, "epochs": 10, "lr": 5e-4, "batch_size": 32,
+                   "optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 1.0, "clip_grad": 1.0,
+                   "augment": "none"},
+    "deit_tiny": {"model_config": {"img_size": 16, "patch_size": 4}, "epochs": 10, "lr": 5e-4, "batch_size": 32,
+                  "optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 1.0, "clip_grad": 1.0,
+                  "augment": "none"},
     "vgg16": {"model_config": {"img_size": 32, "hidden": 512}, "epochs": 15, "lr": 0.02, "batch_size": 64},
 }
 
@@ -125,7 +128,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, layers: str | None
     spec = payload.get("preprocessing") or data.preprocessing((h, w))
     if payload.get("preprocessing") and payload.get("dataset") != dataset:
         spec = data.preprocessing((h, w))
-    out_dir = ensure_writable_dir(out_dir or os.path.join("runs", f"{model_name}-{_slug(dataset)}"))
+    out_dir = out_dir or os.path.join("runs", f"{model_name}-{_slug(dataset)}")
+    check_can_write(out_dir)
 
     candidates = select_blocks(model)
     chosen = parse_layers(layers, candidates)
@@ -143,7 +147,7 @@ def run_export(model_name: str, k: int = 100, order: int = 1, layers: str | None
     t0 = time.time()
     taylorize_(tmlp_model, config, layers=fqns, batches=batches, n_batches=n_batches,
                cache_key={"checkpoint": ckpt_sha, "dataset": dataset, "calib_images": calib_images,
-                          "spec": spec, "version": tmlp.__version__}, progress=progress)
+                          "spec": spec, "version": tmlp.__version__}, progress=progress, log=log)
     calib_seconds = time.time() - t0
 
     n_eval = min(eval_images, len(data.val))
@@ -162,6 +166,7 @@ def run_export(model_name: str, k: int = 100, order: int = 1, layers: str | None
     example = to_tensor(val_x[:2], spec)
     parity_inputs = to_tensor(val_x[:64], spec)
     files = {}
+    ensure_writable_dir(out_dir)
     for name, net, meta in (("original.onnx", model, {**meta_common, "tmlp.kind": "original"}),
                             ("tmlp.onnx", tmlp_model, meta_tmlp)):
         path = os.path.join(out_dir, name)

@@ -64,7 +64,7 @@ def taylorize_(model: nn.Module, config: TaylorConfig | dict[str, TaylorConfig],
                filter_fn: FilterFn | None = None, *, calibration: dict[str, BlockCalibration] | None = None,
                batches: Callable[[], Iterable[torch.Tensor]] | None = None, n_batches: int = 0,
                layers: Iterable[str] | None = None, cache_key: dict | None = None,
-               progress: bool = True) -> dict[str, BlockCalibration]:
+               progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, BlockCalibration]:
     """Replace the selected blocks of ``model`` by TaylorMLP modules, in place; returns the calibration used.
 
     Either pass ``calibration`` (from ``tmlp.calibrate.calibrate``) or ``batches`` (a callable yielding model inputs
@@ -80,7 +80,7 @@ def taylorize_(model: nn.Module, config: TaylorConfig | dict[str, TaylorConfig],
             groups.setdefault(repr(config_for(config, f).to_dict()), []).append(f)
         for group in groups.values():
             calibration.update(calibrate(model, group, batches, n_batches, config_for(config, group[0]),
-                                         key=cache_key, progress=progress))
+                                         key=cache_key, progress=progress, log=log))
     for fqn in fqns:
         if fqn not in calibration:
             raise TmlpError(f"no calibration for block {fqn!r}; calibrate it first")

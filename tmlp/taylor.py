@@ -23,7 +23,8 @@ from tmlp.errors import TmlpError
 class TaylorConfig:
     """How to replace one block. ``k`` expansion points (K-means centres of the block's inputs), Taylor ``order``
     (0, 1, 2), ``hessian`` for order 2 ("diag"; "full" is refused with its storage figure), K-means ``seed`` and
-    ``n_init``, and ``max_tokens`` input rows kept per block for K-means (bounded memory)."""
+    ``n_init``, and ``max_tokens`` input rows kept per block for K-means (bounded memory; default
+    max(20000, 20 k))."""
 
     VERSION: ClassVar[int] = 1
     k: int = 100
@@ -31,7 +32,7 @@ class TaylorConfig:
     hessian: str = "diag"
     seed: int = 0
     n_init: int = 1
-    max_tokens: int = 20000
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k <= 0:
@@ -40,6 +41,8 @@ class TaylorConfig:
             raise TmlpError(f"Taylor order must be 0, 1 or 2, got {self.order!r}; use 2 for the diagonal Hessian")
         if self.hessian not in ("diag", "full"):
             raise TmlpError(f"hessian must be 'diag' or 'full', got {self.hessian!r}")
+        if self.max_tokens is None:
+            self.max_tokens = max(20000, 20 * self.k)
         if self.n_init < 1 or self.max_tokens < self.k:
             raise TmlpError(f"n_init must be >= 1 and max_tokens >= k ({self.k}), got {self.n_init}, "
                             f"{self.max_tokens}")

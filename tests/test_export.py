@@ -1,0 +1,71 @@
+"""ONNX export of a T-MLP model: exact op types, checker, metadata, parity with PyTorch, int8 quantization."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from tmlp.export.onnx_export import export_onnx, op_counts, parity
+from tmlp.export.quantize import quantize_int8_dynamic
+from tmlp.surgery import taylorize_
+from tmlp.taylor import TaylorConfig, TaylorMLP
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, digits, digits_spec):
+    from tmlp.data import to_tensor
+    from tmlp.models import create_model
+    from conftest import TINY_VIT
+
+    torch.manual_seed(0)
+    model = create_model("test_vit", TINY_VIT).eval()
+    batches = [to_tensor(digits.train.x[i:i + 64], digits_spec) for i in range(0, 256, 64)]
+    taylorize_(model, TaylorConfig(k=16, order=2), filter_fn=lambda m, f: f.endswith(".mlp") and f != "blocks.5.mlp",
+               batches=lambda: iter(batches), n_batches=4, progress=False)
+    path = str(tmp_path_factory.mktemp("onnx") / "tmlp.onnx")
+    ops = export_onnx(model, batches[0][:2], path, {"tmlp.k": "16", "tmlp.preprocessing": json.dumps(digits_spec)})
+    return model, path, ops, to_tensor(digits.val.x[:100], digits_spec)
+
+
+def test_each_taylor_block_is_argmin_gather_matmul(exported):
+    _, path, ops, _ = exported
+    assert ops == op_counts(path)
+    assert ops["ArgMin"] == 5  # five replaced blocks, one assignment each
+    assert ops["Gather"] >= 5 * 4  # a, J, centres and H gathered per block (order 2)
+    assert ops["MatMul"] >= 5 * 3
+    assert "GatherND" not in ops
+
+
+def test_checker_and_metadata(exported):
+    _, path, _, _ = exported
+    onnx.checker.check_model(path, full_check=True)
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert meta["tmlp.k"] == "16" and json.loads(meta["tmlp.preprocessing"])["input_size"] == [16, 16]
+
+
+def test_onnxruntime_matches_pytorch_on_real_digits(exported):
+    model, path, _, x = exported
+    check = parity(path, model, x)
+    assert check.max_abs < 1e-4 and check.top1_agree == 1.0 and check.n == 100
+
+
+def test_dynamic_batch(exported):
+    model, path, _, x = exported
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for n in (1, 3, 17):
+        out = session.run(None, {session.get_inputs()[0].name: x[:n].numpy()})[0]
+        assert out.shape == (n, 10)
+
+
+def test_int8_dynamic_quantization_keeps_metadata(exported, tmp_path):
+    _, path, _, x = exported
+    dst = str(tmp_path / "q.onnx")
+    quantize_int8_dynamic(path, dst)
+    ops = op_counts(dst)
+    assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) > 0
+    meta = {p.key: p.value for p in onnx.load(dst).metadata_props}
+    assert meta["tmlp.k"] == "16" and meta["tmlp.kind"].endswith("+int8")
+    session = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
+    assert np.isfinite(session.run(None, {session.get_inputs()[0].name: x[:4].numpy()})[0]).all()

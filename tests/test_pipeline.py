@@ -1,0 +1,106 @@
+"""The whole pipeline through the CLI on a tiny model: train -> export -> bench -> runtime/run.py, and resuming."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from tmlp.cli import main
+
+RUN_PY = os.path.join(os.path.dirname(__file__), "..", "runtime", "run.py")
+
+
+def _ok(args):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train")
+    out = _ok(["train", "--model", "test_vit", "--dataset", "digits", "--img-size", "16", "--patch-size", "4",
+               "--epoch", "2", "--optimizer", "adamw", "--lr", "1e-3", "--batch_size", "64", "--eval-every", "1",
+               "--path", str(folder)])
+    assert "best validation accuracy" in out
+    return folder
+
+
+def test_training_writes_checkpoints_and_log(trained):
+    rows = [json.loads(line) for line in open(trained / "train_log.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["val_acc"] > 0.3  # 2 epochs of a 6-block ViT on digits: far above chance (0.1)
+
+
+def test_training_resumes_where_it_stopped(trained):
+    out = _ok(["train", "--model", "test_vit", "--dataset", "digits", "--img-size", "16", "--patch-size", "4",
+               "--epoch", "3", "--optimizer", "adamw", "--lr", "1e-3", "--batch_size", "64", "--eval-every", "1",
+               "--path", str(trained)])
+    assert "resuming" in out and "epoch 3" in out
+    assert [json.loads(line)["epoch"] for line in open(trained / "train_log.jsonl")] == [1, 2, 3]
+
+
+def test_resume_with_other_settings_is_refused(trained):
+    result = CliRunner().invoke(main, ["train", "--model", "test_vit", "--dataset", "digits", "--img-size", "16",
+                                       "--patch-size", "4", "--epoch", "3", "--lr", "0.1", "--path", str(trained)])
+    assert result.exit_code == 2 and "other settings" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    log = _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "16", "--out",
+               str(out)])
+    assert "full_check passed" in log and "ArgMin x6" in log
+    return out, log
+
+
+def test_export_writes_the_artifacts_and_manifest(exported):
+    out, _ = exported
+    assert sorted(os.listdir(out)) == ["manifest.json", "original.onnx", "tmlp.onnx", "val.npz"]
+    manifest = json.load(open(out / "manifest.json"))
+    for name in ("original.onnx", "tmlp.onnx", "val.npz"):
+        assert manifest["files"][name]["bytes"] == os.path.getsize(out / name)
+    assert manifest["parity"]["tmlp.onnx"]["max_abs"] < 1e-3
+    meta = {p.key: p.value for p in onnx.load(str(out / "tmlp.onnx")).metadata_props}
+    assert meta["tmlp.k"] == "16" and meta["tmlp.order"] == "1" and len(json.loads(meta["tmlp.layers"])) == 6
+    assert len(meta["tmlp.source_checkpoint_sha256"]) == 64 and meta["tmlp.version"]
+    assert json.loads(meta["tmlp.preprocessing"])["input_size"] == [16, 16]
+
+
+def test_bench_compares_three_models(exported):
+    out, _ = exported
+    text = _ok(["bench", "--run", str(out), "--runs", "10", "--warmup", "2"])
+    assert "| T-MLP |" in text and "| fp32 original |" in text
+    bench = json.load(open(out / "bench.json"))
+    rows = {r["variant"]: r for r in bench["rows"]}
+    assert set(rows) == {"fp32 original", "int8 original (ORT dynamic)", "T-MLP"}
+    fp32, tmlp = rows["fp32 original"], rows["T-MLP"]
+    assert fp32["n_eval"] == tmlp["n_eval"] == 359
+    manifest = json.load(open(out / "manifest.json"))
+    # onnxruntime's accuracy equals the PyTorch accuracy the export measured on the same images
+    assert tmlp["accuracy"] == pytest.approx(manifest["pytorch_val_accuracy"]["tmlp"], abs=1 / 359)
+    assert fp32["accuracy"] == pytest.approx(manifest["pytorch_val_accuracy"]["original"], abs=1 / 359)
+    assert os.path.isfile(out / "bench.md")
+
+
+def test_runtime_runs_the_exported_model_as_a_plain_file(exported):
+    out, _ = exported
+    proc = subprocess.run([sys.executable, "-I", RUN_PY, str(out / "tmlp.onnx"), "--data", str(out / "val.npz"),
+                           "--runs", "5", "--warmup", "1", "--batch", "4"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy" in proc.stdout and "tmlp.k = 16" in proc.stdout
+
+
+def test_second_export_reuses_the_calibration_cache(trained, exported, tmp_path):
+    _, first_log = exported
+    out = tmp_path / "again"
+    log = _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "16", "--out",
+               str(out)])
+    assert "calibration cache hit" in log and "calibration cache hit" not in first_log
+    a = np.load(exported[0] / "val.npz")["x"]
+    assert np.array_equal(a, np.load(out / "val.npz")["x"])

@@ -1,0 +1,112 @@
+"""runtime/run.py: stdlib + numpy + onnxruntime only, preprocessing equal to torch's, measurements and errors."""
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tmlp.runtime import run
+
+RUN_PY = os.path.join(os.path.dirname(__file__), "..", "runtime", "run.py")
+ALLOWED = {"numpy", "onnxruntime", "onnx", "__future__"}
+
+
+def test_imports_only_numpy_onnxruntime_and_the_standard_library():
+    tree = ast.parse(open(RUN_PY).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module.split(".")[0])
+    assert names - ALLOWED <= set(sys.stdlib_module_names), names - ALLOWED - set(sys.stdlib_module_names)
+    assert "tmlp" not in names and "torch" not in names
+
+
+@pytest.mark.parametrize("size", [(16, 16), (32, 24), (5, 7)])
+def test_bilinear_resize_matches_torch(size):
+    x = np.random.default_rng(0).integers(0, 256, (3, 8, 10, 3), dtype=np.uint8)
+    ours = run.resize_bilinear(x, *size)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2).float(), size=size,
+                                          mode="bilinear", align_corners=False, antialias=False)
+    assert np.allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-3)
+
+
+def test_preprocess_normalises_to_nchw():
+    x = np.full((2, 4, 4, 3), 255, dtype=np.uint8)
+    out = run.preprocess(x, {"input_size": [4, 4], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    assert out.shape == (2, 3, 4, 4) and out.dtype == np.float32 and np.allclose(out, 2.0)
+
+
+def test_percentiles():
+    p = run.percentiles(list(range(1, 101)))
+    assert p["p50"] == pytest.approx(50.5) and p["p90"] == pytest.approx(90.1) and p["min"] == 1
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory, digits, digits_spec):
+    """A tiny exported classifier with preprocessing metadata, and raw digits in an .npz."""
+    from tmlp.export.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 32), torch.nn.GELU(), torch.nn.Linear(32, 10))
+    folder = tmp_path_factory.mktemp("rt")
+    path = str(folder / "m.onnx")
+    export_onnx(net, torch.zeros(2, 1, 16, 16), path, {"tmlp.preprocessing": json.dumps(digits_spec)})
+    data = str(folder / "val.npz")
+    np.savez(data, x=digits.val.x[:50], y=digits.val.y[:50])
+    return path, data, net
+
+
+def test_plain_file_run_reports_latency_memory_accuracy(small_model, tmp_path, digits, digits_spec):
+    path, data, net = small_model
+    out = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-I", RUN_PY, path, "--data", data, "--runs", "20", "--warmup", "2",
+                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "p50" in proc.stdout and "peak RSS" in proc.stdout and "accuracy" in proc.stdout
+    m = json.loads(out.read_text())
+    with torch.no_grad():
+        from tmlp.data import to_tensor
+        expected = (net(to_tensor(digits.val.x[:50], digits_spec)).argmax(1).numpy() == digits.val.y[:50]).mean()
+    assert m["accuracy"] == pytest.approx(expected) and m["n_eval"] == 50
+    assert m["latency_ms"]["p50"] > 0 and m["runs"] == 20 and m["peak_rss_delta_mb"] is not None
+
+
+def test_random_inputs_without_data(small_model):
+    m = run.measure(small_model[0], runs=5, warmup=1, batch=4)
+    assert m.accuracy is None and m.batch == 4 and m.inputs == "random"
+
+
+def _write(path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: str(d / "missing.onnx"), "does not exist"),
+    (lambda d: _write(d / "trunc.onnx", b"\x08\x07garbage"), "cannot load"),
+])
+def test_bad_model_files_give_one_line_errors(tmp_path, make, message):
+    proc = subprocess.run([sys.executable, RUN_PY, make(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_labels_out_of_range_are_refused(small_model, tmp_path):
+    path, _, _ = small_model
+    bad = str(tmp_path / "bad.npz")
+    np.savez(bad, x=np.zeros((4, 8, 8, 1), np.uint8), y=np.array([0, 1, 2, 99]))
+    with pytest.raises(run.RunError, match="labels go up to 99"):
+        run.measure(path, bad, runs=1, warmup=0)
+
+
+def test_wrong_image_dtype_is_refused(small_model, tmp_path):
+    bad = str(tmp_path / "f.npz")
+    np.savez(bad, x=np.zeros((4, 8, 8, 1), np.float32), y=np.zeros(4, int))
+    with pytest.raises(run.RunError, match="x must be uint8"):
+        run.measure(small_model[0], bad, runs=1, warmup=0)
