@@ -13,10 +13,17 @@ from tmlp.models import create_model
 TINY_VIT = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10}
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Calibration and model caches go to a per-session temporary folder, never to ~/.cache."""
-    monkeypatch.setenv("TMLP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Calibration and model caches go to a per-session temporary folder, never to ~/.cache (session scope, so
+    that module-scoped fixtures see it too)."""
+    old = os.environ.get("TMLP_CACHE")
+    os.environ["TMLP_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    yield
+    if old is None:
+        del os.environ["TMLP_CACHE"]
+    else:
+        os.environ["TMLP_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

@@ -24,29 +24,29 @@ def _ok(args):
 def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("train")
     out = _ok(["train", "--model", "test_vit", "--dataset", "digits", "--img-size", "16", "--patch-size", "4",
-               "--epoch", "2", "--optimizer", "adamw", "--lr", "1e-3", "--batch_size", "64", "--eval-every", "1",
-               "--path", str(folder)])
+               "--epoch", "6", "--optimizer", "adamw", "--lr", "1e-3", "--batch_size", "32", "--augment", "none",
+               "--eval-every", "1", "--path", str(folder)])
     assert "best validation accuracy" in out
     return folder
 
 
 def test_training_writes_checkpoints_and_log(trained):
     rows = [json.loads(line) for line in open(trained / "train_log.jsonl")]
-    assert [r["epoch"] for r in rows] == [1, 2]
-    assert rows[-1]["val_acc"] > 0.3  # 2 epochs of a 6-block ViT on digits: far above chance (0.1)
+    assert [r["epoch"] for r in rows] == list(range(1, 7))
+    assert max(r["val_acc"] for r in rows) > 0.75  # 6 epochs of a 6-block ViT on digits (measured: ~0.9)
 
 
 def test_training_resumes_where_it_stopped(trained):
     out = _ok(["train", "--model", "test_vit", "--dataset", "digits", "--img-size", "16", "--patch-size", "4",
-               "--epoch", "3", "--optimizer", "adamw", "--lr", "1e-3", "--batch_size", "64", "--eval-every", "1",
-               "--path", str(trained)])
-    assert "resuming" in out and "epoch 3" in out
-    assert [json.loads(line)["epoch"] for line in open(trained / "train_log.jsonl")] == [1, 2, 3]
+               "--epoch", "7", "--optimizer", "adamw", "--lr", "1e-3", "--batch_size", "32", "--augment", "none",
+               "--eval-every", "1", "--path", str(trained)])
+    assert "resuming" in out and "epoch 7" in out
+    assert [json.loads(line)["epoch"] for line in open(trained / "train_log.jsonl")] == list(range(1, 8))
 
 
 def test_resume_with_other_settings_is_refused(trained):
     result = CliRunner().invoke(main, ["train", "--model", "test_vit", "--dataset", "digits", "--img-size", "16",
-                                       "--patch-size", "4", "--epoch", "3", "--lr", "0.1", "--path", str(trained)])
+                                       "--patch-size", "4", "--epoch", "7", "--lr", "0.1", "--path", str(trained)])
     assert result.exit_code == 2 and "other settings" in result.stderr
 
 

@@ -58,6 +58,8 @@ def main() -> None:
 @click.option("--warmup", "warmup_epochs", type=float, default=None,
               help="Linear warm-up epochs before the cosine decay [default: 0 for sgd, 1 for adamw].")
 @click.option("--clip-grad", type=float, default=None, help="Clip the gradient norm (1.0 helps ViTs).")
+@click.option("--augment", type=click.Choice(["auto", "crop_flip", "crop", "none"]), default="auto", show_default=True,
+              help="auto: random crop + flip for photos, crop only for digits.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16 autocast is faster only where the CPU/GPU has fast bf16 matmuls: measure.")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
@@ -77,7 +79,7 @@ def main() -> None:
 @click.option("--download/--no-download", default=False, help="Download cifar10/100 if missing.")
 @click.option("--fp16-copy", default=None, help="Also write the best checkpoint in fp16 to this path (for the repo).")
 @user_errors
-def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimizer, warmup_epochs, clip_grad,
+def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimizer, warmup_epochs, clip_grad, augment,
           precision, val_fraction, patience, eval_every, img_size, patch_size, device, num_workers, threads, seed,
           data_root, download, fp16_copy) -> None:
     """Train a model from scratch, keeping the best checkpoint on a held-out validation split.
@@ -94,7 +96,7 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
                       lr=lr if lr is not None else (5e-4 if adam else 0.05), batch_size=batch_size,
                       weight_decay=weight_decay if weight_decay is not None else (0.05 if adam else 1e-4),
                       optimizer=optimizer, warmup_epochs=warmup_epochs if warmup_epochs is not None else
-                      (1.0 if adam else 0.0), clip_grad=clip_grad, precision=precision, val_fraction=val_fraction,
+                      (1.0 if adam else 0.0), clip_grad=clip_grad, augment=augment, precision=precision, val_fraction=val_fraction,
                       patience=patience, eval_every=eval_every, seed=seed, num_workers=num_workers, device=device,
                       threads=threads, data_root=data_root, download=download)
     out_dir = out_dir or os.path.join("runs", f"train-{model}-{dataset.replace(':', '-').replace('/', '_')}")
