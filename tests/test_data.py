@@ -140,3 +140,26 @@ def test_download_404_is_a_clear_error(tmp_path, http_server):
 def test_cifar_missing_without_download(tmp_path):
     with pytest.raises(TmlpError, match="tmlp data download --dataset cifar10"):
         load_dataset("cifar10", root=str(tmp_path))
+
+
+def test_imagefolder_layout_is_read_and_centre_cropped(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    data = load_dataset(f"imagefolder:{tmp_path}", image_size=24)
+    assert len(data.train) == 6 and len(data.val) == 4 and data.num_classes == 2
+    images = data.train.images(np.arange(6))
+    assert images.shape == (6, 24, 24, 3) and images.dtype == np.uint8
+    assert data.preprocessing((24, 24))["mean"] == list(data.mean)
+
+
+def test_imagefolder_without_val_is_a_clear_error(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(TmlpError, match="needs .*val"):
+        load_dataset(f"imagefolder:{tmp_path}")

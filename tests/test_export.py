@@ -69,3 +69,21 @@ def test_int8_dynamic_quantization_keeps_metadata(exported, tmp_path):
     assert meta["tmlp.k"] == "16" and meta["tmlp.kind"].endswith("+int8")
     session = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
     assert np.isfinite(session.run(None, {session.get_inputs()[0].name: x[:4].numpy()})[0]).all()
+
+
+def test_vgg16_classifier_head_becomes_a_dense_taylor_block(tmp_path, digits):
+    """VGG-16: the whole classifier MLP (512 -> hidden -> hidden -> 10) is one Taylor block, via torch.func."""
+    from tmlp.data import to_tensor
+    from tmlp.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vgg16", {"in_chans": 1, "hidden": 64}).eval()
+    spec = digits.preprocessing((32, 32))
+    x = to_tensor(digits.train.x[:128], spec)
+    taylorize_(model, TaylorConfig(k=8, order=1), batches=lambda: iter([x[:64], x[64:]]), n_batches=2,
+               progress=False)
+    assert isinstance(model.classifier, TaylorMLP) and model.classifier.jacobian.shape == (8, 10, 512)
+    path = str(tmp_path / "vgg.onnx")
+    ops = export_onnx(model, x[:2], path, {"tmlp.k": "8"})
+    assert ops["ArgMin"] == 1 and ops["Conv"] == 13
+    assert parity(path, model, to_tensor(digits.val.x[:32], spec)).max_abs < 1e-4

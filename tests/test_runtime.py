@@ -110,3 +110,26 @@ def test_wrong_image_dtype_is_refused(small_model, tmp_path):
     np.savez(bad, x=np.zeros((4, 8, 8, 1), np.float32), y=np.zeros(4, int))
     with pytest.raises(run.RunError, match="x must be uint8"):
         run.measure(small_model[0], bad, runs=1, warmup=0)
+
+
+@pytest.mark.skipif(os.environ.get("TMLP_SKIP_VENV_TEST") == "1", reason="TMLP_SKIP_VENV_TEST=1")
+def test_runs_in_a_venv_with_only_onnxruntime_and_numpy(small_model, tmp_path):
+    """What a board has: a fresh virtual environment with onnxruntime and numpy, and run.py copied alone."""
+    import shutil
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    install = subprocess.run([py, "-m", "pip", "install", "-q", "onnxruntime", "numpy"], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-2000:]
+    have = subprocess.run([py, "-c", "import torch"], capture_output=True)
+    assert have.returncode != 0  # nothing but onnxruntime, numpy and their dependencies
+    board = tmp_path / "board"
+    board.mkdir()
+    shutil.copy(RUN_PY, board / "run.py")
+    shutil.copy(small_model[0], board / "model.onnx")
+    shutil.copy(small_model[1], board / "val.npz")
+    proc = subprocess.run([py, "run.py", "model.onnx", "--data", "val.npz", "--runs", "5"], cwd=board,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy" in proc.stdout and "p50" in proc.stdout

@@ -147,12 +147,16 @@ def _load_folder_image(folder: Any, index: int, size: int) -> np.ndarray:
 def _imagefolder(path: str, size: int) -> tuple[ImageSplit, ImageSplit, int]:
     from torchvision.datasets import ImageFolder
 
-    splits = []
-    for part in ("train", "val"):
-        folder = os.path.join(path, part)
+    folders = [os.path.join(path, part) for part in ("train", "val")]
+    for folder in folders:
         if not os.path.isdir(folder):
             raise TmlpError(f"imagefolder:{path} needs {folder!r} with one sub-folder per class (ImageNet layout)")
-        ds = ImageFolder(folder)
+    splits = []
+    for folder in folders:
+        try:
+            ds = ImageFolder(folder)
+        except (FileNotFoundError, OSError) as err:
+            raise TmlpError(f"imagefolder:{path}: {err}; put images in one sub-folder per class") from None
         splits.append(ImageSplit(None, np.asarray(ds.targets, dtype=np.int64), folder=ds, size=size))
     if splits[0].folder.classes != splits[1].folder.classes:
         raise TmlpError(f"imagefolder:{path}: train and val hold different class folders; make them match")
