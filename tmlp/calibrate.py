@@ -9,7 +9,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tmlp.derivatives import BlockDerivatives, block_derivatives
+from tmlp.basis import check_rank, data_basis, jacobian_basis
+from tmlp.derivatives import (BlockDerivatives, SharedDerivatives, block_derivatives, jacobian_grams,
+                              shared_derivatives)
 from tmlp.errors import TmlpError
 from tmlp.io import atomic_path
 from tmlp.taylor import TaylorConfig
@@ -31,8 +33,18 @@ class BlockCalibration:
 
     fqn: str
     centres: torch.Tensor
-    derivatives: BlockDerivatives
+    derivatives: BlockDerivatives | SharedDerivatives
     n_tokens: int  # rows K-means saw
+
+    def to_dict(self) -> dict:
+        kind = "shared" if isinstance(self.derivatives, SharedDerivatives) else "dense"
+        return {"centres": self.centres, "n_tokens": self.n_tokens, "kind": kind,
+                "derivatives": asdict(self.derivatives)}
+
+    @classmethod
+    def from_dict(cls, fqn: str, d: dict) -> "BlockCalibration":
+        kind = SharedDerivatives if d["kind"] == "shared" else BlockDerivatives
+        return cls(fqn, d["centres"], kind(**d["derivatives"]), d["n_tokens"])
 
 
 def cache_dir() -> str:
@@ -126,8 +138,7 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
                 stored = torch.load(path, map_location="cpu", weights_only=False)
                 if log:
                     log(f"calibration cache hit: {path}")
-                return {f: BlockCalibration(f, s["centres"], BlockDerivatives(**s["derivatives"]), s["n_tokens"])
-                        for f, s in stored.items()}
+                return {f: BlockCalibration.from_dict(f, s) for f, s in stored.items()}
             except Exception:  # a damaged cache entry is recomputed, never trusted
                 os.unlink(path)
     inputs = collect_inputs(model, fqns, batches(), n_batches, config.max_tokens, config.seed, progress)
@@ -135,15 +146,35 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
     for fqn in tqdm(fqns, desc=f"calibrate: K-means k={config.k} + order-{config.order} tensors",
                     disable=not progress, leave=False):
         centres = kmeans(inputs[fqn], config.k, config.seed, config.n_init)
-        derivs = block_derivatives(get_module(model, fqn), centres, config.order, config.hessian)
+        block = get_module(model, fqn)
+        if config.basis == "shared":
+            derivs = shared_block(block, inputs[fqn], centres, config)
+        else:
+            derivs = block_derivatives(block, centres, config.order, config.hessian)
         result[fqn] = BlockCalibration(fqn, centres, derivs, int(inputs[fqn].shape[0]))
     if path is not None:
         with atomic_path(path) as tmp:
-            torch.save({f: {"centres": r.centres, "n_tokens": r.n_tokens,
-                            "derivatives": {"value": r.derivatives.value, "jacobian": r.derivatives.jacobian,
-                                            "hessian_diag": r.derivatives.hessian_diag}}
-                        for f, r in result.items()}, tmp)
+            torch.save({f: r.to_dict() for f, r in result.items()}, tmp)
     return result
+
+
+@torch.no_grad()
+def shared_block(block: nn.Module, rows: torch.Tensor, centres: torch.Tensor, config: TaylorConfig,
+                 chunk: int = 4096) -> SharedDerivatives:
+    """Choose U, V for ``block`` (config.basis_source) from its sampled input ``rows`` [n, d_in] and ``centres``,
+    then project the per-centre derivatives on them."""
+    block = block.eval()
+    assign = torch.cat([torch.argmin(0.5 * (centres * centres).sum(1) - rows[s:s + chunk] @ centres.T, 1)
+                        for s in range(0, len(rows), chunk)])
+    centre_values = block(centres)
+    check_rank(config.rank, rows.shape[1], centre_values.shape[1])
+    if config.basis_source == "data":
+        outputs = torch.cat([block(rows[s:s + chunk]) for s in range(0, len(rows), chunk)])
+        u, v = data_basis(rows, outputs, centres, centre_values, assign, config.rank)
+    else:
+        weights = torch.bincount(assign, minlength=len(centres)).float() / len(rows)
+        u, v = jacobian_basis(*jacobian_grams(block, centres, weights), config.rank)
+    return shared_derivatives(block, centres, config.order, u, v)
 
 
 def nearest_centre_bruteforce(x: np.ndarray, centres: np.ndarray) -> np.ndarray:

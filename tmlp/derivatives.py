@@ -141,3 +141,71 @@ def block_derivatives(block: nn.Module, centres: torch.Tensor, order: int, hessi
     if is_closed_form_mlp(block):
         return mlp_derivatives(block, centres, order)
     return func_derivatives(block, centres, order)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared basis: per-centre tensors projected on U [d_out, r] and V [d_in, r]
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class SharedDerivatives:
+    """Per-centre tensors of a shared-basis block: ``value`` F(C) [k, d_out], bases ``u`` [d_out, r] and
+    ``v`` [d_in, r], ``s`` = Uᵀ J_c V [k, r, r], and for order 2 ``t`` [k, r, r]: Uᵀ times the second derivatives of
+    F along each column of V (the diagonal Hessian in the rotated coordinates z = Vᵀ(x − C_c))."""
+
+    value: torch.Tensor
+    u: torch.Tensor
+    v: torch.Tensor
+    s: torch.Tensor
+    t: torch.Tensor | None = None
+
+
+def jacobian_grams(block: nn.Module, centres: torch.Tensor, weights: torch.Tensor, chunk: int = 16
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_c w_c J_c J_cᵀ [d_out, d_out], Σ_c w_c J_cᵀ J_c [d_in, d_in]) accumulated over centre chunks."""
+    gram_out = gram_in = None
+    for s in range(0, len(centres), chunk):
+        jac = block_derivatives(block, centres[s:s + chunk], 1).jacobian.double()
+        w = weights[s:s + chunk].double()[:, None, None]
+        go = (w * jac @ jac.transpose(1, 2)).sum(0)
+        gi = (w * jac.transpose(1, 2) @ jac).sum(0)
+        gram_out = go if gram_out is None else gram_out + go
+        gram_in = gi if gram_in is None else gram_in + gi
+    return gram_out, gram_in
+
+
+@torch.no_grad()
+def shared_derivatives(block: nn.Module, centres: torch.Tensor, order: int, u: torch.Tensor, v: torch.Tensor,
+                       chunk: int = 16) -> SharedDerivatives:
+    """F(C), S_c = Uᵀ J_c V and (order 2) T_c of ``block`` at ``centres`` [k, d_in] for the bases u, v."""
+    if order not in (1, 2):
+        raise TmlpError(f"a shared basis needs order 1 or 2, got {order}; order 0 has no Jacobian to share")
+    block = block.eval()
+    if is_closed_form_mlp(block):
+        w1 = block.fc1.weight.double()
+        b1 = block.fc1.bias.double() if block.fc1.bias is not None else 0.0
+        a = u.double().T @ block.fc2.weight.double()  # [r, hidden]
+        b = w1 @ v.double()  # [hidden, r]
+        d1, d2 = gelu_derivatives(centres.double() @ w1.T + b1, block.act.approximate)
+        out = SharedDerivatives(block(centres).float(), u, v, torch.einsum("rh,kh,hs->krs", a, d1, b).float())
+        if order == 2:
+            out.t = torch.einsum("rh,kh,hs->krs", a, d2, b * b).float()
+        return out
+    value = block_derivatives(block, centres, 0).value
+    s = torch.cat([u.T @ block_derivatives(block, centres[i:i + chunk], 1).jacobian @ v
+                   for i in range(0, len(centres), chunk)])
+    out = SharedDerivatives(value, u, v, s.float())
+    if order == 2:
+        from torch.func import functional_call, jvp, vmap
+
+        params = {k: p.detach() for k, p in block.named_parameters()}
+        buffers = {k: b_.detach() for k, b_ in block.named_buffers()}
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return functional_call(block, (params, buffers), (x[None],))[0]
+
+        def second(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+            return jvp(lambda t_: jvp(f, (t_,), (e,))[1], (x,), (e,))[1]
+
+        along_v = torch.stack([vmap(lambda e: second(c, e))(v.T) for c in centres])  # [k, r, d_out]
+        out.t = (along_v @ u).transpose(1, 2).contiguous().float()
+    return out

@@ -13,7 +13,7 @@ from torch import nn
 
 from tmlp.calibrate import BlockCalibration, calibrate
 from tmlp.errors import TmlpError
-from tmlp.taylor import TaylorConfig, TaylorMLP
+from tmlp.taylor import TaylorConfig, build_taylor_block
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -85,5 +85,5 @@ def taylorize_(model: nn.Module, config: TaylorConfig | dict[str, TaylorConfig],
         if fqn not in calibration:
             raise TmlpError(f"no calibration for block {fqn!r}; calibrate it first")
         cal = calibration[fqn]
-        replace_module(model, fqn, TaylorMLP(cal.centres, cal.derivatives, config_for(config, fqn).order))
+        replace_module(model, fqn, build_taylor_block(cal.centres, cal.derivatives, config_for(config, fqn).order))
     return calibration

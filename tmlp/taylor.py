@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tmlp.derivatives import BlockDerivatives
+from tmlp.basis import BASIS_SOURCES
+from tmlp.derivatives import BlockDerivatives, SharedDerivatives
 from tmlp.errors import TmlpError
 
 
@@ -24,7 +25,8 @@ class TaylorConfig:
     """How to replace one block. ``k`` expansion points (K-means centres of the block's inputs), Taylor ``order``
     (0, 1, 2), ``hessian`` for order 2 ("diag"; "full" is refused with its storage figure), K-means ``seed`` and
     ``n_init``, and ``max_tokens`` input rows kept per block for K-means (bounded memory; default
-    max(20000, 20 k))."""
+    max(20000, 20 k)). ``basis`` "dense" stores a full Jacobian per centre; "shared" factors J_c ≈ U S_c Vᵀ with
+    rank ``rank`` and U, V chosen from ``basis_source`` ("data" or "jacobian", see tmlp.basis)."""
 
     VERSION: ClassVar[int] = 1
     k: int = 100
@@ -33,6 +35,9 @@ class TaylorConfig:
     seed: int = 0
     n_init: int = 1
     max_tokens: int | None = None
+    basis: str = "dense"
+    rank: int = 32
+    basis_source: str = "data"
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k <= 0:
@@ -41,6 +46,13 @@ class TaylorConfig:
             raise TmlpError(f"Taylor order must be 0, 1 or 2, got {self.order!r}; use 2 for the diagonal Hessian")
         if self.hessian not in ("diag", "full"):
             raise TmlpError(f"hessian must be 'diag' or 'full', got {self.hessian!r}")
+        if self.basis not in ("dense", "shared"):
+            raise TmlpError(f"basis must be 'dense' or 'shared', got {self.basis!r}")
+        if self.basis_source not in BASIS_SOURCES:
+            raise TmlpError(f"basis source must be one of {BASIS_SOURCES}, got {self.basis_source!r}")
+        if self.basis == "shared" and (self.order == 0 or self.rank < 1):
+            raise TmlpError(f"a shared basis needs order 1 or 2 and rank >= 1, got order {self.order}, rank "
+                            f"{self.rank}")
         if self.max_tokens is None:
             self.max_tokens = max(20000, 20 * self.k)
         if self.n_init < 1 or self.max_tokens < self.k:
@@ -59,7 +71,30 @@ class TaylorConfig:
         return cls(**{k: v for k, v in d["_data"].items() if k in names})
 
 
-class TaylorMLP(nn.Module):
+class _NearestCentre(nn.Module):
+    """Holds the centres [k, d_in] and assigns each row of x [N, d_in] to its nearest one."""
+
+    def __init__(self, centres: torch.Tensor):
+        super().__init__()
+        centres = centres.float()
+        self.d_in = centres.shape[1]
+        self.register_buffer("centres", centres.contiguous())
+        self.register_buffer("half_sq_norm", 0.5 * (centres * centres).sum(1))
+
+    @property
+    def k(self) -> int:
+        return self.centres.shape[0]
+
+    def assign(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest centre for each row of x [N, d_in] -> [N] (int64): ArgMin(½‖C‖² − x·Cᵀ)."""
+        return torch.argmin(self.half_sq_norm - x @ self.centres.T, dim=1)
+
+    def nbytes(self) -> int:
+        """Bytes of the per-centre and basis tensors."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class TaylorMLP(_NearestCentre):
     """Piecewise Taylor approximation of a block R^d_in -> R^d_out; x [..., d_in] -> y [..., d_out].
 
     Buffers: ``centres`` [k, d_in], ``half_sq_norm`` [k], ``offset`` a [k, d_out], and for order >= 1
@@ -67,15 +102,12 @@ class TaylorMLP(nn.Module):
     """
 
     def __init__(self, centres: torch.Tensor, derivatives: BlockDerivatives, order: int):
-        super().__init__()
+        super().__init__(centres)
         if order not in (0, 1, 2):
             raise TmlpError(f"Taylor order must be 0, 1 or 2, got {order}")
-        centres = centres.float()
+        centres = self.centres
         self.order = order
-        self.d_in = centres.shape[1]
         self.d_out = derivatives.value.shape[1]
-        self.register_buffer("centres", centres.contiguous())
-        self.register_buffer("half_sq_norm", 0.5 * (centres * centres).sum(1))
         offset = derivatives.value.float()
         if order >= 1:
             if derivatives.jacobian is None:
@@ -88,14 +120,6 @@ class TaylorMLP(nn.Module):
                 raise TmlpError("order 2 needs Hessian diagonals; calibrate with order 2")
             self.register_buffer("hessian_diag", (0.5 * derivatives.hessian_diag.float()).contiguous())
         self.register_buffer("offset", offset.contiguous())
-
-    @property
-    def k(self) -> int:
-        return self.centres.shape[0]
-
-    def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest centre for each row of x [N, d_in] -> [N] (int64)."""
-        return torch.argmin(self.half_sq_norm - x @ self.centres.T, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -112,6 +136,58 @@ class TaylorMLP(nn.Module):
     def extra_repr(self) -> str:
         return f"k={self.k}, order={self.order}, d_in={self.d_in}, d_out={self.d_out}"
 
-    def nbytes(self) -> int:
-        """Bytes of the per-centre tensors."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+class SharedTaylorMLP(_NearestCentre):
+    """Taylor block with a shared low-rank basis, J_c ≈ U S_c Vᵀ; x [..., d_in] -> y [..., d_out].
+
+    Order 1: ``y = a_c + ((S_c (Vᵀ x)) Uᵀ)`` with a_c = F(C_c) − U S_c Vᵀ C_c folded at build time.
+    Order 2: ``z = Vᵀ x − (VᵀC)_c``, ``y = F(C_c) + (S_c z + ½ T_c z²) Uᵀ`` (diagonal Hessian in the V coordinates).
+    Buffers: ``v`` [d_in, r], ``ut`` Uᵀ [r, d_out], ``s`` [k, r, r], ``offset`` [k, d_out]; order 2 adds
+    ``half_t`` [k, r, r] and ``centres_v`` [k, r].
+    """
+
+    def __init__(self, centres: torch.Tensor, derivatives: SharedDerivatives, order: int):
+        super().__init__(centres)
+        if order not in (1, 2):
+            raise TmlpError(f"a shared-basis block needs order 1 or 2, got {order}")
+        self.order = order
+        self.d_out = derivatives.value.shape[1]
+        self.rank = derivatives.u.shape[1]
+        u, v, s = derivatives.u.float(), derivatives.v.float(), derivatives.s.float()
+        self.register_buffer("v", v.contiguous())
+        self.register_buffer("ut", u.T.contiguous())
+        self.register_buffer("s", s.contiguous())
+        centres_v = self.centres @ v  # [k, r]
+        if order == 1:
+            offset = derivatives.value.float() - torch.einsum("krs,ks->kr", s, centres_v) @ u.T
+        else:
+            if derivatives.t is None:
+                raise TmlpError("order 2 needs second derivatives; calibrate with order 2")
+            offset = derivatives.value.float()
+            self.register_buffer("half_t", (0.5 * derivatives.t.float()).contiguous())
+            self.register_buffer("centres_v", centres_v.contiguous())
+        self.register_buffer("offset", offset.contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.d_in)
+        c = self.assign(x)
+        z = x @ self.v  # [N, r]
+        if self.order == 2:
+            z = z - torch.index_select(self.centres_v, 0, c)
+        h = torch.matmul(torch.index_select(self.s, 0, c), z.unsqueeze(-1)).squeeze(-1)
+        if self.order == 2:
+            h = h + torch.matmul(torch.index_select(self.half_t, 0, c), (z * z).unsqueeze(-1)).squeeze(-1)
+        y = torch.index_select(self.offset, 0, c) + h @ self.ut
+        return y.reshape(*lead, self.d_out)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, order={self.order}, rank={self.rank}, d_in={self.d_in}, d_out={self.d_out}"
+
+
+def build_taylor_block(centres: torch.Tensor, derivatives: BlockDerivatives | SharedDerivatives, order: int
+                       ) -> TaylorMLP | SharedTaylorMLP:
+    """The Taylor module that matches the kind of per-centre tensors calibration produced."""
+    if isinstance(derivatives, SharedDerivatives):
+        return SharedTaylorMLP(centres, derivatives, order)
+    return TaylorMLP(centres, derivatives, order)

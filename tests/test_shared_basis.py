@@ -1,0 +1,107 @@
+"""Shared-basis Taylor blocks (J_c ≈ U S_c Vᵀ): exact at full rank, closed form = torch.func, ONNX parity."""
+import pytest
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+from tmlp.calibrate import kmeans, shared_block
+from tmlp.derivatives import block_derivatives, shared_derivatives
+from tmlp.errors import TmlpError
+from tmlp.export.onnx_export import export_onnx, op_counts
+from tmlp.taylor import SharedTaylorMLP, TaylorConfig, TaylorMLP
+
+
+def _setup(d=16, h=48, n=3000, k=12, seed=0):
+    torch.manual_seed(seed)
+    block = Mlp(d, h).eval()
+    rows = torch.randn(n, d) * 1.5
+    centres = kmeans(rows, k, seed=0, n_init=1)
+    return block, rows, centres
+
+
+@pytest.mark.parametrize("source", ["data", "jacobian"])
+def test_full_rank_shared_equals_dense_at_first_order(source):
+    block, rows, centres = _setup()
+    shared = SharedTaylorMLP(centres, shared_block(block, rows, centres, TaylorConfig(
+        k=12, basis="shared", rank=16, basis_source=source)), order=1)
+    dense = TaylorMLP(centres, block_derivatives(block, centres, 1), order=1)
+    x = torch.randn(500, 16)
+    with torch.no_grad():
+        assert torch.allclose(shared(x), dense(x), atol=1e-4)
+
+
+def test_low_rank_is_exact_when_the_jacobians_have_that_rank():
+    torch.manual_seed(0)
+    block = nn.Linear(12, 10).eval()
+    with torch.no_grad():
+        block.weight.copy_(torch.randn(10, 3) @ torch.randn(3, 12))  # rank 3
+    rows = torch.randn(2000, 12)
+    centres = kmeans(rows, 5, seed=0, n_init=1)
+    cfg = TaylorConfig(k=5, basis="shared", rank=3, basis_source="jacobian")
+    shared = SharedTaylorMLP(centres, shared_block(block, rows, centres, cfg), order=1)
+    x = torch.randn(300, 12) * 3
+    with torch.no_grad():
+        assert torch.allclose(shared(x), block(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_closed_form_projection_matches_torch_func(order):
+    block, rows, centres = _setup(d=8, h=24, k=4)
+    u = torch.linalg.qr(torch.randn(8, 5))[0]  # any orthonormal bases will do
+    v = torch.linalg.qr(torch.randn(8, 5))[0]
+    closed = shared_derivatives(block, centres, order, u, v)
+
+    class Wrapped(nn.Module):  # same function, not a timm Mlp: takes the generic torch.func path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    generic = shared_derivatives(Wrapped(block), centres, order, u, v)
+    assert torch.allclose(closed.s, generic.s, atol=1e-5)
+    if order == 2:
+        assert torch.allclose(closed.t, generic.t, atol=1e-5)
+
+
+def test_second_order_reduces_the_error_near_centres():
+    block, rows, centres = _setup()
+    x = centres[torch.randint(0, 12, (400,))] + 0.3 * torch.randn(400, 16)
+    errors = {}
+    for order in (1, 2):
+        cfg = TaylorConfig(k=12, order=order, basis="shared", rank=16)
+        taylor = SharedTaylorMLP(centres, shared_block(block, rows, centres, cfg), order=order)
+        with torch.no_grad():
+            errors[order] = (taylor(x) - block(x)).norm() / block(x).norm()
+    assert errors[2] < errors[1]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_onnx_graph_and_parity(order, tmp_path):
+    block, rows, centres = _setup(d=32, h=64, k=10)
+    cfg = TaylorConfig(k=10, order=order, basis="shared", rank=8)
+    taylor = SharedTaylorMLP(centres, shared_block(block, rows, centres, cfg), order=order).eval()
+    path = str(tmp_path / "shared.onnx")
+    x = torch.randn(64, 32)
+    ops = export_onnx(taylor, x[:2], path, {})
+    assert ops == op_counts(path)
+    assert ops["ArgMin"] == 1 and "GatherND" not in ops
+    assert ops["Gather"] == (2 if order == 1 else 4)  # S and a; order 2 adds T and VᵀC
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = taylor(x).numpy()
+    assert abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - ref).max() < 1e-4
+
+
+def test_rank_larger_than_dimensions_is_refused():
+    block, rows, centres = _setup(d=8, h=16, k=4)
+    with pytest.raises(TmlpError, match="rank 9 must lie in 1..min"):
+        shared_block(block, rows, centres, TaylorConfig(k=4, basis="shared", rank=9))
+
+
+def test_shared_basis_needs_first_order():
+    with pytest.raises(TmlpError, match="shared basis needs order 1 or 2"):
+        TaylorConfig(k=4, order=0, basis="shared")

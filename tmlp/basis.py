@@ -1,0 +1,43 @@
+"""Shared low-rank bases for the Taylor blocks: ``J_c ≈ U S_c Vᵀ`` with U [d_out, r] and V [d_in, r] shared by all
+centres of a block (orthonormal columns) and a small S_c [r, r] per centre.
+
+Two ways of choosing U and V:
+
+- ``data``: principal directions of what the first-order term acts on and produces — V from the inputs' deviations
+  from their nearest centre (x − C_c), U from the outputs' deviations (F(x) − F(C_c)).
+- ``jacobian``: the dominant singular subspaces of the stacked Jacobians, U from Σ_c J_c J_cᵀ and V from
+  Σ_c J_cᵀ J_c (each centre weighted by the share of tokens it serves).
+"""
+from __future__ import annotations
+
+import torch
+
+from tmlp.errors import TmlpError
+
+BASIS_SOURCES = ("data", "jacobian")
+
+
+def top_eigvecs(gram: torch.Tensor, r: int) -> torch.Tensor:
+    """The ``r`` leading eigenvectors [d, r] of a symmetric PSD matrix [d, d] (float64 for stability)."""
+    values, vectors = torch.linalg.eigh(gram.double())
+    return vectors[:, torch.argsort(values, descending=True)[:r]].float().contiguous()
+
+
+def data_basis(inputs: torch.Tensor, outputs: torch.Tensor, centres: torch.Tensor, centre_values: torch.Tensor,
+               assign: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U [d_out, r], V [d_in, r]) from PCA of input deviations x − C_c [n, d_in] and output deviations
+    F(x) − F(C_c) [n, d_out], with ``assign`` [n] the nearest centre of each row."""
+    dx = (inputs - centres[assign]).double()
+    dy = (outputs - centre_values[assign]).double()
+    return top_eigvecs(dy.T @ dy, r), top_eigvecs(dx.T @ dx, r)
+
+
+def jacobian_basis(jacobian_gram_out: torch.Tensor, jacobian_gram_in: torch.Tensor, r: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) from the accumulated Grams Σ_c w_c J_c J_cᵀ [d_out, d_out] and Σ_c w_c J_cᵀ J_c [d_in, d_in]."""
+    return top_eigvecs(jacobian_gram_out, r), top_eigvecs(jacobian_gram_in, r)
+
+
+def check_rank(r: int, d_in: int, d_out: int) -> None:
+    if r < 1 or r > min(d_in, d_out):
+        raise TmlpError(f"rank {r} must lie in 1..min(d_in, d_out) = {min(d_in, d_out)}; lower --rank")
