@@ -93,6 +93,13 @@ def test_bad_export_options(tmp_path, checkpoint, args, expected):
     assert not os.path.exists(out) or not os.listdir(out)
 
 
+def test_full_hessian_is_refused_with_its_size(tmp_path, checkpoint):
+    out = str(tmp_path / "out")
+    code, err, _ = _run(["export", "--model", "test_vit", "--checkpoint", checkpoint, "--order", "2", "--hessian",
+                         "full", "--basis", "dense", "--out", out])
+    _assert_one_line_error(code, err, "full Hessian needs k*d_out*d_in^2 = 100*64*64^2 floats = 105 MB per block", out)
+
+
 def test_unknown_dataset(tmp_path, checkpoint):
     out = str(tmp_path / "out")
     code, err, _ = _run(["export", "--model", "test_vit", "--checkpoint", checkpoint, "--dataset", "mnist", "--out",

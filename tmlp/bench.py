@@ -87,7 +87,9 @@ def format_table(result: dict[str, Any]) -> str:
     """The markdown table of a bench result, with a line saying what was measured and where."""
     m = result["machine"]
     cfg = (result.get("taylor_config") or {}).get("_data", {})
-    lines = [f"{result['model']} on {result['dataset']}: T-MLP k={cfg.get('k')}, order {cfg.get('order')}, "
+    form = f"shared basis r={cfg.get('rank')} ({cfg.get('basis_source')})" if cfg.get("basis") == "shared" else \
+        "dense Jacobians"
+    lines = [f"{result['model']} on {result['dataset']}: T-MLP k={cfg.get('k')}, order {cfg.get('order')}, {form}, "
              f"{len(result.get('layers') or [])} block(s) replaced. onnxruntime {m['onnxruntime']} "
              f"{result['provider']}, {result['threads']} thread(s), batch {result['batch']}, {result['runs']} runs "
              f"after {result['warmup']} warm-up; {m['cpu']} ({m['machine']}, {m['cores']} cores).", "",

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from tmlp.basis import check_rank, data_basis, jacobian_basis
 from tmlp.derivatives import (BlockDerivatives, SharedDerivatives, block_derivatives, jacobian_grams,
-                              shared_derivatives)
+                              refuse_full_hessian, shared_derivatives)
 from tmlp.errors import TmlpError
 from tmlp.io import atomic_path
 from tmlp.taylor import TaylorConfig
@@ -120,13 +120,9 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
     ``batches()`` yields model inputs [B, C, H, W]. With ``key`` (a dict naming the model weights and data), the
     result is cached in ``cache_dir()/calib-<hash>.pt`` and reused when every input is the same.
     """
-    if config.order == 2 and config.hessian == "full":
-        block = get_module(model, fqns[0])
-        d_in = next(m for m in block.modules() if isinstance(m, nn.Linear)).in_features
-        d_out = [m for m in block.modules() if isinstance(m, nn.Linear)][-1].out_features
-        from tmlp.derivatives import refuse_full_hessian
-
-        raise refuse_full_hessian(config.k, d_out, d_in)
+    if config.order == 2 and config.hessian == "full":  # refuse before streaming any data
+        linears = [m for m in get_module(model, fqns[0]).modules() if isinstance(m, nn.Linear)]
+        raise refuse_full_hessian(config.k, linears[-1].out_features, linears[0].in_features)
     for f in fqns:
         get_module(model, f)
     path = None

@@ -118,6 +118,12 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
               help="Taylor order: 0 (value), 1 (value + Jacobian), 2 (+ diagonal Hessian).")
 @click.option("--hessian", type=click.Choice(["diag", "full"]), default="diag", show_default=True,
               help="Second-order term; 'full' is refused with its storage figure.")
+@click.option("--basis", type=click.Choice(["shared", "dense"]), default="shared", show_default=True,
+              help="shared: J_c ≈ U S_c Vᵀ with rank --rank (the deployable form); dense: a full Jacobian per "
+                   "centre (k*d_out*d_in floats: slow and large, the reference).")
+@click.option("--rank", type=int, default=32, show_default=True, help="Rank r of the shared basis.")
+@click.option("--basis-source", type=click.Choice(["data", "jacobian"]), default="data", show_default=True,
+              help="Shared basis from PCA of the block's input/output deviations, or from the stacked Jacobians.")
 @click.option("--layers", default="all", show_default=True,
               help="Blocks to replace: 'all', indices (0,1,2) or module names (blocks.0.mlp,blocks.5.mlp).")
 @click.option("--dataset", default=None, help="Calibration/validation data [default: the checkpoint's data set].")
@@ -134,7 +140,7 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset.")
 @click.option("--data-root", default=None, help="Where cifar10/100 live [default: $TMLP_DATA or ~/.cache/tmlp/data].")
 @user_errors
-def export(model, k, order, hessian, layers, dataset, checkpoint, pretrained, out_dir, calib_images, eval_images, seed,
+def export(model, k, order, hessian, basis, rank, basis_source, layers, dataset, checkpoint, pretrained, out_dir, calib_images, eval_images, seed,
            opset, data_root) -> None:
     """Calibrate the T-MLP blocks and write original.onnx, tmlp.onnx, val.npz and manifest.json.
 
@@ -145,7 +151,7 @@ def export(model, k, order, hessian, layers, dataset, checkpoint, pretrained, ou
 
     if k <= 0:
         raise TmlpError(f"--k must be a positive number of expansion points, got {k}")
-    result = run_export(model, k=k, order=order, layers=layers, dataset=dataset, checkpoint=checkpoint,
+    result = run_export(model, k=k, order=order, basis=basis, rank=rank, basis_source=basis_source, layers=layers, dataset=dataset, checkpoint=checkpoint,
                         out_dir=out_dir, hessian=hessian, seed=seed, calib_images=calib_images,
                         eval_images=eval_images, data_root=data_root, pretrained=pretrained, opset=opset)
     click.echo(f"done in {result.summary['export_seconds']:.0f} s: {result.out_dir}/ holds "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -225,15 +225,3 @@ def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator, pad: i
         cols = torch.where(flip[:, None], cols.flip(1), cols)
     return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def iterate_batches(split: ImageSplit, spec: dict[str, Any], batch_size: int, shuffle: bool = False,
-                    generator: torch.Generator | None = None, start: int = 0,
-                    limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (float inputs [B, C, H, W], labels [B]) over ``split``; with ``shuffle`` the order comes from
-    ``generator``. ``start`` skips the first batches (to resume mid-epoch)."""
-    n = len(split) if limit is None else min(limit, len(split))
-    order = torch.randperm(len(split), generator=generator).numpy()[:n] if shuffle else np.arange(n)
-    for b in range(start, (n + batch_size - 1) // batch_size):
-        index = order[b * batch_size:(b + 1) * batch_size]
-        yield to_tensor(split.images(index), spec), torch.from_numpy(split.y[index])

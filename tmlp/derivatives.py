@@ -38,8 +38,8 @@ def full_hessian_bytes(k: int, d_out: int, d_in: int, bytes_per: int = 4) -> int
 
 def refuse_full_hessian(k: int, d_out: int, d_in: int) -> TmlpError:
     size = full_hessian_bytes(k, d_out, d_in)
-    return TmlpError(f"a full Hessian needs k*d_out*d_in^2 = {k}*{d_out}*{d_in}^2 floats = {_human(size)}; use the "
-                     "diagonal second order (--order 2) instead")
+    return TmlpError(f"a full Hessian needs k*d_out*d_in^2 = {k}*{d_out}*{d_in}^2 floats = {_human(size)} per "
+                     "block; use the diagonal second order (--order 2 --hessian diag) instead")
 
 
 def _human(n: float) -> str:

@@ -92,7 +92,8 @@ def _tensor_batches(data: DataSet, spec: dict[str, Any], split: str, limit: int,
     return gen, (n + batch_size - 1) // batch_size
 
 
-def run_export(model_name: str, k: int = 100, order: int = 1, layers: str | None = None, dataset: str | None = None,
+def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shared", rank: int = 32,
+               basis_source: str = "data", layers: str | None = None, dataset: str | None = None,
                checkpoint: str | None = None, out_dir: str | None = None, hessian: str = "diag", seed: int = 0,
                calib_images: int = 5000, eval_images: int = 10000, data_root: str | None = None,
                pretrained: bool = False, opset: int = 20, log: Callable[[str], None] = print,
@@ -100,7 +101,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, layers: str | None
     """Calibrate, build the T-MLP model, export original.onnx and tmlp.onnx, check them, and write val.npz and
     manifest.json (last) into ``out_dir``."""
     started = time.time()
-    config = TaylorConfig(k=k, order=order, hessian=hessian, seed=seed)
+    config = TaylorConfig(k=k, order=order, hessian=hessian, seed=seed, basis=basis, rank=rank,
+                          basis_source=basis_source)
     if model_name not in model_names():
         resolve_config(model_name)  # raises for unknown names
     if checkpoint is not None:
@@ -125,9 +127,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, layers: str | None
     if data.channels != chans:
         raise TmlpError(f"{dataset} images have {data.channels} channels, the model takes {chans}; pick the data set "
                         "the checkpoint was trained on")
-    spec = payload.get("preprocessing") or data.preprocessing((h, w))
-    if payload.get("preprocessing") and payload.get("dataset") != dataset:
-        spec = data.preprocessing((h, w))
+    same_data = payload.get("dataset") == dataset and payload.get("preprocessing")
+    spec = payload["preprocessing"] if same_data else data.preprocessing((h, w))
     out_dir = out_dir or os.path.join("runs", f"{model_name}-{_slug(dataset)}")
     check_can_write(out_dir)
 
@@ -139,8 +140,9 @@ def run_export(model_name: str, k: int = 100, order: int = 1, layers: str | None
     if k > available:
         raise TmlpError(f"k = {k} expansion points but the calibration data give only {available} tokens "
                         f"({min(calib_images, len(data.train))} images x {tokens_per_image}); lower --k")
-    log(f"calibrating {len(fqns)} block(s) ({fqns[0]}{' ...' if len(fqns) > 1 else ''}) with k={k}, order {order} "
-        f"on {min(calib_images, len(data.train))} training images of {dataset}")
+    form = f"shared basis rank {rank} ({basis_source})" if basis == "shared" else "dense Jacobians"
+    log(f"calibrating {len(fqns)} block(s) ({fqns[0]}{' ...' if len(fqns) > 1 else ''}) with k={k}, order {order}, "
+        f"{form}, on {min(calib_images, len(data.train))} training images of {dataset}")
     ckpt_sha = file_sha256(ckpt_path) if ckpt_path else "pretrained:" + model_name
     batches, n_batches = _tensor_batches(data, spec, "train", calib_images)
     tmlp_model = copy.deepcopy(model)
@@ -161,7 +163,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, layers: str | None
     meta_common = {"tmlp.version": tmlp.__version__, "tmlp.model": model_name, "tmlp.model_config": json.dumps(
         mcfg, sort_keys=True), "tmlp.dataset": dataset, "tmlp.preprocessing": json.dumps(spec, sort_keys=True),
         "tmlp.source_checkpoint_sha256": ckpt_sha}
-    meta_tmlp = {**meta_common, "tmlp.kind": "tmlp", "tmlp.k": str(k), "tmlp.order": str(order),
+    meta_tmlp = {**meta_common, "tmlp.kind": "tmlp", "tmlp.k": str(k), "tmlp.order": str(order), "tmlp.basis": basis,
+                 **({"tmlp.rank": str(rank), "tmlp.basis_source": basis_source} if basis == "shared" else {}),
                  "tmlp.layers": json.dumps(fqns), "tmlp.taylor_config": json.dumps(config.to_dict(), sort_keys=True)}
     example = to_tensor(val_x[:2], spec)
     parity_inputs = to_tensor(val_x[:64], spec)
@@ -210,12 +213,16 @@ def _slug(dataset: str) -> str:
 
 @torch.no_grad()
 def _tokens_per_image(model: torch.nn.Module, fqn: str, example: torch.Tensor) -> int:
-    seen = {}
-    handle = model.get_submodule(fqn).register_forward_pre_hook(
-        lambda m, args: seen.setdefault("n", args[0].reshape(-1, args[0].shape[-1]).shape[0]) and None)
+    """How many rows block ``fqn`` sees for one image ``example`` [1, C, H, W]."""
+    seen: list[int] = []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+
+    handle = model.get_submodule(fqn).register_forward_pre_hook(record)
     try:
         model(example)
     finally:
         handle.remove()
-    return seen["n"]
+    return seen[0]
 
