@@ -269,9 +269,11 @@ def machine_info() -> dict[str, str]:
 
 
 def measure(path: str, data: str | None = None, provider: str = "cpu", threads: int = 1, warmup: int = 10,
-            runs: int = 50, batch: int = 1, eval_limit: int | None = None, seed: int = 0) -> Measurement:
+            runs: int = 50, batch: int = 1, eval_limit: int | None = None, seed: int = 0,
+            accuracy: bool = True) -> Measurement:
     """Load ``path`` and measure latency (``runs`` timed batches of ``batch``), peak RSS and, with labelled data,
-    accuracy. Peak RSS is counted from after the data are loaded: model weights, arena and activations."""
+    accuracy. Peak RSS counts from after the data are loaded to the end of the timed runs: model weights, arena
+    and activations at ``batch`` (the accuracy pass afterwards is not counted)."""
     if warmup < 0 or runs < 1 or batch < 1 or threads < 0:
         raise RunError("--warmup must be >= 0, --runs >= 1, --batch >= 1 and --threads >= 0")
     import onnxruntime as ort  # noqa: F401  (imported before the baseline so that it does not count)
@@ -304,15 +306,15 @@ def measure(path: str, data: str | None = None, provider: str = "cpu", threads: 
     else:
         batches = [rng.standard_normal(shape).astype(np.float32) for _ in range(8)]
     times = time_batches(session, name, batches, warmup, runs)
+    peak = peak_rss_mb()  # model, arena and activations at --batch; before the accuracy pass (batches of 64)
     lat = percentiles(times)
     result = Measurement(model=path, file_bytes=model_bytes(path), provider=session.get_providers()[0],
                          threads=threads, batch=batch, warmup=warmup, runs=runs, latency_ms=lat,
                          throughput_per_s=batch * 1e3 / lat["mean"], metadata=meta, machine=machine_info(),
                          inputs=data or "random")
-    if images is not None and labels is not None:
+    if images is not None and labels is not None and accuracy:
         result.accuracy = evaluate(session, name, x, labels)
         result.n_eval = len(x)
-    peak = peak_rss_mb()
     result.rss_baseline_mb, result.peak_rss_mb = baseline, peak
     if peak is not None and baseline is not None:
         result.peak_rss_delta_mb = peak - baseline
@@ -352,11 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="images per timed run (default 1)")
     parser.add_argument("--provider", default="cpu", help="cpu, cuda or tensorrt (CPU fallback); default cpu")
     parser.add_argument("--limit", type=int, default=None, help="evaluate accuracy on the first N images only")
+    parser.add_argument("--no-accuracy", action="store_true", help="time only; skip the accuracy pass over --data")
     parser.add_argument("--json", help="also write the measurement to this JSON file")
     args = parser.parse_args(argv)
     try:
         m = measure(args.model, args.data, args.provider, args.threads, args.warmup, args.runs, args.batch,
-                    args.limit)
+                    args.limit, accuracy=not args.no_accuracy)
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

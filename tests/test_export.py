@@ -87,3 +87,25 @@ def test_vgg16_classifier_head_becomes_a_dense_taylor_block(tmp_path, digits):
     ops = export_onnx(model, x[:2], path, {"tmlp.k": "8"})
     assert ops["ArgMin"] == 1 and ops["Conv"] == 13
     assert parity(path, model, to_tensor(digits.val.x[:32], spec)).max_abs < 1e-4
+
+
+def test_tmlp_plus_int8_quantizes_everything_but_the_taylor_blocks(exported, tmp_path):
+    from tmlp.export.quantize import nodes_in_scopes
+
+    model, path, _, x = exported
+    scopes = [f"blocks.{i}.mlp" for i in range(5)]
+    taylor_nodes = nodes_in_scopes(onnx.load(path), scopes)
+    assert sum(1 for n in onnx.load(path).graph.node if n.name in taylor_nodes and n.op_type == "ArgMin") == 5
+    dst = str(tmp_path / "tq.onnx")
+    excluded = quantize_int8_dynamic(path, dst, exclude_scopes=scopes)
+    assert excluded == taylor_nodes
+    quantized = onnx.load(dst)
+    names = {n.name: n.op_type for n in quantized.graph.node}
+    original = {n.name: n.op_type for n in onnx.load(path).graph.node}
+    assert all(names[n] == original[n] for n in taylor_nodes)  # the Taylor blocks are untouched (fp32)
+    assert any(op in ("MatMulInteger", "DynamicQuantizeMatMul") for op in names.values())  # attention, blocks.5.mlp
+    session = ort.InferenceSession(dst, providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert (out.argmax(1) == ref.argmax(1)).mean() > 0.9

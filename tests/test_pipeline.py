@@ -74,11 +74,11 @@ def test_export_writes_the_artifacts_and_manifest(exported):
 
 def test_bench_compares_three_models(exported):
     out, _ = exported
-    text = _ok(["bench", "--run", str(out), "--runs", "10", "--warmup", "2"])
+    text = _ok(["bench", "--run", str(out), "--runs", "10", "--warmup", "2", "--repeats", "2"])
     assert "| T-MLP |" in text and "| fp32 original |" in text
     bench = json.load(open(out / "bench.json"))
     rows = {r["variant"]: r for r in bench["rows"]}
-    assert set(rows) == {"fp32 original", "int8 original (ORT dynamic)", "T-MLP"}
+    assert set(rows) == {"fp32 original", "int8 original (ORT dynamic)", "T-MLP", "T-MLP + int8 (rest of the model)"}
     fp32, tmlp = rows["fp32 original"], rows["T-MLP"]
     assert fp32["n_eval"] == tmlp["n_eval"] == 359
     manifest = json.load(open(out / "manifest.json"))

@@ -14,10 +14,11 @@ from tmlp.errors import TmlpError
 from tmlp.io import write_json, write_text
 from tmlp.runtime import run as runtime_run
 
-# (label, file in the run folder, how to make it if missing)
+# (label, file in the run folder, the file it is quantized from if missing)
 VARIANTS = (("fp32 original", "original.onnx", None),
             ("int8 original (ORT dynamic)", "original.int8.onnx", "original.onnx"),
-            ("T-MLP", "tmlp.onnx", None))
+            ("T-MLP", "tmlp.onnx", None),
+            ("T-MLP + int8 (rest of the model)", "tmlp.int8.onnx", "tmlp.onnx"))
 
 
 def find_run(root: str = "runs") -> str:
@@ -30,14 +31,14 @@ def find_run(root: str = "runs") -> str:
 
 
 def measure_in_subprocess(model: str, data: str | None, provider: str, threads: int, warmup: int, runs: int,
-                          batch: int) -> dict[str, Any]:
+                          batch: int, accuracy: bool = True) -> dict[str, Any]:
     """Run runtime/run.py on ``model`` in a fresh Python process; returns its Measurement as a dict."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "m.json")
         cmd = [sys.executable, runtime_run.__file__, model, "--provider", provider, "--threads", str(threads),
                "--warmup", str(warmup), "--runs", str(runs), "--batch", str(batch), "--json", out]
         if data:
-            cmd += ["--data", data]
+            cmd += ["--data", data] + ([] if accuracy else ["--no-accuracy"])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.isfile(out):
             tail = (proc.stderr or proc.stdout).strip().splitlines()
@@ -47,8 +48,14 @@ def measure_in_subprocess(model: str, data: str | None, provider: str, threads: 
 
 
 def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int = 10, runs: int = 50,
-              batch: int = 1, progress=print) -> dict[str, Any]:
-    """Measure original, int8 original and T-MLP in ``run_dir``; write bench.json and bench.md; return both."""
+              batch: int = 1, repeats: int = 3, progress=print) -> dict[str, Any]:
+    """Measure original, int8 original, T-MLP and T-MLP + int8 in ``run_dir``; write bench.json and bench.md.
+
+    Each variant is measured ``repeats`` times, each time in a fresh process, the variants interleaved, so that a
+    slow spell of a shared machine does not fall on one variant only; latency and memory are the medians over the
+    repeats (each repeat's own figures are kept in bench.json), accuracy comes from the first."""
+    if repeats < 1:
+        raise TmlpError(f"--repeats must be >= 1, got {repeats}")
     manifest_path = os.path.join(run_dir, "manifest.json")
     if not os.path.isfile(manifest_path):
         raise TmlpError(f"{run_dir!r} has no manifest.json; pass a folder written by `tmlp export`")
@@ -56,19 +63,27 @@ def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int
         manifest = json.load(f)
     data = os.path.join(run_dir, "val.npz")
     data = data if os.path.isfile(data) else None
-    rows = []
+    paths = []
     for label, name, source in VARIANTS:
         path = os.path.join(run_dir, name)
+        paths.append(path)
         if not os.path.isfile(path):
             if source is None:
                 raise TmlpError(f"{path} is missing; export again with `tmlp export`")
             from tmlp.export.quantize import quantize_int8_dynamic
 
-            progress(f"quantizing {source} -> {name} (onnxruntime quantize_dynamic, int8 weights, per channel)")
-            quantize_int8_dynamic(os.path.join(run_dir, source), path)
-        progress(f"measuring {label}: {name} (fresh process, {threads} thread(s), {runs} runs of batch {batch})")
-        rows.append({"variant": label, "file": name,
-                     **measure_in_subprocess(path, data, provider, threads, warmup, runs, batch)})
+            taylor = manifest.get("layers") if source == "tmlp.onnx" else None
+            progress(f"quantizing {source} -> {name} (onnxruntime quantize_dynamic, int8 weights, per channel"
+                     f"{'; Taylor blocks stay fp32' if taylor else ''})")
+            quantize_int8_dynamic(os.path.join(run_dir, source), path, exclude_scopes=taylor)
+    measured: list[list[dict[str, Any]]] = [[] for _ in VARIANTS]
+    for rep in range(repeats):
+        for i, (label, name, _) in enumerate(VARIANTS):
+            progress(f"measuring {label} [{rep + 1}/{repeats}]: {name} (fresh process, {threads} thread(s), "
+                     f"{runs} runs of batch {batch})")
+            measured[i].append(measure_in_subprocess(paths[i], data, provider, threads, warmup, runs, batch,
+                                                     accuracy=rep == 0))
+    rows = [{"variant": label, "file": name, **median_of(reps)} for (label, name, _), reps in zip(VARIANTS, measured)]
     base = rows[0]
     for row in rows:
         row["speedup_vs_fp32"] = base["latency_ms"]["p50"] / row["latency_ms"]["p50"]
@@ -76,11 +91,25 @@ def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int
     result = {"run": run_dir, "model": manifest.get("model"), "dataset": manifest.get("dataset"),
               "taylor_config": manifest.get("taylor_config"), "layers": manifest.get("layers"),
               "provider": provider, "threads": threads, "batch": batch, "warmup": warmup, "runs": runs,
+              "repeats": repeats,
               "machine": base["machine"], "rows": rows}
     result["markdown"] = format_table(result)
     write_json(os.path.join(run_dir, "bench.json"), {k: v for k, v in result.items() if k != "markdown"})
     write_text(os.path.join(run_dir, "bench.md"), result["markdown"] + "\n")
     return result
+
+
+def median_of(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's repeats folded into one row: the first repeat, with median latency and peak RSS."""
+    import statistics
+
+    row = dict(reps[0])
+    row["latency_ms"] = {k: statistics.median(r["latency_ms"][k] for r in reps) for k in reps[0]["latency_ms"]}
+    deltas = [r["peak_rss_delta_mb"] for r in reps if r.get("peak_rss_delta_mb") is not None]
+    row["peak_rss_delta_mb"] = statistics.median(deltas) if deltas else None
+    row["throughput_per_s"] = row["batch"] * 1e3 / row["latency_ms"]["mean"]
+    row["repeats"] = [{"latency_ms": r["latency_ms"], "peak_rss_delta_mb": r.get("peak_rss_delta_mb")} for r in reps]
+    return row
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -92,7 +121,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['model']} on {result['dataset']}: T-MLP k={cfg.get('k')}, order {cfg.get('order')}, {form}, "
              f"{len(result.get('layers') or [])} block(s) replaced. onnxruntime {m['onnxruntime']} "
              f"{result['provider']}, {result['threads']} thread(s), batch {result['batch']}, {result['runs']} runs "
-             f"after {result['warmup']} warm-up; {m['cpu']} ({m['machine']}, {m['cores']} cores).", "",
+             f"after {result['warmup']} warm-up, median of {result['repeats']} fresh processes per variant; "
+             f"{m['cpu']} ({m['machine']}, {m['cores']} cores).", "",
              "| variant | accuracy | p50 ms | p90 ms | speed-up vs fp32 | peak RSS MiB | file MB | size vs fp32 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:

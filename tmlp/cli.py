@@ -168,9 +168,11 @@ def export(model, k, order, hessian, basis, rank, basis_source, layers, dataset,
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--runs", type=int, default=50, show_default=True, help="Timed runs per model.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Images per timed run.")
+@click.option("--repeats", type=int, default=3, show_default=True,
+              help="Fresh processes per variant (interleaved); latency is their median.")
 @user_errors
-def bench(provider, run_dir, threads, warmup, runs, batch) -> None:
-    """Original vs T-MLP vs onnxruntime int8, side by side: accuracy, latency p50/p90, peak RSS, file size.
+def bench(provider, run_dir, threads, warmup, runs, batch, repeats) -> None:
+    """Original vs T-MLP vs onnxruntime int8 (and T-MLP + int8): accuracy, latency p50/p90, peak RSS, file size.
 
     Each model is measured in a fresh subprocess by runtime/run.py (the same code that runs on a device); results
     go to bench.json and bench.md in the run folder.
@@ -178,7 +180,8 @@ def bench(provider, run_dir, threads, warmup, runs, batch) -> None:
     from tmlp.bench import find_run, run_bench
 
     run_dir = run_dir or find_run("runs")
-    result = run_bench(run_dir, provider=provider, threads=threads, warmup=warmup, runs=runs, batch=batch)
+    result = run_bench(run_dir, provider=provider, threads=threads, warmup=warmup, runs=runs, batch=batch,
+                       repeats=repeats)
     click.echo(result["markdown"])
     click.echo(f"wrote {os.path.join(run_dir, 'bench.json')} and {os.path.join(run_dir, 'bench.md')}")
 
