@@ -56,3 +56,22 @@ def shared_data_dir() -> str | None:
 
 def rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_vit_path(tmp_path_factory):
+    """test_vit trained 4 epochs on digits (a few seconds): a model whose MLPs are no longer near-linear."""
+    from tmlp.train import TrainConfig, train
+
+    out = str(tmp_path_factory.mktemp("tiny-trained"))
+    cfg = TrainConfig(model="test_vit", dataset="digits", model_config={"img_size": 16, "patch_size": 4}, epochs=4,
+                      lr=1e-3, batch_size=32, optimizer="adamw", weight_decay=0.05, warmup_epochs=1.0, clip_grad=1.0,
+                      augment="none")
+    return train(cfg, out, progress=False, log=lambda s: None)["checkpoint"]
+
+
+@pytest.fixture
+def trained_tiny_vit(trained_tiny_vit_path):
+    from tmlp.models import load_checkpoint
+
+    return load_checkpoint(trained_tiny_vit_path)[0]

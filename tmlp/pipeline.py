@@ -15,6 +15,7 @@ import torch
 
 import tmlp
 from tmlp.data import DataSet, load_dataset, to_tensor
+from tmlp.distill import distill_
 from tmlp.errors import TmlpError
 from tmlp.export.onnx_export import export_onnx, parity
 from tmlp.io import atomic_path, check_can_write, ensure_writable_dir, write_json
@@ -96,7 +97,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                basis_source: str = "data", layers: str | None = None, dataset: str | None = None,
                checkpoint: str | None = None, out_dir: str | None = None, hessian: str = "diag", seed: int = 0,
                calib_images: int = 5000, eval_images: int = 10000, data_root: str | None = None,
-               pretrained: bool = False, opset: int = 20, log: Callable[[str], None] = print,
+               pretrained: bool = False, opset: int = 20, distill_epochs: int = 0, distill_lr: float = 1e-3,
+               distill_basis: bool = False, log: Callable[[str], None] = print,
                progress: bool = True) -> ExportResult:
     """Calibrate, build the T-MLP model, export original.onnx and tmlp.onnx, check them, and write val.npz and
     manifest.json (last) into ``out_dir``."""
@@ -159,13 +161,25 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     acc_orig = evaluate(model, data.val, spec, device, limit=n_eval)
     acc_tmlp = evaluate(tmlp_model, data.val, spec, device, limit=n_eval)
     log(f"PyTorch accuracy on {n_eval} validation images: original {100 * acc_orig:.2f}%, T-MLP {100 * acc_tmlp:.2f}%")
+    distillation = None
+    if distill_epochs > 0:
+        t0 = time.time()
+        losses = distill_(tmlp_model, model, batches, n_batches, distill_epochs, distill_lr, distill_basis,
+                          progress=progress)
+        acc_before, acc_tmlp = acc_tmlp, evaluate(tmlp_model, data.val, spec, device, limit=n_eval)
+        distillation = {"epochs": distill_epochs, "lr": distill_lr, "train_basis": distill_basis,
+                        "kl_per_epoch": losses, "accuracy_before": acc_before, "accuracy_after": acc_tmlp,
+                        "seconds": round(time.time() - t0, 1)}
+        log(f"distillation ({distill_epochs} epoch(s), logit KL, lr {distill_lr}): T-MLP accuracy "
+            f"{100 * acc_before:.2f}% -> {100 * acc_tmlp:.2f}% (original {100 * acc_orig:.2f}%)")
 
     meta_common = {"tmlp.version": tmlp.__version__, "tmlp.model": model_name, "tmlp.model_config": json.dumps(
         mcfg, sort_keys=True), "tmlp.dataset": dataset, "tmlp.preprocessing": json.dumps(spec, sort_keys=True),
         "tmlp.source_checkpoint_sha256": ckpt_sha}
     meta_tmlp = {**meta_common, "tmlp.kind": "tmlp", "tmlp.k": str(k), "tmlp.order": str(order), "tmlp.basis": basis,
                  **({"tmlp.rank": str(rank), "tmlp.basis_source": basis_source} if basis == "shared" else {}),
-                 "tmlp.layers": json.dumps(fqns), "tmlp.taylor_config": json.dumps(config.to_dict(), sort_keys=True)}
+                 "tmlp.layers": json.dumps(fqns), "tmlp.taylor_config": json.dumps(config.to_dict(), sort_keys=True),
+                 "tmlp.distill_epochs": str(distill_epochs)}
     example = to_tensor(val_x[:2], spec)
     parity_inputs = to_tensor(val_x[:64], spec)
     files = {}

@@ -1,0 +1,101 @@
+"""Distillation fine-tuning of the Taylor parameters from the original model.
+
+Only the per-centre tensors (offsets ``a``, ``S`` / Jacobians, second-order terms) and optionally the shared bases
+U, V are trained; the centres (hence each token's assignment) and every other weight of the model stay fixed. The
+loss is the KL divergence from the original model's logits to the T-MLP model's (logit distillation).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tmlp.errors import TmlpError
+from tmlp.taylor import SharedTaylorMLP, TaylorMLP
+
+TRAINABLE = {TaylorMLP: ("offset", "jacobian", "hessian_diag"), SharedTaylorMLP: ("offset", "s", "half_t")}
+BASES = ("v", "ut")
+
+
+def taylor_blocks(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (TaylorMLP, SharedTaylorMLP))]
+
+
+def _to_parameters(block: nn.Module, names: Iterable[str]) -> list[nn.Parameter]:
+    params = []
+    for name in names:
+        if name in block._buffers and block._buffers[name] is not None:
+            tensor = block._buffers.pop(name)
+            block.register_parameter(name, nn.Parameter(tensor.clone()))
+            params.append(getattr(block, name))
+    return params
+
+
+def _to_buffers(block: nn.Module) -> None:
+    for name in list(block._parameters):
+        tensor = block._parameters.pop(name)
+        block.register_buffer(name, tensor.detach().clone())
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+                  ) -> torch.Tensor:
+    """KL(teacher || student) of the softened class distributions, times T² (mean over the batch)."""
+    t = temperature
+    return nn.functional.kl_div(nn.functional.log_softmax(student_logits / t, -1),
+                                nn.functional.log_softmax(teacher_logits / t, -1), log_target=True,
+                                reduction="batchmean") * t * t
+
+
+def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Iterable[torch.Tensor]], n_batches: int,
+             epochs: int, lr: float = 1e-4, train_basis: bool = False, temperature: float = 1.0,
+             progress: bool = True) -> list[float]:
+    """Fine-tune the Taylor parameters of ``student`` in place to match ``teacher``'s logits over ``batches()``
+    (model inputs [B, C, H, W]) for ``epochs`` passes; returns the mean loss of each epoch."""
+    if epochs < 0 or lr <= 0:
+        raise TmlpError(f"--distill-epochs must be >= 0 and --distill-lr > 0, got {epochs}, {lr}")
+    blocks = taylor_blocks(student)
+    if not blocks:
+        raise TmlpError("the model has no Taylor blocks to distil; run taylorize_ first")
+    if epochs == 0:
+        return []
+    for p in student.parameters():
+        p.requires_grad_(False)
+    params = []
+    for block in blocks:
+        names = TRAINABLE[type(block)] + (BASES if train_basis and isinstance(block, SharedTaylorMLP) else ())
+        params += _to_parameters(block, names)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    teacher.eval()
+    student.eval()  # dropout etc. off; the Taylor parameters still receive gradients
+    losses = []
+    try:
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            bar = tqdm(batches(), total=n_batches, desc=f"distil epoch {epoch + 1}/{epochs}", disable=not progress,
+                       leave=False)
+            for x in bar:
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = kl_to_teacher(student(x), target, temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total, count = total + loss.item() * len(x), count + len(x)
+                bar.set_postfix(kl=f"{total / count:.4f}")
+            losses.append(total / max(1, count))
+    finally:
+        for block in blocks:
+            _to_buffers(block)
+    return losses
+
+
+@torch.no_grad()
+def mean_kl(student: nn.Module, teacher: nn.Module, batches: Iterable[torch.Tensor]) -> float:
+    """Mean KL(teacher || student) over ``batches`` (for reports and tests)."""
+    total, count = 0.0, 0
+    for x in batches:
+        total += kl_to_teacher(student(x), teacher(x)).item() * len(x)
+        count += len(x)
+    return total / max(1, count)
