@@ -97,15 +97,23 @@ def load_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
-def peak_rss_mb() -> float | None:
-    """Peak resident set size of this process in MiB (Linux: VmHWM; elsewhere getrusage)."""
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmHWM, VmRSS) in MiB; None where there is no /proc (not Linux)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident set size of this process in MiB (Linux: VmHWM; elsewhere getrusage)."""
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
 
@@ -117,14 +125,7 @@ def peak_rss_mb() -> float | None:
 
 def current_rss_mb() -> float | None:
     """Current resident set size in MiB (Linux only; None elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
+    return _status_mb("VmRSS")
 
 
 def reset_peak_rss() -> bool:
