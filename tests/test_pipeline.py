@@ -99,8 +99,11 @@ def test_runtime_runs_the_exported_model_as_a_plain_file(exported):
 def test_second_export_reuses_the_calibration_cache(trained, exported, tmp_path):
     _, first_log = exported
     out = tmp_path / "again"
+    out.mkdir()
+    (out / "tmlp.int8.onnx").write_bytes(b"stale: derived from an earlier export")
     log = _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "16", "--out",
                str(out)])
     assert "calibration cache hit" in log and "calibration cache hit" not in first_log
+    assert not (out / "tmlp.int8.onnx").exists()
     a = np.load(exported[0] / "val.npz")["x"]
     assert np.array_equal(a, np.load(out / "val.npz")["x"])

@@ -38,6 +38,10 @@ EMBEDDED_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# Files `tmlp bench` derives from an export; a new export into the same folder removes them.
+DERIVED_FILES = ("original.int8.onnx", "tmlp.int8.onnx", "bench.json", "bench.md")
+
+
 def cache_root() -> str:
     return os.environ.get("TMLP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tmlp"))
 
@@ -184,6 +188,9 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     parity_inputs = to_tensor(val_x[:64], spec)
     files = {}
     ensure_writable_dir(out_dir)
+    for stale in DERIVED_FILES:  # made by `tmlp bench` from an earlier export into this folder
+        if os.path.isfile(os.path.join(out_dir, stale)):
+            os.unlink(os.path.join(out_dir, stale))
     for name, net, meta in (("original.onnx", model, {**meta_common, "tmlp.kind": "original"}),
                             ("tmlp.onnx", tmlp_model, meta_tmlp)):
         path = os.path.join(out_dir, name)
