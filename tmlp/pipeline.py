@@ -15,11 +15,13 @@ import torch
 
 import tmlp
 from tmlp.data import DataSet, load_dataset, to_tensor
+from tmlp.calibrate import calibrate
 from tmlp.distill import distill_
 from tmlp.errors import TmlpError
 from tmlp.export.onnx_export import export_onnx, parity
 from tmlp.io import atomic_path, check_can_write, ensure_writable_dir, write_json
 from tmlp.models import create_model, file_sha256, input_size, load_checkpoint, model_names, resolve_config
+from tmlp.plan import plan_layers
 from tmlp.surgery import select_blocks, taylorize_
 from tmlp.taylor import TaylorConfig
 from tmlp.train import TrainConfig, evaluate, is_trained, train
@@ -102,7 +104,7 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                checkpoint: str | None = None, out_dir: str | None = None, hessian: str = "diag", seed: int = 0,
                calib_images: int = 5000, eval_images: int = 10000, data_root: str | None = None,
                pretrained: bool = False, opset: int = 20, distill_epochs: int = 0, distill_lr: float = 1e-3,
-               distill_basis: bool = False, log: Callable[[str], None] = print,
+               distill_basis: bool = False, max_acc_drop: float | None = None, log: Callable[[str], None] = print,
                progress: bool = True) -> ExportResult:
     """Calibrate, build the T-MLP model, export original.onnx and tmlp.onnx, check them, and write val.npz and
     manifest.json (last) into ``out_dir``."""
@@ -153,15 +155,27 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     batches, n_batches = _tensor_batches(data, spec, "train", calib_images)
     tmlp_model = copy.deepcopy(model)
     t0 = time.time()
-    taylorize_(tmlp_model, config, layers=fqns, batches=batches, n_batches=n_batches,
-               cache_key={"checkpoint": ckpt_sha, "dataset": dataset, "calib_images": calib_images,
-                          "spec": spec, "version": tmlp.__version__}, progress=progress, log=log)
+    calibration = calibrate(model, fqns, batches, n_batches, config, progress=progress, log=log,
+                            key={"checkpoint": ckpt_sha, "dataset": dataset, "calib_images": calib_images,
+                                 "spec": spec, "version": tmlp.__version__})
     calib_seconds = time.time() - t0
 
     n_eval = min(eval_images, len(data.val))
     val_x = data.val.images(np.arange(n_eval))
     val_y = data.val.y[:n_eval]
     device = torch.device("cpu")
+    layer_plan = None
+    if max_acc_drop is not None:
+        log(f"choosing blocks under --max-acc-drop {max_acc_drop} points by sensitivity on {n_eval} validation images")
+        layer_plan = plan_layers(model, calibration, order, lambda m: evaluate(m, data.val, spec, device,
+                                                                               limit=n_eval), max_acc_drop / 100)
+        log(layer_plan.table())
+        if not layer_plan.chosen:
+            raise TmlpError(f"no block can be replaced within --max-acc-drop {max_acc_drop} points; raise it, or "
+                            "raise --k / --rank")
+        fqns = layer_plan.chosen
+        log(f"plan: replace {len(fqns)} of {len(calibration)} blocks: {', '.join(fqns)}")
+    taylorize_(tmlp_model, config, layers=fqns, calibration=calibration)
     acc_orig = evaluate(model, data.val, spec, device, limit=n_eval)
     acc_tmlp = evaluate(tmlp_model, data.val, spec, device, limit=n_eval)
     log(f"PyTorch accuracy on {n_eval} validation images: original {100 * acc_orig:.2f}%, T-MLP {100 * acc_tmlp:.2f}%")
