@@ -66,6 +66,7 @@ def test_export_writes_the_artifacts_and_manifest(exported):
     for name in ("original.onnx", "tmlp.onnx", "val.npz"):
         assert manifest["files"][name]["bytes"] == os.path.getsize(out / name)
     assert manifest["parity"]["tmlp.onnx"]["max_abs"] < 1e-3
+    assert manifest["distillation"] is None and manifest["layer_plan"] is None
     meta = {p.key: p.value for p in onnx.load(str(out / "tmlp.onnx")).metadata_props}
     assert meta["tmlp.k"] == "16" and meta["tmlp.order"] == "1" and len(json.loads(meta["tmlp.layers"])) == 6
     assert len(meta["tmlp.source_checkpoint_sha256"]) == 64 and meta["tmlp.version"]
@@ -107,3 +108,15 @@ def test_second_export_reuses_the_calibration_cache(trained, exported, tmp_path)
     assert not (out / "tmlp.int8.onnx").exists()
     a = np.load(exported[0] / "val.npz")["x"]
     assert np.array_equal(a, np.load(out / "val.npz")["x"])
+
+
+def test_export_with_a_budget_and_distillation_records_both(trained, tmp_path):
+    out = tmp_path / "planned"
+    log = _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "8",
+               "--max-acc-drop", "2", "--distill-epochs", "1", "--out", str(out)])
+    assert "| block | drop alone (points) |" in log and "distillation (1 epoch(s)" in log
+    manifest = json.load(open(out / "manifest.json"))
+    plan, distil = manifest["layer_plan"], manifest["distillation"]
+    assert plan["max_acc_drop_points"] == 2 and manifest["layers"] == plan["chosen"]
+    assert all(plan["baseline"] - acc <= 0.02 + 1e-9 for _, acc, kept in plan["steps"] if kept)
+    assert len(distil["kl_per_epoch"]) == 1 and manifest["pytorch_val_accuracy"]["tmlp"] == distil["accuracy_after"]

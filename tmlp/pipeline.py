@@ -226,7 +226,10 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     summary = {"model": model_name, "model_config": mcfg, "dataset": dataset, "checkpoint": ckpt_path,
                "checkpoint_sha256": ckpt_sha, "taylor_config": config.to_dict(), "layers": fqns,
                "preprocessing": spec, "pytorch_val_accuracy": {"original": acc_orig, "tmlp": acc_tmlp},
-               "n_val": n_eval, "calibration_seconds": round(calib_seconds, 1),
+               "n_val": n_eval, "calibration_seconds": round(calib_seconds, 1), "distillation": distillation,
+               "layer_plan": None if layer_plan is None else {
+                   "max_acc_drop_points": max_acc_drop, "baseline": layer_plan.baseline,
+                   "sensitivity": layer_plan.sensitivity, "steps": layer_plan.steps, "chosen": layer_plan.chosen},
                "parity": {n: vars(files.pop(n + ".parity")) for n in ("original.onnx", "tmlp.onnx")},
                "versions": {"tmlp": tmlp.__version__, "torch": torch.__version__, "python": platform.python_version()},
                "export_seconds": round(time.time() - started, 1)}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tmlp.data import DataSet, ImageSplit, augment_batch, load_dataset, to_tensor
+from tmlp.data import ImageSplit, augment_batch, load_dataset, to_tensor
 from tmlp.errors import TmlpError
 from tmlp.io import atomic_path, ensure_writable_dir
 from tmlp.models import create_model, input_size, read_checkpoint, resolve_config, save_checkpoint
