@@ -122,3 +122,11 @@ def test_bench_without_a_run(tmp_path):
 def test_models_show_lists_blocks():
     code, _, out = _run(["models", "show", "deit_tiny"])
     assert code == 0 and '"blocks.11.mlp"' in out
+
+
+def test_pretrained_without_network_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without network access sees, without the retries
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    out = str(tmp_path / "out")
+    code, err, _ = _run(["export", "--model", "deit_tiny", "--pretrained", "--dataset", "digits", "--out", out])
+    _assert_one_line_error(code, err, "cannot fetch pretrained weights", out)
