@@ -114,10 +114,7 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     if model_name not in model_names():
         resolve_config(model_name)  # raises for unknown names
     if checkpoint is not None:
-        model, payload = load_checkpoint(checkpoint, expect_model=None)
-        if payload["model"] != model_name:
-            raise TmlpError(f"checkpoint {checkpoint!r} holds a {payload['model']}, not a {model_name}; pass "
-                            f"--model {payload['model']}")
+        model, payload = load_checkpoint(checkpoint, expect_model=model_name)
         ckpt_path = checkpoint
     elif pretrained:
         if dataset is None:
