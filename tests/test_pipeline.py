@@ -113,10 +113,15 @@ def test_second_export_reuses_the_calibration_cache(trained, exported, tmp_path)
 def test_export_with_a_budget_and_distillation_records_both(trained, tmp_path):
     out = tmp_path / "planned"
     log = _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "8",
-               "--max-acc-drop", "2", "--distill-epochs", "1", "--out", str(out)])
-    assert "| block | drop alone (points) |" in log and "distillation (1 epoch(s)" in log
+               "--max-acc-drop", "2", "--plan-rank", "8,32", "--distill-epochs", "1", "--out", str(out)])
+    assert "| block | choice |" in log and "| λ" in log and "distillation (1 epoch(s)" in log
     manifest = json.load(open(out / "manifest.json"))
     plan, distil = manifest["layer_plan"], manifest["distillation"]
-    assert plan["max_acc_drop_points"] == 2 and manifest["layers"] == plan["chosen"]
-    assert all(plan["baseline"] - acc <= 0.02 + 1e-9 for _, acc, kept in plan["steps"] if kept)
+    assert plan["max_acc_drop_points"] == 2 and plan["baseline"] - plan["accuracy"] <= 0.02 + 1e-9
+    assert manifest["layers"] == [f for f, c in plan["choice"].items() if c]
+    assert {c["k"] for c in plan["choice"].values() if c} <= {2, 4, 8}
+    assert {c["rank"] for c in plan["choice"].values() if c} <= {8, 32}
+    model = onnx.load(out / "tmlp.onnx", load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["tmlp.plan"]) == plan["choice"]
     assert len(distil["kl_per_epoch"]) == 1 and manifest["pytorch_val_accuracy"]["tmlp"] == distil["accuracy_after"]

@@ -1,46 +1,110 @@
-"""Block selection under an accuracy budget: the plan respects the budget it was given and leaves the model intact."""
+"""Per-block (k, rank) planning under an accuracy budget: the budget holds, the model is left intact, lower ranks
+are exact truncations, and the cost model counts what the block computes."""
+import copy
+
 import pytest
 import torch
 
 from tmlp.calibrate import calibrate
 from tmlp.data import to_tensor
 from tmlp.errors import TmlpError
-from tmlp.plan import plan_layers
-from tmlp.surgery import select_blocks
-from tmlp.taylor import TaylorConfig
+from tmlp.plan import (BlockOption, candidate_choices, choose, held_out_tokens, option_calibration, option_macs, plan_blocks,
+                       relative_error, truncate_rank)
+from tmlp.surgery import replace_module, select_blocks
+from tmlp.taylor import SharedTaylorMLP, TaylorConfig, build_taylor_block
+
+KS, RANKS = (2, 6), (4, 16)
 
 
-@pytest.fixture
-def setup(trained_tiny_vit, digit_batches, digits, digits_spec):
-    model = trained_tiny_vit
+@pytest.fixture(scope="module")
+def setup(trained_tiny_vit_path, digit_batches, digits, digits_spec):
+    from tmlp.models import load_checkpoint
+
+    model = load_checkpoint(trained_tiny_vit_path)[0]
     fqns = select_blocks(model)
-    calibration = calibrate(model, fqns, lambda: iter(digit_batches), 4, TaylorConfig(k=3, order=1),
-                            progress=False)
+    calibrations = {k: calibrate(model, fqns, lambda: iter(digit_batches), 4,
+                                 TaylorConfig(k=k, order=1, basis="shared", rank=max(RANKS)), progress=False)
+                    for k in KS}
     x, y = to_tensor(digits.val.x, digits_spec), torch.from_numpy(digits.val.y)
+    tokens = held_out_tokens(model, fqns, [x[:64]])
 
     @torch.no_grad()
     def accuracy(m):
         return float((m(x).argmax(1) == y).float().mean())
-    return model, calibration, accuracy
+    return model, calibrations, tokens, accuracy, x[:64]
+
+
+def test_truncated_rank_is_the_lower_rank_projection(setup):
+    _, calibrations, tokens, _, _ = setup
+    fqn = next(iter(tokens))
+    full = calibrations[6][fqn]
+    low = option_calibration(calibrations, fqn, BlockOption(6, 4)).derivatives
+    assert low.u.shape[1] == low.v.shape[1] == 4 and low.s.shape == (6, 4, 4)
+    torch.testing.assert_close(low.s, low.u.T @ (full.derivatives.u @ full.derivatives.s @ full.derivatives.v.T)
+                               @ low.v, atol=1e-5, rtol=1e-4)  # S_c(r') = U'ᵀ J_c(r) V'
+    block = build_taylor_block(full.centres, low, 1)
+    assert isinstance(block, SharedTaylorMLP) and block.rank == 4
+    with pytest.raises(TmlpError, match="exceeds the calibrated rank"):
+        truncate_rank(full.derivatives, 64)
+
+
+def test_more_centres_and_rank_lower_the_held_out_error(setup):
+    _, calibrations, tokens, _, _ = setup
+    fqn = next(iter(tokens))
+    x, y = tokens[fqn]
+    errs = {o: relative_error(build_taylor_block(option_calibration(calibrations, fqn, o).centres,
+                                                 option_calibration(calibrations, fqn, o).derivatives, 1), x, y)
+            for o in (BlockOption(2, 4), BlockOption(6, 16))}
+    assert errs[BlockOption(6, 16)] < errs[BlockOption(2, 4)] and all(0 < e < 10 for e in errs.values())
+
+
+def test_option_macs_count_distances_and_projections():
+    assert option_macs(BlockOption(100, 32), 384, 384, 1) == 100 * 384 + 384 * 32 + 32 * 32 + 32 * 384
+    assert option_macs(BlockOption(100, 32), 384, 384, 2) == 100 * 384 + 384 * 32 + 2 * 32 * 32 + 32 * 384
+    assert option_macs(BlockOption(10), 512, 10, 1) == 10 * 512 + 512 * 10  # dense Jacobians
+
+
+def test_choose_trades_cost_against_sensitivity():
+    a, b = BlockOption(2, 4), BlockOption(6, 16)
+    sens = {"x": {a: 0.5, b: 0.1}, "y": {a: 0.3, b: 0.2}}
+    macs = {"x": {None: 1000, a: 10, b: 50}, "y": {None: 1000, a: 10, b: 50}}
+    assert choose(sens, macs, 0.0) == {"x": a, "y": a}  # cost only: the cheapest option everywhere
+    assert choose(sens, macs, 0.3) == {"x": b, "y": a}  # x: 0.01 + 0.15 > 0.05 + 0.03; y: 0.10 < 0.11
+    assert choose(sens, macs, 1e6) == {"x": None, "y": None}  # sensitivity only: keep the originals
+    lams = [lam for lam, _ in candidate_choices(sens, macs)]
+    choices = [c for _, c in candidate_choices(sens, macs)]
+    assert lams == sorted(lams) and choices[0] == {"x": a, "y": a} and choices[-1] == {"x": None, "y": None}
+    assert all(c1 != c2 for c1, c2 in zip(choices, choices[1:]))
+    costs = [sum(macs[f][o] for f, o in c.items()) for c in choices]
+    assert costs == sorted(costs)  # each step buys accuracy with MACs
 
 
 @pytest.mark.parametrize("budget", [0.0, 0.02, 1.0])
-def test_plan_stays_within_its_budget(setup, budget):
-    model, calibration, accuracy = setup
+def test_plan_stays_within_its_budget_and_leaves_the_model_intact(setup, budget):
+    model, calibrations, tokens, accuracy, probe = setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = plan_layers(model, calibration, 1, accuracy, budget)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # model left as it was
-    assert set(plan.chosen) <= set(calibration) and len(plan.steps) == len(calibration)
-    drops = [plan.sensitivity[f] for f, _, _ in plan.steps]
-    assert drops == sorted(drops)  # tried from the least sensitive
-    kept_acc = [acc for _, acc, kept in plan.steps if kept]
-    assert all(plan.baseline - a <= budget + 1e-9 for a in kept_acc)
-    if budget >= 1.0:
-        assert plan.chosen == list(calibration)
-    assert "| block |" in plan.table()
+    options = [BlockOption(k, r) for k in KS for r in RANKS]
+    plan = plan_blocks(model, calibrations, options, 1, accuracy, budget, tokens, probe)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert set(plan.choice) == set(tokens) and plan.baseline - plan.accuracy <= budget + 1e-9
+    if budget >= 1.0:  # any model is within a 100-point budget: every block at its cheapest option
+        cheapest = min(options, key=lambda o: option_macs(o, 64, 64, 1))
+        assert plan.chosen == list(tokens) and set(plan.choice.values()) == {cheapest}
+        assert len(plan.steps) == 1
+    assert plan.mac_ratio() <= 1.0 and "| block | choice |" in plan.table() and "| λ" in plan.search_table()
+    assert all(kl >= 0 for sens in plan.sensitivity.values() for kl in sens.values())
+    # the plan's accuracy is what the model measures with the plan applied
+    m = copy.deepcopy(model)
+    for fqn, opt in plan.choice.items():
+        if opt is not None:
+            cal = option_calibration(calibrations, fqn, opt)
+            replace_module(m, fqn, build_taylor_block(cal.centres, cal.derivatives, 1))
+    assert accuracy(m) == pytest.approx(plan.accuracy)
+    d = plan.to_dict()
+    assert d["max_acc_drop_points"] == pytest.approx(100 * budget) and len(d["search"]) == len(plan.steps)
 
 
 def test_negative_budget_is_refused(setup):
-    model, calibration, accuracy = setup
+    model, calibrations, tokens, accuracy, probe = setup
     with pytest.raises(TmlpError, match="max-acc-drop"):
-        plan_layers(model, calibration, 1, accuracy, -0.01)
+        plan_blocks(model, calibrations, [BlockOption(2, 4)], 1, accuracy, -0.01, tokens, probe)

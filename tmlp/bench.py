@@ -90,6 +90,7 @@ def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int
         row["size_ratio_vs_fp32"] = row["file_bytes"] / base["file_bytes"]
     result = {"run": run_dir, "model": manifest.get("model"), "dataset": manifest.get("dataset"),
               "taylor_config": manifest.get("taylor_config"), "layers": manifest.get("layers"),
+              "plan": (manifest.get("layer_plan") or {}).get("choice"),
               "provider": provider, "threads": threads, "batch": batch, "warmup": warmup, "runs": runs,
               "repeats": repeats,
               "machine": base["machine"], "rows": rows}
@@ -118,7 +119,14 @@ def format_table(result: dict[str, Any]) -> str:
     cfg = (result.get("taylor_config") or {}).get("_data", {})
     form = f"shared basis r={cfg.get('rank')} ({cfg.get('basis_source')})" if cfg.get("basis") == "shared" else \
         "dense Jacobians"
-    lines = [f"{result['model']} on {result['dataset']}: T-MLP k={cfg.get('k')}, order {cfg.get('order')}, {form}, "
+    head = f"k={cfg.get('k')}"
+    plan = {f: c for f, c in (result.get("plan") or {}).items() if c}
+    if plan:
+        ks = sorted({c["k"] for c in plan.values()})
+        ranks = sorted({c["rank"] for c in plan.values() if c.get("rank")})
+        head = f"per-block plan (k in {ks}" + (f", r in {ranks}" if ranks else "") + ")"
+        form = "shared basis" if ranks else form
+    lines = [f"{result['model']} on {result['dataset']}: T-MLP {head}, order {cfg.get('order')}, {form}, "
              f"{len(result.get('layers') or [])} block(s) replaced. onnxruntime {m['onnxruntime']} "
              f"{result['provider']}, {result['threads']} thread(s), batch {result['batch']}, {result['runs']} runs "
              f"after {result['warmup']} warm-up, median of {result['repeats']} fresh processes per variant; "

@@ -143,15 +143,18 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
               help="AdamW learning rate of distillation (digits, k=10, 3 epochs: 1e-3 gave 87.7 -> 91.4%, 1e-4 88.6%).")
 @click.option("--distill-basis", is_flag=True, help="Also train the shared bases U and V.")
 @click.option("--max-acc-drop", type=float, default=None,
-              help="Accuracy budget in points: replace only the blocks (chosen greedily from the least sensitive, "
-                   "measured on the validation split) that keep the drop within it; prints the plan.")
+              help="Accuracy budget in points: choose per block whether to replace it and with which k and rank "
+                   "(cheapest option under one error threshold, searched on the validation split); prints the plan.")
+@click.option("--plan-k", default=None, help="k values the plan may use, e.g. 25,50,100 [default: k/4, k/2, k].")
+@click.option("--plan-rank", default=None,
+              help="Ranks the plan may use, e.g. 8,16,32 [default: rank/4, rank/2, rank; shared basis only].")
 @click.option("--seed", type=int, default=0, show_default=True, help="K-means seed.")
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset.")
 @click.option("--data-root", default=None, help="Where cifar10/100 live [default: $TMLP_DATA or ~/.cache/tmlp/data].")
 @user_errors
 def export(model, k, order, hessian, basis, rank, basis_source, layers, dataset, checkpoint, pretrained, out_dir,
-           calib_images, eval_images, distill_epochs, distill_lr, distill_basis, max_acc_drop, seed, opset,
-           data_root) -> None:
+           calib_images, eval_images, distill_epochs, distill_lr, distill_basis, max_acc_drop, plan_k, plan_rank, seed,
+           opset, data_root) -> None:
     """Calibrate the T-MLP blocks and write original.onnx, tmlp.onnx, val.npz and manifest.json.
 
     Each replaced block becomes ArgMin over centre distances, Gather of the per-centre tensors and MatMul. Every
@@ -161,11 +164,12 @@ def export(model, k, order, hessian, basis, rank, basis_source, layers, dataset,
 
     if k <= 0:
         raise TmlpError(f"--k must be a positive number of expansion points, got {k}")
-    result = run_export(model, k=k, order=order, basis=basis, rank=rank, basis_source=basis_source, layers=layers, dataset=dataset, checkpoint=checkpoint,
+    result = run_export(model, k=k, order=order, basis=basis, rank=rank, basis_source=basis_source, layers=layers,
+                        dataset=dataset, checkpoint=checkpoint,
                         out_dir=out_dir, hessian=hessian, seed=seed, calib_images=calib_images,
                         eval_images=eval_images, data_root=data_root, pretrained=pretrained, opset=opset,
                         distill_epochs=distill_epochs, distill_lr=distill_lr, distill_basis=distill_basis,
-                        max_acc_drop=max_acc_drop)
+                        max_acc_drop=max_acc_drop, plan_k=plan_k, plan_rank=plan_rank)
     click.echo(f"done in {result.summary['export_seconds']:.0f} s: {result.out_dir}/ holds "
                f"{', '.join(sorted(os.path.basename(p) for p in result.files.values()))} and manifest.json; next: "
                f"tmlp bench --provider cpu --run {result.out_dir}")

@@ -7,7 +7,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -21,7 +21,7 @@ from tmlp.errors import TmlpError
 from tmlp.export.onnx_export import export_onnx, parity
 from tmlp.io import atomic_path, check_can_write, ensure_writable_dir, write_json
 from tmlp.models import create_model, file_sha256, input_size, load_checkpoint, model_names, resolve_config
-from tmlp.plan import plan_layers
+from tmlp.plan import BlockOption, held_out_tokens, option_calibration, plan_blocks
 from tmlp.surgery import select_blocks, taylorize_
 from tmlp.taylor import TaylorConfig
 from tmlp.train import TrainConfig, evaluate, is_trained, train
@@ -104,8 +104,9 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                checkpoint: str | None = None, out_dir: str | None = None, hessian: str = "diag", seed: int = 0,
                calib_images: int = 5000, eval_images: int = 10000, data_root: str | None = None,
                pretrained: bool = False, opset: int = 20, distill_epochs: int = 0, distill_lr: float = 1e-3,
-               distill_basis: bool = False, max_acc_drop: float | None = None, log: Callable[[str], None] = print,
-               progress: bool = True) -> ExportResult:
+               distill_basis: bool = False, max_acc_drop: float | None = None, plan_k: str | None = None,
+               plan_rank: str | None = None, log: Callable[[str], None] = print, progress: bool = True
+               ) -> ExportResult:
     """Calibrate, build the T-MLP model, export original.onnx and tmlp.onnx, check them, and write val.npz and
     manifest.json (last) into ``out_dir``."""
     started = time.time()
@@ -152,9 +153,9 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     batches, n_batches = _tensor_batches(data, spec, "train", calib_images)
     tmlp_model = copy.deepcopy(model)
     t0 = time.time()
-    calibration = calibrate(model, fqns, batches, n_batches, config, progress=progress, log=log,
-                            key={"checkpoint": ckpt_sha, "dataset": dataset, "calib_images": calib_images,
-                                 "spec": spec, "version": tmlp.__version__})
+    calib_key = {"checkpoint": ckpt_sha, "dataset": dataset, "calib_images": calib_images, "spec": spec,
+                 "version": tmlp.__version__}
+    calibration = calibrate(model, fqns, batches, n_batches, config, progress=progress, log=log, key=calib_key)
     calib_seconds = time.time() - t0
 
     n_eval = min(eval_images, len(data.val))
@@ -163,15 +164,36 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     device = torch.device("cpu")
     layer_plan = None
     if max_acc_drop is not None:
-        log(f"choosing blocks under --max-acc-drop {max_acc_drop} points by sensitivity on {n_eval} validation images")
-        layer_plan = plan_layers(model, calibration, order, lambda m: evaluate(m, data.val, spec, device,
-                                                                               limit=n_eval), max_acc_drop / 100)
+        k_choices = parse_choices(plan_k, k, "--plan-k")
+        rank_choices = parse_choices(plan_rank, rank, "--plan-rank") if basis == "shared" else [None]
+        if max(k_choices) > available:
+            raise TmlpError(f"--plan-k {max(k_choices)} exceeds the {available} calibration tokens; lower it")
+        options = [BlockOption(kk, rr) for kk in k_choices for rr in rank_choices]
+        max_rank = max(rank_choices) if basis == "shared" else rank
+        calibrations = {}
+        for kk in k_choices:
+            if kk == k and max_rank <= rank:
+                calibrations[kk] = calibration
+            else:
+                calibrations[kk] = calibrate(model, fqns, batches, n_batches, replace(config, k=kk, rank=max_rank),
+                                             progress=progress, log=log, key=calib_key)
+        probe = to_tensor(val_x[:256], spec)
+        tokens = held_out_tokens(model, fqns, [probe[i:i + 64] for i in range(0, len(probe), 64)], seed=seed)
+        log(f"planning blocks under --max-acc-drop {max_acc_drop} points: options "
+            f"{', '.join(o.label() for o in options)}; logit-KL sensitivity on {len(probe)} validation images, "
+            f"accuracy on {n_eval}")
+        layer_plan = plan_blocks(model, calibrations, options, order,
+                                 lambda m: evaluate(m, data.val, spec, device, limit=n_eval), max_acc_drop / 100,
+                                 tokens, probe, log=log)
+        log(layer_plan.search_table())
         log(layer_plan.table())
         if not layer_plan.chosen:
             raise TmlpError(f"no block can be replaced within --max-acc-drop {max_acc_drop} points; raise it, or "
-                            "raise --k / --rank")
+                            "offer larger --plan-k / --plan-rank")
         fqns = layer_plan.chosen
-        log(f"plan: replace {len(fqns)} of {len(calibration)} blocks: {', '.join(fqns)}")
+        calibration = {f: option_calibration(calibrations, f, layer_plan.choice[f]) for f in fqns}
+        log(f"plan: replace {len(fqns)} of {len(tokens)} blocks, MACs per token of the candidate blocks "
+            f"{layer_plan.mac_ratio():.3f}x the original's")
     taylorize_(tmlp_model, config, layers=fqns, calibration=calibration)
     acc_orig = evaluate(model, data.val, spec, device, limit=n_eval)
     acc_tmlp = evaluate(tmlp_model, data.val, spec, device, limit=n_eval)
@@ -194,7 +216,9 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     meta_tmlp = {**meta_common, "tmlp.kind": "tmlp", "tmlp.k": str(k), "tmlp.order": str(order), "tmlp.basis": basis,
                  **({"tmlp.rank": str(rank), "tmlp.basis_source": basis_source} if basis == "shared" else {}),
                  "tmlp.layers": json.dumps(fqns), "tmlp.taylor_config": json.dumps(config.to_dict(), sort_keys=True),
-                 "tmlp.distill_epochs": str(distill_epochs)}
+                 "tmlp.distill_epochs": str(distill_epochs),
+                 **({} if layer_plan is None else {"tmlp.plan": json.dumps(layer_plan.to_dict()["choice"],
+                                                                          sort_keys=True)})}
     example = to_tensor(val_x[:2], spec)
     parity_inputs = to_tensor(val_x[:64], spec)
     files = {}
@@ -224,9 +248,7 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                "checkpoint_sha256": ckpt_sha, "taylor_config": config.to_dict(), "layers": fqns,
                "preprocessing": spec, "pytorch_val_accuracy": {"original": acc_orig, "tmlp": acc_tmlp},
                "n_val": n_eval, "calibration_seconds": round(calib_seconds, 1), "distillation": distillation,
-               "layer_plan": None if layer_plan is None else {
-                   "max_acc_drop_points": max_acc_drop, "baseline": layer_plan.baseline,
-                   "sensitivity": layer_plan.sensitivity, "steps": layer_plan.steps, "chosen": layer_plan.chosen},
+               "layer_plan": None if layer_plan is None else layer_plan.to_dict(),
                "parity": {n: vars(files.pop(n + ".parity")) for n in ("original.onnx", "tmlp.onnx")},
                "versions": {"tmlp": tmlp.__version__, "torch": torch.__version__, "python": platform.python_version()},
                "export_seconds": round(time.time() - started, 1)}
@@ -240,6 +262,19 @@ def write_manifest(out_dir: str, files: dict[str, str], summary: dict[str, Any])
     path = os.path.join(out_dir, "manifest.json")
     write_json(path, {"files": entries, **summary})
     return path
+
+
+def parse_choices(spec: str | None, largest: int, flag: str) -> list[int]:
+    """``--plan-k``/``--plan-rank``: '25,50,100' -> [25, 50, 100]; None -> {largest/4, largest/2, largest}."""
+    if spec is None:
+        return sorted({max(1, largest // 4), max(1, largest // 2), largest})
+    try:
+        values = sorted({int(v) for v in spec.split(",") if v.strip()})
+    except ValueError:
+        raise TmlpError(f"{flag} takes comma-separated positive integers like 25,50,100, got {spec!r}") from None
+    if not values or values[0] < 1:
+        raise TmlpError(f"{flag} takes comma-separated positive integers like 25,50,100, got {spec!r}")
+    return values
 
 
 def _slug(dataset: str) -> str:

@@ -1,64 +1,312 @@
-"""Choosing which blocks to replace under an accuracy budget, by measured sensitivity.
+"""Choosing, per block, whether to replace it and with which k and rank, under an accuracy budget.
 
-Each candidate block is replaced alone and the validation accuracy drop is measured (its sensitivity); then blocks
-are added greedily from the least sensitive, each kept only if the model with every kept block replaced stays
-within ``max_drop`` of the original's accuracy. Costs two evaluations per candidate.
+1. Every candidate option (k, rank) of every block is scored by its sensitivity: the KL divergence of the model's
+   logits when that block alone is replaced by that option, on a probe set of validation images (its relative
+   output error ``‖F̂(x) − F(x)‖ / ‖F(x)‖`` on held-out tokens is reported too, but it is a poor guide: late blocks
+   have large relative errors and little effect on the logits). Each option is costed in multiply-accumulates per
+   token (MACs, a latency proxy: the block benchmark runs roughly in proportion to them).
+2. One multiplier λ decides everything (the Lagrangian relaxation of "least MACs with summed KL under a budget"):
+   each block takes the option minimising MACs/MLP-MACs + λ · KL, the original MLP costing 1 and 0. A binary
+   search over the distinct choices λ produces finds the cheapest whose model keeps the validation accuracy within
+   ``max_drop`` of the original's (about log2(number of choices) + 2 evaluations). It runs twice, with and without
+   the original MLP as an option, and keeps the cheaper result.
+
+Lower ranks come free from one calibration at the largest rank (the bases' columns are ordered by importance and
+S_c = Uᵀ J_c V, so the first r' columns give exactly the rank-r' projection); each k needs its own K-means.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable
 
+import torch
 from torch import nn
 
 from tmlp.calibrate import BlockCalibration
+from tmlp.derivatives import SharedDerivatives
 from tmlp.errors import TmlpError
 from tmlp.surgery import replace_module
 from tmlp.taylor import build_taylor_block
 
 
+@dataclass(frozen=True, order=True)
+class BlockOption:
+    """One way to replace a block: ``k`` centres and shared-basis ``rank`` (None: dense Jacobians)."""
+
+    k: int
+    rank: int | None = None
+
+    def label(self) -> str:
+        return f"k={self.k}" + ("" if self.rank is None else f" r={self.rank}")
+
+
+def truncate_rank(derivatives: SharedDerivatives, rank: int) -> SharedDerivatives:
+    """The rank-``rank`` block contained in a higher-rank shared-basis calibration (first columns of U and V)."""
+    if rank > derivatives.u.shape[1]:
+        raise TmlpError(f"rank {rank} exceeds the calibrated rank {derivatives.u.shape[1]}")
+    return SharedDerivatives(derivatives.value, derivatives.u[:, :rank].contiguous(),
+                             derivatives.v[:, :rank].contiguous(), derivatives.s[:, :rank, :rank].contiguous(),
+                             None if derivatives.t is None else derivatives.t[:, :rank, :rank].contiguous())
+
+
+def option_calibration(calibrations: dict[int, dict[str, BlockCalibration]], fqn: str, option: BlockOption
+                       ) -> BlockCalibration:
+    """The calibration of block ``fqn`` for ``option``, from the per-k calibrations (rank truncated if needed)."""
+    cal = calibrations[option.k][fqn]
+    if option.rank is None or not isinstance(cal.derivatives, SharedDerivatives):
+        return cal
+    return replace(cal, derivatives=truncate_rank(cal.derivatives, option.rank))
+
+
+def mlp_macs(block: nn.Module, d_in: int, d_out: int) -> int:
+    """MACs per token of the original block: the sum over its Linear layers (d_in·d_out if it has none)."""
+    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    return sum(m.in_features * m.out_features for m in linears) if linears else d_in * d_out
+
+
+def option_macs(option: BlockOption, d_in: int, d_out: int, order: int) -> int:
+    """MACs per token of a Taylor block: distances to k centres, then the first- (and second-) order terms."""
+    macs = option.k * d_in
+    if option.rank is None:
+        return macs + order * d_in * d_out
+    r = option.rank
+    return macs + d_in * r + order * r * r + r * d_out
+
+
+@torch.no_grad()
+def held_out_tokens(model: nn.Module, fqns: list[str], batches: Iterable[torch.Tensor], max_tokens: int = 8192,
+                    seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Inputs [n, d_in] and outputs [n, d_out] of each block on ``batches`` (model inputs), at most ``max_tokens``
+    rows per block sampled uniformly."""
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {f: [] for f in fqns}
+
+    def hook(fqn):
+        def record(module, args, output):
+            seen[fqn].append((args[0].reshape(-1, args[0].shape[-1]).float(),
+                              output.reshape(-1, output.shape[-1]).float()))
+        return record
+
+    handles = [model.get_submodule(f).register_forward_hook(hook(f)) for f in fqns]
+    try:
+        model.eval()
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for fqn, parts in seen.items():
+        x = torch.cat([p[0] for p in parts])
+        y = torch.cat([p[1] for p in parts])
+        if len(x) > max_tokens:
+            keep = torch.randperm(len(x), generator=gen)[:max_tokens]
+            x, y = x[keep], y[keep]
+        out[fqn] = (x, y)
+    return out
+
+
+@torch.no_grad()
+def relative_error(block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """‖block(x) − y‖_F / ‖y‖_F over the rows of x [n, d_in], y [n, d_out]."""
+    return float((block(x) - y).norm() / y.norm().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def logit_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(softmax(reference) ‖ softmax(logits)) over the rows of two [n, classes] tensors, in nats."""
+    p = torch.log_softmax(reference.float(), dim=-1)
+    q = torch.log_softmax(logits.float(), dim=-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
 @dataclass
-class LayerPlan:
-    """The outcome: accuracies are fractions, drops are in accuracy points (fractions of 1)."""
+class Plan:
+    """Outcome of ``plan_blocks``. Accuracies are fractions; ``max_drop`` is a fraction (0.01 = one point)."""
 
     baseline: float
-    sensitivity: dict[str, float]  # fqn -> accuracy drop with that block alone replaced
-    chosen: list[str] = field(default_factory=list)
-    steps: list[tuple[str, float, bool]] = field(default_factory=list)  # (fqn, accuracy with it added, kept)
+    max_drop: float
+    errors: dict[str, dict[BlockOption, float]]  # held-out relative output error per block and option
+    sensitivity: dict[str, dict[BlockOption, float]]  # logit KL with that block alone replaced by that option
+    macs: dict[str, dict[BlockOption | None, int]]  # MACs per token per block and option (None: the original)
+    choice: dict[str, BlockOption | None] = field(default_factory=dict)  # None: keep the original block
+    accuracy: float | None = None
+    steps: list[tuple[float, float, int, float]] = field(default_factory=list)  # (λ, accuracy, blocks, MAC ratio)
+
+    @property
+    def chosen(self) -> list[str]:
+        return [f for f, o in self.choice.items() if o is not None]
+
+    def mac_ratio(self, choice: dict[str, BlockOption | None] | None = None) -> float:
+        """MACs per token of all candidate blocks under the plan (or ``choice``) / with every block original."""
+        choice = self.choice if choice is None else choice
+        return sum(self.macs[f][o] for f, o in choice.items()) / sum(self.macs[f][None] for f in choice)
 
     def table(self) -> str:
-        lines = ["| block | drop alone (points) | accuracy with it added | kept |", "| --- | --- | --- | --- |"]
-        for fqn, acc, kept in self.steps:
-            lines.append(f"| {fqn} | {100 * self.sensitivity[fqn]:+.2f} | {100 * acc:.2f}% | {'yes' if kept else 'no'} |")
+        lines = ["| block | choice | logit KL alone | held-out rel. error | MACs/token vs MLP |",
+                 "| --- | --- | --- | --- | --- |"]
+        for fqn, opt in self.choice.items():
+            if opt is None:
+                lines.append(f"| {fqn} | original MLP | 0 | 0 | 1.00x |")
+            else:
+                lines.append(f"| {fqn} | {opt.label()} | {self.sensitivity[fqn][opt]:.2e} | "
+                             f"{self.errors[fqn][opt]:.4f} | {self.macs[fqn][opt] / self.macs[fqn][None]:.3f}x |")
         return "\n".join(lines)
 
+    def search_table(self) -> str:
+        lines = ["| λ (cost per nat of KL) | blocks replaced | MACs/token vs MLPs | val accuracy | drop (points) | "
+                 "within budget |", "| --- | --- | --- | --- | --- | --- |"]
+        for lam, acc, n, ratio in self.steps:
+            drop = self.baseline - acc
+            lines.append(f"| {lam:.4g} | {n} | {ratio:.3f}x | {100 * acc:.2f}% | {100 * drop:+.2f} | "
+                         f"{'yes' if drop <= self.max_drop + 1e-12 else 'no'} |")
+        return "\n".join(lines)
 
-def plan_layers(model: nn.Module, calibration: dict[str, BlockCalibration], order: int,
-                evaluate: Callable[[nn.Module], float], max_drop: float) -> LayerPlan:
-    """Greedy block selection (see module docstring); ``model`` is left unchanged. ``max_drop`` is a fraction
-    (0.01 = one accuracy point)."""
+    def to_dict(self) -> dict:
+        return {"baseline": self.baseline, "accuracy": self.accuracy, "max_acc_drop_points": 100 * self.max_drop,
+                "mac_ratio": self.mac_ratio(),
+                "choice": {f: None if o is None else {"k": o.k, "rank": o.rank, "rel_error": self.errors[f][o],
+                                                      "logit_kl": self.sensitivity[f][o]}
+                           for f, o in self.choice.items()},
+                "options": {f: {o.label(): {"rel_error": e, "logit_kl": self.sensitivity[f][o],
+                                            "mac_ratio": self.macs[f][o] / self.macs[f][None]}
+                                for o, e in errs.items()} for f, errs in self.errors.items()},
+                "search": [{"lambda": lam, "accuracy": a, "blocks_replaced": n, "mac_ratio": r}
+                           for lam, a, n, r in self.steps]}
+
+
+def choose(sensitivity: dict[str, dict[BlockOption, float]], macs: dict[str, dict[BlockOption | None, int]],
+           lam: float, keep_original: bool = True) -> dict[str, BlockOption | None]:
+    """Each block's option minimising (MACs / the MLP's MACs) + λ · sensitivity, the original MLP (None) costing 1
+    and 0 (offered only if ``keep_original``); ties go to the lower sensitivity."""
+    out: dict[str, BlockOption | None] = {}
+    for fqn, sens in sensitivity.items():
+        full = macs[fqn][None]
+        scored = [(1.0, 0.0, None)] if keep_original else []
+        scored += [(macs[fqn][o] / full + lam * e, e, o) for o, e in sens.items()]
+        out[fqn] = min(scored, key=lambda t: (t[0], t[1]))[2]
+    return out
+
+
+def candidate_choices(sensitivity: dict[str, dict[BlockOption, float]],
+                      macs: dict[str, dict[BlockOption | None, int]], keep_original: bool = True
+                      ) -> list[tuple[float, dict]]:
+    """The distinct choices ``choose`` makes as λ grows from 0 (every block at its cheapest option) to ∞ (every
+    block original, or without ``keep_original`` every block at its least sensitive option), each with a λ that
+    produces it: λ is probed between consecutive breakpoints (cost_a − cost_b) / (sens_b − sens_a) of every block."""
+    breaks = set()
+    for fqn, sens in sensitivity.items():
+        full = macs[fqn][None]
+        items = ([(1.0, 0.0)] if keep_original else []) + [(macs[fqn][o] / full, e) for o, e in sens.items()]
+        for ca, sa in items:
+            for cb, sb in items:
+                if sb > sa and cb < ca:
+                    breaks.add((ca - cb) / (sb - sa))
+    points = sorted(breaks)
+    probes = [0.0] + [(a + b) / 2 for a, b in zip(points, points[1:])] + ([2 * points[-1] + 1] if points else [])
+    out: list[tuple[float, dict]] = []
+    for lam in probes:
+        choice = choose(sensitivity, macs, lam, keep_original)
+        if not out or choice != out[-1][1]:
+            out.append((lam, choice))
+    return out
+
+
+def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibration]], options: list[BlockOption],
+                order: int, evaluate: Callable[[nn.Module], float], max_drop: float,
+                tokens: dict[str, tuple[torch.Tensor, torch.Tensor]], probe: torch.Tensor,
+                log: Callable[[str], None] | None = None) -> Plan:
+    """Per-block (k, rank) choice under an accuracy budget (see module docstring). ``calibrations`` maps each k of
+    ``options`` to the calibration of every candidate block; ``tokens`` holds each block's held-out inputs and
+    outputs (``held_out_tokens``); ``probe`` [n, C, H, W] validation images for the logit-KL sensitivities;
+    ``evaluate(model) -> accuracy``. ``model`` is left unchanged."""
     if max_drop < 0:
         raise TmlpError(f"--max-acc-drop must be >= 0 points, got {100 * max_drop}")
-    originals = {fqn: model.get_submodule(fqn) for fqn in calibration}
-    taylors = {fqn: build_taylor_block(c.centres, c.derivatives, order) for fqn, c in calibration.items()}
-    plan = LayerPlan(baseline=evaluate(model), sensitivity={})
-    try:
-        for fqn in calibration:
-            replace_module(model, fqn, taylors[fqn])
-            plan.sensitivity[fqn] = plan.baseline - evaluate(model)
-            replace_module(model, fqn, originals[fqn])
-        for fqn in sorted(calibration, key=lambda f: plan.sensitivity[f]):
-            replace_module(model, fqn, taylors[fqn])
-            acc = evaluate(model)
-            kept = plan.baseline - acc <= max_drop + 1e-12
-            plan.steps.append((fqn, acc, kept))
-            if kept:
-                plan.chosen.append(fqn)
-            else:
+    if not options:
+        raise TmlpError("no (k, rank) option to plan with; pass at least one --k")
+    fqns = list(tokens)
+    originals = {f: model.get_submodule(f) for f in fqns}
+    blocks = {(f, o): _build(calibrations, f, o, order) for f in fqns for o in options}
+    model.eval()
+    with torch.no_grad():
+        reference = model(probe)
+    errors: dict[str, dict[BlockOption, float]] = {f: {} for f in fqns}
+    sensitivity: dict[str, dict[BlockOption, float]] = {f: {} for f in fqns}
+    macs: dict[str, dict[BlockOption | None, int]] = {}
+    for fqn in fqns:
+        x, y = tokens[fqn]
+        d_in, d_out = x.shape[1], y.shape[1]
+        macs[fqn] = {None: mlp_macs(originals[fqn], d_in, d_out)}
+        for opt in options:
+            errors[fqn][opt] = relative_error(blocks[fqn, opt], x, y)
+            macs[fqn][opt] = option_macs(opt, d_in, d_out, order)
+            replace_module(model, fqn, blocks[fqn, opt])
+            try:
+                with torch.no_grad():
+                    sensitivity[fqn][opt] = logit_kl(reference, model(probe))
+            finally:
                 replace_module(model, fqn, originals[fqn])
-    finally:
-        for fqn, module in originals.items():
-            replace_module(model, fqn, module)
-    order_in_model = list(calibration)
-    plan.chosen.sort(key=order_in_model.index)
+    plan = Plan(baseline=evaluate(model), max_drop=max_drop, errors=errors, sensitivity=sensitivity, macs=macs)
+
+    def accuracy_with(choice: dict[str, BlockOption | None]) -> float:
+        try:
+            for fqn, opt in choice.items():
+                if opt is not None:
+                    replace_module(model, fqn, blocks[fqn, opt])
+            return evaluate(model)
+        finally:
+            for fqn, module in originals.items():
+                replace_module(model, fqn, module)
+
+    measured: dict[tuple, float] = {}
+
+    def feasible(lam: float, choice: dict[str, BlockOption | None]) -> bool:
+        if all(o is None for o in choice.values()):
+            return True
+        key = tuple(choice.items())
+        if key not in measured:
+            measured[key] = acc = accuracy_with(choice)
+            n, ratio = sum(o is not None for o in choice.values()), plan.mac_ratio(choice)
+            plan.steps.append((lam, acc, n, ratio))
+            if log:
+                log(f"  λ = {lam:.4g}: {n} block(s) replaced, MACs {ratio:.3f}x, val accuracy {100 * acc:.2f}% "
+                    f"({100 * (plan.baseline - acc):+.2f} points)")
+        return plan.baseline - measured[key] <= max_drop + 1e-12
+
+    # Two searches: with the original MLP as an option, and with every block replaced (the Lagrangian path only
+    # visits the lower convex hull of each block's (cost, KL) points, so "all blocks at a mid option" can be
+    # missing from the first); the cheaper feasible result wins.
+    found = [({f: None for f in fqns}, plan.baseline)]
+    for keep_original in (False, True):
+        candidates = candidate_choices(sensitivity, macs, keep_original)  # cheapest first
+        index = smallest_feasible(len(candidates), lambda i: feasible(*candidates[i]))
+        if index is not None:
+            choice = candidates[index][1]
+            found.append((choice, measured.get(tuple(choice.items()), plan.baseline)))
+    plan.choice, plan.accuracy = min(found, key=lambda t: (plan.mac_ratio(t[0]), -t[1]))
     return plan
+
+
+def smallest_feasible(n: int, feasible: Callable[[int], bool]) -> int | None:
+    """Smallest i in [0, n) with ``feasible(i)``, assuming feasibility is monotone in i; probes 0, then n − 1,
+    then bisects. None if even n − 1 is infeasible."""
+    if n == 0:
+        return None
+    if feasible(0):
+        return 0
+    if n == 1 or not feasible(n - 1):
+        return None
+    lo, hi = 1, n - 1  # hi feasible
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if feasible(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def _build(calibrations: dict[int, dict[str, BlockCalibration]], fqn: str, option: BlockOption, order: int
+           ) -> nn.Module:
+    cal = option_calibration(calibrations, fqn, option)
+    return build_taylor_block(cal.centres, cal.derivatives, order)
