@@ -11,7 +11,7 @@ import json
 import os
 
 MARKERS = {"fp32 original": "o", "int8 original (ORT dynamic)": "s", "T-MLP": "^",
-           "T-MLP + int8 (rest of the model)": "D"}
+           "T-MLP + int8 (rest of the model)": "D", "T-MLP + int8 (per-centre tensors too)": "P"}
 
 
 def main() -> None:

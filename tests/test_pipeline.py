@@ -79,7 +79,8 @@ def test_bench_compares_three_models(exported):
     assert "| T-MLP |" in text and "| fp32 original |" in text
     bench = json.load(open(out / "bench.json"))
     rows = {r["variant"]: r for r in bench["rows"]}
-    assert set(rows) == {"fp32 original", "int8 original (ORT dynamic)", "T-MLP", "T-MLP + int8 (rest of the model)"}
+    assert set(rows) == {"fp32 original", "int8 original (ORT dynamic)", "T-MLP", "T-MLP + int8 (rest of the model)",
+                         "T-MLP + int8 (per-centre tensors too)"}
     fp32, tmlp = rows["fp32 original"], rows["T-MLP"]
     assert fp32["n_eval"] == tmlp["n_eval"] == 359
     manifest = json.load(open(out / "manifest.json"))

@@ -14,11 +14,13 @@ from tmlp.errors import TmlpError
 from tmlp.io import write_json, write_text
 from tmlp.runtime import run as runtime_run
 
-# (label, file in the run folder, the file it is quantized from if missing)
-VARIANTS = (("fp32 original", "original.onnx", None),
-            ("int8 original (ORT dynamic)", "original.int8.onnx", "original.onnx"),
-            ("T-MLP", "tmlp.onnx", None),
-            ("T-MLP + int8 (rest of the model)", "tmlp.int8.onnx", "tmlp.onnx"))
+# (label, file in the run folder, the file it is quantized from if missing, what is quantized)
+VARIANTS = (("fp32 original", "original.onnx", None, None),
+            ("int8 original (ORT dynamic)", "original.int8.onnx", "original.onnx", "matmul"),
+            ("T-MLP", "tmlp.onnx", None, None),
+            ("T-MLP + int8 (rest of the model)", "tmlp.int8.onnx", "tmlp.onnx", "rest"),
+            ("T-MLP + int8 (per-centre tensors too)", "tmlp.int8-all.onnx", "tmlp.onnx", "all"))
+QUANTIZED_OPS = {"matmul": ["MatMul", "Gemm"], "rest": ["MatMul", "Gemm"], "all": ["MatMul", "Gemm", "Gather"]}
 
 
 def find_run(root: str = "runs") -> str:
@@ -64,7 +66,7 @@ def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int
     data = os.path.join(run_dir, "val.npz")
     data = data if os.path.isfile(data) else None
     paths = []
-    for label, name, source in VARIANTS:
+    for label, name, source, what in VARIANTS:
         path = os.path.join(run_dir, name)
         paths.append(path)
         if not os.path.isfile(path):
@@ -72,18 +74,20 @@ def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int
                 raise TmlpError(f"{path} is missing; export again with `tmlp export`")
             from tmlp.export.quantize import quantize_int8_dynamic
 
-            taylor = manifest.get("layers") if source == "tmlp.onnx" else None
-            progress(f"quantizing {source} -> {name} (onnxruntime quantize_dynamic, int8 weights, per channel"
+            taylor = manifest.get("layers") if what == "rest" else None
+            ops = QUANTIZED_OPS[what]
+            progress(f"quantizing {source} -> {name} (onnxruntime quantize_dynamic: int8 {'/'.join(ops)} weights"
                      f"{'; Taylor blocks stay fp32' if taylor else ''})")
-            quantize_int8_dynamic(os.path.join(run_dir, source), path, exclude_scopes=taylor)
+            quantize_int8_dynamic(os.path.join(run_dir, source), path, op_types=ops, exclude_scopes=taylor)
     measured: list[list[dict[str, Any]]] = [[] for _ in VARIANTS]
     for rep in range(repeats):
-        for i, (label, name, _) in enumerate(VARIANTS):
+        for i, (label, name, _, _) in enumerate(VARIANTS):
             progress(f"measuring {label} [{rep + 1}/{repeats}]: {name} (fresh process, {threads} thread(s), "
                      f"{runs} runs of batch {batch})")
             measured[i].append(measure_in_subprocess(paths[i], data, provider, threads, warmup, runs, batch,
                                                      accuracy=rep == 0))
-    rows = [{"variant": label, "file": name, **median_of(reps)} for (label, name, _), reps in zip(VARIANTS, measured)]
+    rows = [{"variant": label, "file": name, **median_of(reps)} for (label, name, _, _), reps in zip(VARIANTS,
+                                                                                                   measured)]
     base = rows[0]
     for row in rows:
         row["speedup_vs_fp32"] = base["latency_ms"]["p50"] / row["latency_ms"]["p50"]

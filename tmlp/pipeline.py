@@ -41,7 +41,7 @@ EMBEDDED_RECIPES: dict[str, dict[str, Any]] = {
 
 
 # Files `tmlp bench` derives from an export; a new export into the same folder removes them.
-DERIVED_FILES = ("original.int8.onnx", "tmlp.int8.onnx", "bench.json", "bench.md")
+DERIVED_FILES = ("original.int8.onnx", "tmlp.int8.onnx", "tmlp.int8-all.onnx", "bench.json", "bench.md")
 
 
 def cache_root() -> str:
