@@ -252,19 +252,41 @@ def evaluate(session, name: str, x: np.ndarray, y: np.ndarray, batch: int = 64) 
     return correct / len(x)
 
 
+# "CPU part" codes of Arm cores (implementer 0x41), for boards whose /proc/cpuinfo names no model.
+ARM_PARTS = {"0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
+             "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
+             "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77", "0xd41": "Cortex-A78", "0xd42": "Cortex-A78AE",
+             "0xd4b": "Cortex-A78C"}
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo ("model name" on x86, the Arm core from "CPU part" on arm64 boards)."""
+    name, part, board = None, None, None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip().lower(), value.strip()
+                if key in ("model name", "cpu model") and name is None:
+                    name = value
+                elif key == "cpu part" and part is None:
+                    part = value
+                elif key == "model":
+                    board = value  # Raspberry Pi OS: "Raspberry Pi 4 Model B Rev 1.4"
+    except OSError:
+        pass
+    if name is None and part is not None:
+        name = f"Arm {ARM_PARTS.get(part, 'core ' + part)}"
+    if board:
+        name = f"{board}, {name}" if name else board
+    return name or platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, str]:
     """What this was measured on."""
     import onnxruntime as ort
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {"machine": platform.machine(), "system": platform.system(), "cpu": cpu, "cores": str(os.cpu_count()),
             "python": platform.python_version(), "onnxruntime": ort.__version__, "numpy": np.__version__}
 
@@ -345,6 +367,29 @@ def format_report(m: Measurement) -> str:
     return "\n".join(lines)
 
 
+def dump_outputs(path: str, inputs: str, out: str, threads: int = 1, batch: int = 16) -> list[str]:
+    """Run ``path`` on the preprocessed ``input`` array [N, ...] of the .npz ``inputs`` in batches and save every
+    graph output (concatenated along axis 0) to the .npz ``out``; returns the output names. Used by
+    ``tmlp devices check`` to compare a board (or an emulated one) with the host on identical inputs."""
+    if not os.path.isfile(inputs):
+        raise RunError(f"inputs file {inputs!r} does not exist")
+    with np.load(inputs) as archive:
+        if "input" not in archive:
+            raise RunError(f"{inputs!r} has no array 'input' (the preprocessed model input)")
+        x = archive["input"]
+    session = make_session(path, "cpu", threads)
+    name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for start in range(0, len(x), batch):
+        for n, value in zip(names, session.run(None, {name: x[start:start + batch]})):
+            parts[n].append(np.asarray(value))
+    tmp = out + ".tmp.npz"
+    np.savez(tmp, **{f"out{i}": np.concatenate(parts[n]) for i, n in enumerate(names)})
+    os.replace(tmp, out)
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure an ONNX model with onnxruntime: latency, memory, accuracy.")
     parser.add_argument("model", help="path of the .onnx file")
@@ -357,8 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate accuracy on the first N images only")
     parser.add_argument("--no-accuracy", action="store_true", help="time only; skip the accuracy pass over --data")
     parser.add_argument("--json", help="also write the measurement to this JSON file")
+    parser.add_argument("--dump-outputs", metavar="OUT.npz",
+                        help="with --inputs: save every graph output on those inputs to OUT.npz, then measure")
+    parser.add_argument("--inputs", metavar="IN.npz", help="preprocessed model inputs (array 'input') for --dump-outputs")
     args = parser.parse_args(argv)
     try:
+        if args.dump_outputs:
+            if not args.inputs:
+                raise RunError("--dump-outputs needs --inputs IN.npz (array 'input', the preprocessed model input)")
+            dump_outputs(args.model, args.inputs, args.dump_outputs, args.threads)
         m = measure(args.model, args.data, args.provider, args.threads, args.warmup, args.runs, args.batch,
                     args.limit, accuracy=not args.no_accuracy)
     except RunError as err:
