@@ -1,5 +1,10 @@
-"""torch -> ONNX with the dynamo exporter, then metadata, ``onnx.checker`` (full check) and an onnxruntime parity
-check against the PyTorch model. Files are written under a temporary name and renamed only when complete."""
+"""torch -> ONNX, then metadata, ``onnx.checker`` (full check) and an onnxruntime parity check against the PyTorch
+model. Files are written under a temporary name and renamed only when complete.
+
+Opset 18 and above go through the dynamo exporter (torch.onnx.export(dynamo=True)); below 18, which the dynamo
+exporter cannot write (it silently keeps 18), through the TorchScript exporter, which writes LayerNormalization and
+Gelu in decomposed form (ReduceMean/Pow/Sqrt, Erf). ``max_ir_version`` lowers the IR version stamp for older
+onnxruntime builds, never below what the opset needs."""
 from __future__ import annotations
 
 import contextlib
@@ -43,27 +48,58 @@ def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
         entry.key, entry.value = key, str(metadata[key])
 
 
+DYNAMO_MIN_OPSET = 18
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, metadata: dict[str, str],
-                opset: int = DEFAULT_OPSET, verbose: bool = False) -> Counter:
-    """Export ``model`` ([B, C, H, W] -> [B, classes], batch dimension dynamic) to ``path`` with metadata, check it
-    with ``onnx.checker.check_model(full_check=True)``; returns the graph's op counts."""
+                opset: int = DEFAULT_OPSET, verbose: bool = False, max_ir_version: int | None = None) -> Counter:
+    """Export ``model`` ([B, C, H, W] -> [B, classes], batch dimension dynamic) to ``path`` with metadata at exactly
+    ``opset``, check it with ``onnx.checker.check_model(full_check=True)``; returns the graph's op counts."""
     model = model.eval()
-    batch = torch.export.Dim("batch", min=1, max=4096)
     sink = io.StringIO()
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():
-            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
-                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                        dynamic_shapes=({0: batch},), optimize=True, verbose=False)
-        if program is None:
-            raise TmlpError("torch.onnx.export returned no program; upgrade torch (>= 2.6) for the dynamo exporter")
-        proto = program.model_proto
+            proto = _dynamo_export(model, example, opset) if opset >= DYNAMO_MIN_OPSET else \
+                _torchscript_export(model, example, opset)
+        written = default_opset(proto)
+        if written != opset:
+            raise TmlpError(f"the exporter wrote opset {written}, not the requested {opset}; pick --opset {written} "
+                            "or another --device")
+        if max_ir_version is not None and proto.ir_version > max_ir_version:
+            needed = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+            if needed > max_ir_version:
+                raise TmlpError(f"opset {opset} needs ONNX IR version {needed}, above the device's {max_ir_version}; "
+                                "lower --opset")
+            proto.ir_version = max(needed, max_ir_version)
         set_metadata(proto, metadata)
         proto.producer_name, proto.producer_version = "tmlp", metadata.get("tmlp.version", "")
         _save(proto, tmp)
         onnx.checker.check_model(tmp, full_check=True)
     return op_counts(proto)
+
+
+def _dynamo_export(model: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                                output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), optimize=True,
+                                verbose=False)
+    if program is None:
+        raise TmlpError("torch.onnx.export returned no program; upgrade torch (>= 2.6) for the dynamo exporter")
+    return program.model_proto
+
+
+def _torchscript_export(model: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                      output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                      do_constant_folding=True)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default ONNX domain the model imports."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _save(proto: onnx.ModelProto, path: str) -> None:

@@ -17,14 +17,32 @@ NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata written by torch.onn
 
 
 def nodes_in_scopes(model: onnx.ModelProto, scopes: list[str]) -> list[str]:
-    """Names of the nodes that the dynamo exporter placed inside any of the module paths ``scopes``
-    (e.g. "blocks.0.mlp"), read from each node's name-scope metadata."""
+    """Names of the nodes that the exporter placed inside any of the module paths ``scopes`` (e.g. "blocks.0.mlp"):
+    read from each node's name-scope metadata (dynamo exporter), else from its name (TorchScript exporter:
+    "/blocks/blocks.0/mlp/ArgMin")."""
     wanted, names = set(scopes), []
     for node in model.graph.node:
-        for prop in node.metadata_props:
-            if prop.key == NAME_SCOPES and wanted & set(_parse_scopes(prop.value)):
+        found = [_parse_scopes(p.value) for p in node.metadata_props if p.key == NAME_SCOPES]
+        if found:
+            if wanted & set(found[0]):
                 names.append(node.name)
+        elif wanted & set(_scopes_from_name(node.name)):
+            names.append(node.name)
     return names
+
+
+def _scopes_from_name(name: str) -> list[str]:
+    """Module paths enclosing a TorchScript-exported node: "/blocks/blocks.0/mlp/fc1/MatMul" -> ["blocks",
+    "blocks.0", "blocks.0.mlp", "blocks.0.mlp.fc1"]."""
+    path: list[str] = []
+    out = []
+    for part in name.split("/")[1:-1]:
+        if path and part.startswith(".".join(path) + "."):
+            path = part.split(".")
+        else:
+            path.append(part)
+        out.append(".".join(path))
+    return out
 
 
 def _parse_scopes(value: str) -> list[str]:

@@ -141,3 +141,82 @@ def test_check_refuses_a_board_without_emulation(small_tmlp):
     assert result.exit_code == 2 and "no qemu CPU model" in result.output
     missing = CliRunner().invoke(main, ["devices", "check", "rpi4", os.path.join("nowhere", "m.onnx")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def _export_for(device, ckpt, out):
+    return CliRunner().invoke(main, ["export", "--model", "test_vit", "--checkpoint", ckpt, "--k", "8",
+                                     "--calib-images", "256", "--eval-images", "64", "--device", device,
+                                     "--out", str(out)])
+
+
+@pytest.fixture(scope="module")
+def nano_export(trained_tiny_vit_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nano")
+    result = _export_for("jetson-nano", trained_tiny_vit_path, out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_jetson_nano_export_fits_onnxruntime_1_11(nano_export):
+    """PyPI has no onnxruntime 1.11 for Python 3.11, so the profile's limits are checked on the file: opset 16,
+    IR <= 8, no op newer than opset 16 (LayerNormalization is 17, Gelu 20), and the checker passes at that opset."""
+    for name in ("original.onnx", "tmlp.onnx"):
+        model = onnx.load(nano_export / name)
+        assert [(o.domain, o.version) for o in model.opset_import] == [("", 16)] and model.ir_version <= 8
+        ops = {n.op_type for n in model.graph.node}
+        assert not ops & {"LayerNormalization", "Gelu"} and "ReduceMean" in ops
+        onnx.checker.check_model(model, full_check=True)
+        assert {p.key: p.value for p in model.metadata_props}["tmlp.device"] == "jetson-nano"
+    assert "ArgMin" in {n.op_type for n in onnx.load(nano_export / "tmlp.onnx").graph.node}
+    manifest = json.load(open(nano_export / "manifest.json"))
+    assert manifest["device"]["name"] == "jetson-nano" and manifest["opset"] == 16
+    assert manifest["parity"]["tmlp.onnx"]["max_abs"] < 1e-4  # host onnxruntime vs PyTorch
+
+
+def test_jetson_nano_export_quantizes_outside_the_taylor_blocks(nano_export, tmp_path):
+    """The TorchScript exporter writes no name scopes; the Taylor blocks are found by node name instead."""
+    from tmlp.export.quantize import nodes_in_scopes, quantize_int8_dynamic
+
+    layers = json.load(open(nano_export / "manifest.json"))["layers"]
+    model = onnx.load(nano_export / "tmlp.onnx")
+    inside = nodes_in_scopes(model, layers)
+    assert sum(1 for n in model.graph.node if n.name in inside and n.op_type == "ArgMin") == len(layers)
+    assert quantize_int8_dynamic(str(nano_export / "tmlp.onnx"), str(tmp_path / "q.onnx"), exclude_scopes=layers)
+
+
+def test_jetson_orin_nano_export_loads_in_onnxruntime_1_18(trained_tiny_vit_path, tmp_path):
+    """Loads the profile's export with the onnxruntime the profile names (1.18, from PyPI) in a fresh venv."""
+    import subprocess
+    import sys
+    import venv
+
+    out = tmp_path / "orin"
+    result = _export_for("jetson-orin-nano", trained_tiny_vit_path, out)
+    assert result.exit_code == 0, result.output
+    env_dir = tmp_path / "ort118"
+    venv.create(env_dir, with_pip=True)
+    python = str(env_dir / "bin" / "python")
+    pip = subprocess.run([python, "-m", "pip", "install", "-q", "onnxruntime==1.18.*", "numpy<2"],
+                         capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    code = ("import sys, numpy as np, onnxruntime as ort\n"
+            "for f in sys.argv[1:]:\n"
+            "    s = ort.InferenceSession(f, providers=['CPUExecutionProvider'])\n"
+            "    y = s.run(None, {s.get_inputs()[0].name: np.zeros((2, 1, 16, 16), np.float32)})[0]\n"
+            "    print(ort.__version__, y.shape)\n")
+    run = subprocess.run([python, "-c", code, str(out / "original.onnx"), str(out / "tmlp.onnx")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["1.18.1", "(2,", "10)"] * 2
+    assert sys.version_info >= (3, 11)
+
+
+def test_an_export_that_cannot_meet_a_profile_says_why(trained_tiny_vit_path, tmp_path):
+    board = load_profile("jetson-nano").to_dict()
+    board.update(name="ancient", max_ir_version=3)
+    profile = tmp_path / "ancient.toml"
+    profile.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in board.items()))
+    result = _export_for(str(profile), trained_tiny_vit_path, tmp_path / "out")
+    assert result.exit_code == 2
+    assert "cannot export for device ancient: opset 16 needs ONNX IR version 8, above the device's 3" in result.output
+    assert not (tmp_path / "out" / "tmlp.onnx").exists() and not (tmp_path / "out" / "manifest.json").exists()

@@ -150,11 +150,14 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
               help="Ranks the plan may use, e.g. 8,16,32 [default: rank/4, rank/2, rank; shared basis only].")
 @click.option("--seed", type=int, default=0, show_default=True, help="K-means seed.")
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset.")
+@click.option("--device", "device", default=None,
+              help="Target board profile (tmlp devices list): caps the opset and IR version to what its onnxruntime "
+                   "reads (decomposing newer ops) and records the profile in the manifest.")
 @click.option("--data-root", default=None, help="Where cifar10/100 live [default: $TMLP_DATA or ~/.cache/tmlp/data].")
 @user_errors
 def export(model, k, order, hessian, basis, rank, basis_source, layers, dataset, checkpoint, pretrained, out_dir,
            calib_images, eval_images, distill_epochs, distill_lr, distill_basis, max_acc_drop, plan_k, plan_rank, seed,
-           opset, data_root) -> None:
+           opset, device, data_root) -> None:
     """Calibrate the T-MLP blocks and write original.onnx, tmlp.onnx, val.npz and manifest.json.
 
     Each replaced block becomes ArgMin over centre distances, Gather of the per-centre tensors and MatMul. Every
@@ -169,7 +172,7 @@ def export(model, k, order, hessian, basis, rank, basis_source, layers, dataset,
                         out_dir=out_dir, hessian=hessian, seed=seed, calib_images=calib_images,
                         eval_images=eval_images, data_root=data_root, pretrained=pretrained, opset=opset,
                         distill_epochs=distill_epochs, distill_lr=distill_lr, distill_basis=distill_basis,
-                        max_acc_drop=max_acc_drop, plan_k=plan_k, plan_rank=plan_rank)
+                        max_acc_drop=max_acc_drop, plan_k=plan_k, plan_rank=plan_rank, device=device)
     click.echo(f"done in {result.summary['export_seconds']:.0f} s: {result.out_dir}/ holds "
                f"{', '.join(sorted(os.path.basename(p) for p in result.files.values()))} and manifest.json; next: "
                f"tmlp bench --provider cpu --run {result.out_dir}")

@@ -105,11 +105,22 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                calib_images: int = 5000, eval_images: int = 10000, data_root: str | None = None,
                pretrained: bool = False, opset: int = 20, distill_epochs: int = 0, distill_lr: float = 1e-3,
                distill_basis: bool = False, max_acc_drop: float | None = None, plan_k: str | None = None,
-               plan_rank: str | None = None, log: Callable[[str], None] = print, progress: bool = True
-               ) -> ExportResult:
+               plan_rank: str | None = None, device: str | None = None, log: Callable[[str], None] = print,
+               progress: bool = True) -> ExportResult:
     """Calibrate, build the T-MLP model, export original.onnx and tmlp.onnx, check them, and write val.npz and
     manifest.json (last) into ``out_dir``."""
     started = time.time()
+    profile = None
+    max_ir = None
+    if device is not None:
+        from tmlp.devices import load_profile
+
+        profile = load_profile(device)
+        if opset > profile.max_opset:
+            log(f"--device {profile.name}: onnxruntime {profile.onnxruntime} reads opset <= {profile.max_opset} and IR "
+                f"<= {profile.max_ir_version}; exporting opset {profile.max_opset}")
+            opset = profile.max_opset
+        max_ir = profile.max_ir_version
     config = TaylorConfig(k=k, order=order, hessian=hessian, seed=seed, basis=basis, rank=rank,
                           basis_source=basis_source)
     if model_name not in model_names():
@@ -210,7 +221,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
         log(f"distillation ({distill_epochs} epoch(s), logit KL, lr {distill_lr}): T-MLP accuracy "
             f"{100 * acc_before:.2f}% -> {100 * acc_tmlp:.2f}% (original {100 * acc_orig:.2f}%)")
 
-    meta_common = {"tmlp.version": tmlp.__version__, "tmlp.model": model_name, "tmlp.model_config": json.dumps(
+    meta_common = {**({"tmlp.device": profile.name} if profile else {}),
+                   "tmlp.version": tmlp.__version__, "tmlp.model": model_name, "tmlp.model_config": json.dumps(
         mcfg, sort_keys=True), "tmlp.dataset": dataset, "tmlp.preprocessing": json.dumps(spec, sort_keys=True),
         "tmlp.source_checkpoint_sha256": ckpt_sha}
     meta_tmlp = {**meta_common, "tmlp.kind": "tmlp", "tmlp.k": str(k), "tmlp.order": str(order), "tmlp.basis": basis,
@@ -230,7 +242,12 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                             ("tmlp.onnx", tmlp_model, meta_tmlp)):
         path = os.path.join(out_dir, name)
         t0 = time.time()
-        ops = export_onnx(net, example, path, meta, opset=opset)
+        try:
+            ops = export_onnx(net, example, path, meta, opset=opset, max_ir_version=max_ir)
+        except TmlpError as err:
+            if profile is None:
+                raise
+            raise TmlpError(f"cannot export for device {profile.name}: {err}") from None
         check = parity(path, net, parity_inputs)
         log(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, {time.time() - t0:.0f} s); onnx.checker "
             f"full_check passed; onnxruntime vs PyTorch: {check}")
@@ -249,6 +266,7 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                "preprocessing": spec, "pytorch_val_accuracy": {"original": acc_orig, "tmlp": acc_tmlp},
                "n_val": n_eval, "calibration_seconds": round(calib_seconds, 1), "distillation": distillation,
                "layer_plan": None if layer_plan is None else layer_plan.to_dict(),
+               "device": None if profile is None else profile.to_dict(), "opset": opset,
                "parity": {n: vars(files.pop(n + ".parity")) for n in ("original.onnx", "tmlp.onnx")},
                "versions": {"tmlp": tmlp.__version__, "torch": torch.__version__, "python": platform.python_version()},
                "export_seconds": round(time.time() - started, 1)}
