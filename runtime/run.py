@@ -157,6 +157,11 @@ class Measurement:
     rss_baseline_mb: float | None = None
     peak_rss_mb: float | None = None
     peak_rss_delta_mb: float | None = None
+    arena: bool = True
+    weights_mb: float | None = None  # the model's initializers
+    static_rss_mb: float | None = None  # RSS the loaded session adds (weights as onnxruntime holds them, prepacked)
+    activation_rss_mb: float | None = None  # peak RSS during the timed runs above the loaded session
+    peak_rss_delta_no_arena_mb: float | None = None  # --memory / --report: the same run with the CPU arena off
     accuracy: float | None = None
     n_eval: int = 0
     inputs: str = "random"
@@ -183,6 +188,73 @@ def model_bytes(path: str) -> int:
         total += sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
                      if f.startswith(base) and f != base and f.endswith(".data"))
     return total
+
+
+# bytes per element of ONNX TensorProto.DataType values
+_ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 17: 1, 18: 1,
+                  19: 1, 20: 1, 21: 1, 22: 1}
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: memoryview):
+    """(field number, wire type, value or payload view) of one protobuf message, in order."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + length], pos + length
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, wire, value
+
+
+def weights_bytes(path: str) -> int | None:
+    """Bytes of the model's initializers (its weights), read from the .onnx protobuf without the onnx package
+    (ModelProto.graph = 7, GraphProto.initializer = 5, TensorProto.dims = 1, data_type = 2). None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            buf = memoryview(f.read())
+        graph = next(v for n, w, v in _fields(buf) if n == 7 and w == 2)
+        total = 0
+        for number, wire, tensor in _fields(graph):
+            if number != 5 or wire != 2:
+                continue
+            dims, dtype = [], 1
+            for n, w, v in _fields(tensor):
+                if n == 1 and w == 0:
+                    dims.append(v)
+                elif n == 1 and w == 2:  # packed dims
+                    pos = 0
+                    while pos < len(v):
+                        d, pos = _varint(v, pos)
+                        dims.append(d)
+                elif n == 2 and w == 0:
+                    dtype = v
+            count = 1
+            for d in dims:
+                count *= d
+            total += count * _ONNX_ITEMSIZE.get(dtype, 4)
+        return total
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 def make_session(path: str, provider: str = "cpu", threads: int = 1, arena: bool = True):
@@ -271,8 +343,8 @@ def cpu_name() -> str:
                     name = value
                 elif key == "cpu part" and part is None:
                     part = value
-                elif key == "model":
-                    board = value  # Raspberry Pi OS: "Raspberry Pi 4 Model B Rev 1.4"
+                elif key == "model" and not value.isdigit():
+                    board = value  # Raspberry Pi OS: "Raspberry Pi 4 Model B Rev 1.4" (x86: a model number)
     except OSError:
         pass
     if name is None and part is not None:
@@ -293,7 +365,7 @@ def machine_info() -> dict[str, str]:
 
 def measure(path: str, data: str | None = None, provider: str = "cpu", threads: int = 1, warmup: int = 10,
             runs: int = 50, batch: int = 1, eval_limit: int | None = None, seed: int = 0,
-            accuracy: bool = True) -> Measurement:
+            accuracy: bool = True, arena: bool = True) -> Measurement:
     """Load ``path`` and measure latency (``runs`` timed batches of ``batch``), peak RSS and, with labelled data,
     accuracy. Peak RSS counts from after the data are loaded to the end of the timed runs: model weights, arena
     and activations at ``batch`` (the accuracy pass afterwards is not counted)."""
@@ -309,7 +381,8 @@ def measure(path: str, data: str | None = None, provider: str = "cpu", threads: 
             images, labels = images[:eval_limit], (labels[:eval_limit] if labels is not None else None)
     reset_peak_rss()
     baseline = current_rss_mb()
-    session = make_session(path, provider, threads)
+    session = make_session(path, provider, threads, arena)
+    loaded = current_rss_mb()
     meta = dict(session.get_modelmeta().custom_metadata_map)
     name, shape = input_shape(session, batch)
     if images is not None:
@@ -334,13 +407,18 @@ def measure(path: str, data: str | None = None, provider: str = "cpu", threads: 
     result = Measurement(model=path, file_bytes=model_bytes(path), provider=session.get_providers()[0],
                          threads=threads, batch=batch, warmup=warmup, runs=runs, latency_ms=lat,
                          throughput_per_s=batch * 1e3 / lat["mean"], metadata=meta, machine=machine_info(),
-                         inputs=data or "random")
+                         inputs=data or "random", arena=arena)
+    weights = weights_bytes(path)
+    result.weights_mb = None if weights is None else weights / (1024.0 * 1024.0)
     if images is not None and labels is not None and accuracy:
         result.accuracy = evaluate(session, name, x, labels)
         result.n_eval = len(x)
     result.rss_baseline_mb, result.peak_rss_mb = baseline, peak
     if peak is not None and baseline is not None:
         result.peak_rss_delta_mb = peak - baseline
+    if loaded is not None and baseline is not None and peak is not None:
+        result.static_rss_mb = loaded - baseline  # the loaded session: weights as onnxruntime holds them
+        result.activation_rss_mb = peak - loaded  # what running adds at its peak: activations, arena, buffers
     return result
 
 
@@ -358,7 +436,16 @@ def format_report(m: Measurement) -> str:
     ]
     if m.peak_rss_delta_mb is not None:
         lines.append(f"peak RSS    {m.peak_rss_mb:.1f} MiB ({m.peak_rss_delta_mb:+.1f} MiB above the "
-                     f"{m.rss_baseline_mb:.1f} MiB after import and data loading)")
+                     f"{m.rss_baseline_mb:.1f} MiB after import and data loading; CPU arena "
+                     f"{'on' if m.arena else 'off'})")
+    if m.weights_mb is not None:
+        line = f"memory      weights {m.weights_mb:.1f} MiB in the file"
+        if m.static_rss_mb is not None:
+            line += (f"; loaded session {m.static_rss_mb:.1f} MiB (static), running adds {m.activation_rss_mb:.1f} MiB "
+                     "(activations)")
+        if m.peak_rss_delta_no_arena_mb is not None:
+            line += f"; peak with the arena off {m.peak_rss_delta_no_arena_mb:+.1f} MiB"
+        lines.append(line)
     if m.accuracy is not None:
         lines.append(f"accuracy    {100 * m.accuracy:.2f}% top-1 on {m.n_eval} images")
     for key in sorted(m.metadata):
@@ -402,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate accuracy on the first N images only")
     parser.add_argument("--no-accuracy", action="store_true", help="time only; skip the accuracy pass over --data")
     parser.add_argument("--json", help="also write the measurement to this JSON file")
+    parser.add_argument("--no-arena", action="store_true", help="turn onnxruntime's CPU memory arena off")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure peak RSS with the arena off (a second, fresh process)")
+    parser.add_argument("--report", metavar="OUT.json",
+                        help="write a device report (everything above, with --memory) for `tmlp bench --compare`")
+    parser.add_argument("--label", default=None, help="name of this board in the report [default: the hostname]")
     parser.add_argument("--dump-outputs", metavar="OUT.npz",
                         help="with --inputs: save every graph output on those inputs to OUT.npz, then measure")
     parser.add_argument("--inputs", metavar="IN.npz", help="preprocessed model inputs (array 'input') for --dump-outputs")
@@ -412,17 +505,46 @@ def main(argv: list[str] | None = None) -> int:
                 raise RunError("--dump-outputs needs --inputs IN.npz (array 'input', the preprocessed model input)")
             dump_outputs(args.model, args.inputs, args.dump_outputs, args.threads)
         m = measure(args.model, args.data, args.provider, args.threads, args.warmup, args.runs, args.batch,
-                    args.limit, accuracy=not args.no_accuracy)
+                    args.limit, accuracy=not args.no_accuracy, arena=not args.no_arena)
+        if (args.memory or args.report) and not args.no_arena:
+            m.peak_rss_delta_no_arena_mb = _peak_without_arena(args)
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_report(m))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(m), f, indent=2, sort_keys=True)
-        os.replace(tmp, args.json)
+        _write_json(args.json, asdict(m))
+    if args.report:
+        _write_json(args.report, {"format": "tmlp-device-report", "version": 1,
+                                  "label": args.label or platform.node(), **asdict(m)})
+        print(f"report      {args.report}")
     return 0
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` through a temporary file in the same folder (never a half-written file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _peak_without_arena(args: argparse.Namespace) -> float | None:
+    """Peak RSS delta (MiB) of the same timed runs with the CPU arena off, measured in a fresh process."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "no-arena.json")
+        cmd = [sys.executable, os.path.abspath(__file__), args.model, "--no-arena", "--no-accuracy", "--threads",
+               str(args.threads), "--warmup", str(args.warmup), "--runs", str(args.runs), "--batch", str(args.batch),
+               "--provider", args.provider, "--json", out] + (["--data", args.data] if args.data else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.isfile(out):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise RunError(f"the arena-off measurement failed: {tail[-1] if tail else 'no output'}")
+        with open(out) as f:
+            return json.load(f)["peak_rss_delta_mb"]
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def find_run(root: str = "runs") -> str:
 
 
 def measure_in_subprocess(model: str, data: str | None, provider: str, threads: int, warmup: int, runs: int,
-                          batch: int, accuracy: bool = True) -> dict[str, Any]:
+                          batch: int, accuracy: bool = True, arena: bool = True) -> dict[str, Any]:
     """Run runtime/run.py on ``model`` in a fresh Python process; returns its Measurement as a dict."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "m.json")
@@ -41,6 +41,8 @@ def measure_in_subprocess(model: str, data: str | None, provider: str, threads: 
                "--warmup", str(warmup), "--runs", str(runs), "--batch", str(batch), "--json", out]
         if data:
             cmd += ["--data", data] + ([] if accuracy else ["--no-accuracy"])
+        if not arena:
+            cmd.append("--no-arena")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.isfile(out):
             tail = (proc.stderr or proc.stdout).strip().splitlines()
@@ -143,4 +145,50 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"| {r['variant']} | {acc} | {r['latency_ms']['p50']:.3f} | {r['latency_ms']['p90']:.3f} | "
                      f"{r['speedup_vs_fp32']:.2f}x | {rss} | {r['file_bytes'] / 1e6:.2f} | "
                      f"{r['size_ratio_vs_fp32']:.2f}x |")
+    return "\n".join(lines)
+
+
+def load_report(path: str) -> dict[str, Any]:
+    """A device report written by ``runtime/run.py --report``."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except FileNotFoundError:
+        raise TmlpError(f"report {path!r} does not exist; write one with `python runtime/run.py model.onnx "
+                        "--report out.json`") from None
+    except json.JSONDecodeError as e:
+        raise TmlpError(f"report {path!r} is not JSON ({e}); write it again with runtime/run.py --report") from None
+    if report.get("format") != "tmlp-device-report":
+        raise TmlpError(f"{path!r} is not a device report (no format 'tmlp-device-report'); write one with "
+                        "`python runtime/run.py model.onnx --report out.json`")
+    return report
+
+
+def compare_reports(reports: list[dict[str, Any]]) -> str:
+    """Device reports side by side, one column per report, as a markdown table."""
+    def mib(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1f}"
+
+    rows = [
+        ("board", lambda r: r.get("label", "?")),
+        ("machine", lambda r: r["machine"].get("machine", "?")),
+        ("CPU", lambda r: r["machine"].get("cpu", "?")),
+        ("cores", lambda r: r["machine"].get("cores", "?")),
+        ("onnxruntime", lambda r: f"{r['machine'].get('onnxruntime', '?')} ({r['provider']})"),
+        ("threads", lambda r: str(r["threads"])),
+        ("model", lambda r: f"{os.path.basename(r['model'])} ({r['file_bytes'] / 1e6:.1f} MB)"),
+        ("batch", lambda r: str(r["batch"])),
+        ("latency p50 ms", lambda r: f"{r['latency_ms']['p50']:.3f}"),
+        ("latency p90 ms", lambda r: f"{r['latency_ms']['p90']:.3f}"),
+        ("latency p99 ms", lambda r: f"{r['latency_ms']['p99']:.3f}"),
+        ("images/s", lambda r: f"{r['throughput_per_s']:.1f}"),
+        ("weights MiB", lambda r: mib(r.get("weights_mb"))),
+        ("peak RSS delta MiB (arena on)", lambda r: mib(r.get("peak_rss_delta_mb"))),
+        ("peak RSS delta MiB (arena off)", lambda r: mib(r.get("peak_rss_delta_no_arena_mb"))),
+        ("accuracy", lambda r: "n/a" if r.get("accuracy") is None else f"{100 * r['accuracy']:.2f}% (n={r['n_eval']})"),
+    ]
+    lines = ["| | " + " | ".join(f"report {i + 1}" for i in range(len(reports))) + " |",
+             "| --- |" + " --- |" * len(reports)]
+    for label, get in rows:
+        lines.append(f"| {label} | " + " | ".join(str(get(r)) for r in reports) + " |")
     return "\n".join(lines)

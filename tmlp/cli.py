@@ -150,6 +150,10 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
               help="Ranks the plan may use, e.g. 8,16,32 [default: rank/4, rank/2, rank; shared basis only].")
 @click.option("--seed", type=int, default=0, show_default=True, help="K-means seed.")
 @click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset.")
+@click.option("--max-memory", "max_memory_mb", type=float, default=None,
+              help="Memory budget in MiB for weights + peak live activations (estimated from the graph); the Taylor "
+                   "blocks evaluate tokens in chunks until the T-MLP model fits.")
+@click.option("--memory-batch", type=int, default=1, show_default=True, help="Batch size --max-memory plans for.")
 @click.option("--device", "device", default=None,
               help="Target board profile (tmlp devices list): caps the opset and IR version to what its onnxruntime "
                    "reads (decomposing newer ops) and records the profile in the manifest.")
@@ -157,7 +161,7 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
 @user_errors
 def export(model, k, order, hessian, basis, rank, basis_source, layers, dataset, checkpoint, pretrained, out_dir,
            calib_images, eval_images, distill_epochs, distill_lr, distill_basis, max_acc_drop, plan_k, plan_rank, seed,
-           opset, device, data_root) -> None:
+           opset, max_memory_mb, memory_batch, device, data_root) -> None:
     """Calibrate the T-MLP blocks and write original.onnx, tmlp.onnx, val.npz and manifest.json.
 
     Each replaced block becomes ArgMin over centre distances, Gather of the per-centre tensors and MatMul. Every
@@ -172,7 +176,8 @@ def export(model, k, order, hessian, basis, rank, basis_source, layers, dataset,
                         out_dir=out_dir, hessian=hessian, seed=seed, calib_images=calib_images,
                         eval_images=eval_images, data_root=data_root, pretrained=pretrained, opset=opset,
                         distill_epochs=distill_epochs, distill_lr=distill_lr, distill_basis=distill_basis,
-                        max_acc_drop=max_acc_drop, plan_k=plan_k, plan_rank=plan_rank, device=device)
+                        max_acc_drop=max_acc_drop, plan_k=plan_k, plan_rank=plan_rank, device=device,
+                        max_memory_mb=max_memory_mb, memory_batch=memory_batch)
     click.echo(f"done in {result.summary['export_seconds']:.0f} s: {result.out_dir}/ holds "
                f"{', '.join(sorted(os.path.basename(p) for p in result.files.values()))} and manifest.json; next: "
                f"tmlp bench --provider cpu --run {result.out_dir}")
@@ -189,14 +194,26 @@ def export(model, k, order, hessian, basis, rank, basis_source, layers, dataset,
 @click.option("--batch", type=int, default=1, show_default=True, help="Images per timed run.")
 @click.option("--repeats", type=int, default=3, show_default=True,
               help="Fresh processes per variant (interleaved); latency is their median.")
+@click.option("--compare", is_flag=True,
+              help="Instead of measuring: print the device reports REPORTS (runtime/run.py --report) side by side.")
+@click.argument("reports", nargs=-1, type=click.Path(dir_okay=False))
 @user_errors
-def bench(provider, run_dir, threads, warmup, runs, batch, repeats) -> None:
+def bench(provider, run_dir, threads, warmup, runs, batch, repeats, compare, reports) -> None:
     """Original vs T-MLP vs onnxruntime int8 (and T-MLP + int8): accuracy, latency p50/p90, peak RSS, file size.
 
     Each model is measured in a fresh subprocess by runtime/run.py (the same code that runs on a device); results
-    go to bench.json and bench.md in the run folder.
+    go to bench.json and bench.md in the run folder. `tmlp bench --compare a.json b.json` prints device reports side
+    by side instead.
     """
-    from tmlp.bench import find_run, run_bench
+    from tmlp.bench import compare_reports, find_run, load_report, run_bench
+
+    if reports and not compare:
+        raise TmlpError(f"unexpected argument {reports[0]!r}; to compare device reports use --compare a.json b.json")
+    if compare:
+        if not reports:
+            raise TmlpError("--compare needs report files: tmlp bench --compare a.json b.json")
+        click.echo(compare_reports([load_report(p) for p in reports]))
+        return
 
     run_dir = run_dir or find_run("runs")
     result = run_bench(run_dir, provider=provider, threads=threads, warmup=warmup, runs=runs, batch=batch,

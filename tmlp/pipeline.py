@@ -105,8 +105,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                calib_images: int = 5000, eval_images: int = 10000, data_root: str | None = None,
                pretrained: bool = False, opset: int = 20, distill_epochs: int = 0, distill_lr: float = 1e-3,
                distill_basis: bool = False, max_acc_drop: float | None = None, plan_k: str | None = None,
-               plan_rank: str | None = None, device: str | None = None, log: Callable[[str], None] = print,
-               progress: bool = True) -> ExportResult:
+               plan_rank: str | None = None, device: str | None = None, max_memory_mb: float | None = None,
+               memory_batch: int = 1, log: Callable[[str], None] = print, progress: bool = True) -> ExportResult:
     """Calibrate, build the T-MLP model, export original.onnx and tmlp.onnx, check them, and write val.npz and
     manifest.json (last) into ``out_dir``."""
     started = time.time()
@@ -233,6 +233,10 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                                                                           sort_keys=True)})}
     example = to_tensor(val_x[:2], spec)
     parity_inputs = to_tensor(val_x[:64], spec)
+    memory = None
+    if max_memory_mb is not None:
+        memory = fit_memory(tmlp_model, example, max_memory_mb, memory_batch, opset, max_ir, log)
+        meta_tmlp["tmlp.chunks"] = str(memory["chunks"])
     files = {}
     ensure_writable_dir(out_dir)
     for stale in DERIVED_FILES:  # made by `tmlp bench` from an earlier export into this folder
@@ -266,12 +270,49 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                "preprocessing": spec, "pytorch_val_accuracy": {"original": acc_orig, "tmlp": acc_tmlp},
                "n_val": n_eval, "calibration_seconds": round(calib_seconds, 1), "distillation": distillation,
                "layer_plan": None if layer_plan is None else layer_plan.to_dict(),
-               "device": None if profile is None else profile.to_dict(), "opset": opset,
+               "device": None if profile is None else profile.to_dict(), "opset": opset, "memory": memory,
                "parity": {n: vars(files.pop(n + ".parity")) for n in ("original.onnx", "tmlp.onnx")},
                "versions": {"tmlp": tmlp.__version__, "torch": torch.__version__, "python": platform.python_version()},
                "export_seconds": round(time.time() - started, 1)}
     write_manifest(out_dir, files, summary)
     return ExportResult(out_dir, files, summary)
+
+
+def fit_memory(model: torch.nn.Module, example: torch.Tensor, budget_mb: float, batch: int, opset: int,
+               max_ir: int | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """Choose how many token chunks the Taylor blocks evaluate in so that the exported graph's estimated memory
+    (weights + peak live activations at ``batch``, tmlp.export.memory) fits ``budget_mb`` MiB; sets ``chunks`` on
+    every Taylor block of ``model`` and returns the choice with its estimates."""
+    import tempfile
+
+    from tmlp.export.memory import MIB, estimate_memory
+    from tmlp.taylor import TaylorMLP, SharedTaylorMLP
+
+    blocks = [m for m in model.modules() if isinstance(m, (TaylorMLP, SharedTaylorMLP))]
+    if budget_mb <= 0 or batch < 1:
+        raise TmlpError(f"--max-memory must be > 0 MiB and --memory-batch >= 1, got {budget_mb} and {batch}")
+    tried = []
+    with tempfile.TemporaryDirectory(prefix="tmlp-memory-") as tmp:
+        chunks = 1
+        while True:
+            for b in blocks:
+                b.chunks = chunks
+            path = os.path.join(tmp, f"chunks{chunks}.onnx")
+            export_onnx(model, example, path, {}, opset=opset, max_ir_version=max_ir)
+            est = estimate_memory(path, batch)
+            tried.append({"chunks": chunks, "weights_mib": est.weights_bytes / MIB,
+                          "peak_activations_mib": est.peak_activation_bytes / MIB, "total_mib": est.total_bytes / MIB})
+            log(f"memory estimate with the Taylor blocks in {chunks} chunk(s): {est.summary()}")
+            if est.total_bytes <= budget_mb * MIB:
+                return {"budget_mib": budget_mb, "batch": batch, "chunks": chunks, "estimates": tried}
+            if est.weights_bytes > budget_mb * MIB:
+                raise TmlpError(f"the weights alone take {est.weights_bytes / MIB:.1f} MiB, over --max-memory "
+                                f"{budget_mb} MiB; lower --k / --rank or use --basis shared")
+            if not blocks or chunks >= 256:
+                raise TmlpError(f"cannot fit --max-memory {budget_mb} MiB at batch {batch}: {est.summary()} even with "
+                                f"{chunks} chunk(s); the largest tensor is {est.largest[0][0]} "
+                                f"({est.largest[0][1] / MIB:.1f} MiB); raise the budget or lower --memory-batch")
+            chunks *= 2
 
 
 def write_manifest(out_dir: str, files: dict[str, str], summary: dict[str, Any]) -> str:

@@ -80,6 +80,7 @@ class _NearestCentre(nn.Module):
         self.d_in = centres.shape[1]
         self.register_buffer("centres", centres.contiguous())
         self.register_buffer("half_sq_norm", 0.5 * (centres * centres).sum(1))
+        self.chunks = 1  # evaluate the rows in this many chunks (bounds the gathered per-centre tensors' memory)
 
     @property
     def k(self) -> int:
@@ -88,6 +89,27 @@ class _NearestCentre(nn.Module):
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """Index of the nearest centre for each row of x [N, d_in] -> [N] (int64): ArgMin(½‖C‖² − x·Cᵀ)."""
         return torch.argmin(self.half_sq_norm - x @ self.centres.T, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_in] -> [..., d_out]; rows in ``chunks`` pieces (ONNX: Slice per piece, then Concat)."""
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.d_in)
+        if self.chunks > 1:  # slices with bounds computed from N at run time: exact for every N (some may be empty)
+            size = (x.shape[0] + self.chunks - 1) // self.chunks
+            outs: list[torch.Tensor] = []
+            for i in range(self.chunks):
+                part = x[i * size:(i + 1) * size]
+                if outs:  # a data dependency on the previous chunk (adds 0): without it onnxruntime runs every
+                    # chunk's Gather first and holds all the gathered tensors at once, which chunking exists to avoid
+                    part = part + 0.0 * outs[-1][:1, :1].sum()
+                outs.append(self.rows(part))
+            y = torch.cat(outs, dim=0)
+        else:
+            y = self.rows(x)
+        return y.reshape(*lead, self.d_out)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def nbytes(self) -> int:
         """Bytes of the per-centre and basis tensors."""
@@ -121,9 +143,8 @@ class TaylorMLP(_NearestCentre):
             self.register_buffer("hessian_diag", (0.5 * derivatives.hessian_diag.float()).contiguous())
         self.register_buffer("offset", offset.contiguous())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.d_in)
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, d_in] -> [N, d_out]."""
         c = self.assign(x)
         y = torch.index_select(self.offset, 0, c)  # index_select exports as ONNX Gather
         if self.order >= 1:
@@ -131,10 +152,10 @@ class TaylorMLP(_NearestCentre):
         if self.order == 2:
             diff = x - torch.index_select(self.centres, 0, c)
             y = y + torch.matmul(torch.index_select(self.hessian_diag, 0, c), (diff * diff).unsqueeze(-1)).squeeze(-1)
-        return y.reshape(*lead, self.d_out)
+        return y
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, order={self.order}, d_in={self.d_in}, d_out={self.d_out}"
+        return f"k={self.k}, order={self.order}, d_in={self.d_in}, d_out={self.d_out}, chunks={self.chunks}"
 
 
 class SharedTaylorMLP(_NearestCentre):
@@ -168,9 +189,8 @@ class SharedTaylorMLP(_NearestCentre):
             self.register_buffer("centres_v", centres_v.contiguous())
         self.register_buffer("offset", offset.contiguous())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.d_in)
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, d_in] -> [N, d_out]."""
         c = self.assign(x)
         z = x @ self.v  # [N, r]
         if self.order == 2:
@@ -178,11 +198,11 @@ class SharedTaylorMLP(_NearestCentre):
         h = torch.matmul(torch.index_select(self.s, 0, c), z.unsqueeze(-1)).squeeze(-1)
         if self.order == 2:
             h = h + torch.matmul(torch.index_select(self.half_t, 0, c), (z * z).unsqueeze(-1)).squeeze(-1)
-        y = torch.index_select(self.offset, 0, c) + h @ self.ut
-        return y.reshape(*lead, self.d_out)
+        return torch.index_select(self.offset, 0, c) + h @ self.ut
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, order={self.order}, rank={self.rank}, d_in={self.d_in}, d_out={self.d_out}"
+        return (f"k={self.k}, order={self.order}, rank={self.rank}, d_in={self.d_in}, d_out={self.d_out}, "
+                f"chunks={self.chunks}")
 
 
 def build_taylor_block(centres: torch.Tensor, derivatives: BlockDerivatives | SharedDerivatives, order: int

@@ -1,0 +1,117 @@
+"""Static estimate of an ONNX model's memory: weights, and the peak working memory of its activations.
+
+The working-memory peak is the largest sum of live tensors over the graph's topological order (the analysis of the
+MobileNetV2 paper, §5.1): a tensor is live from the node that produces it to the last node that reads it, graph
+inputs from the start, graph outputs to the end. Shapes come from onnxruntime's symbolic shape inference with the
+batch dimension fixed. Initializers and Constant outputs are the static part (weights).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of weights and of the activation peak at ``batch``; ``peak_node`` is where the peak occurs and
+    ``largest`` the biggest activation tensors (name, bytes, producing node)."""
+
+    batch: int
+    weights_bytes: int
+    peak_activation_bytes: int
+    peak_node: str
+    largest: list[tuple[str, int, str]] = field(default_factory=list)
+    unknown_shapes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.peak_activation_bytes
+
+    def summary(self) -> str:
+        return (f"weights {self.weights_bytes / MIB:.1f} MiB + peak activations {self.peak_activation_bytes / MIB:.1f}"
+                f" MiB (at {self.peak_node}, batch {self.batch}) = {self.total_bytes / MIB:.1f} MiB")
+
+
+def _dtype_size(elem_type: int) -> int:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 4
+
+
+def _tensor_bytes(value: onnx.ValueInfoProto) -> int | None:
+    t = value.type.tensor_type
+    if not t.HasField("shape") or not all(d.HasField("dim_value") for d in t.shape.dim):
+        return None
+    return int(np.prod([d.dim_value for d in t.shape.dim], dtype=np.int64)) * _dtype_size(t.elem_type)
+
+
+def infer_shapes(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """A copy of ``model`` with the first dimension of each graph input set to ``batch`` and every shape inferred."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for value in fixed.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            dims[0].Clear()
+            dims[0].dim_value = batch
+    return SymbolicShapeInference.infer_shapes(fixed, auto_merge=True)
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for init in model.graph.initializer:
+        total += int(np.prod(init.dims, dtype=np.int64)) * _dtype_size(init.data_type)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    total += int(np.prod(attr.t.dims, dtype=np.int64)) * _dtype_size(attr.t.data_type)
+    return total
+
+
+def estimate_memory(model: str | onnx.ModelProto, batch: int = 1, top: int = 5) -> MemoryEstimate:
+    """Weights and the activation peak of ``model`` (a path or a ModelProto) at ``batch`` (see module docstring)."""
+    proto = onnx.load(model) if isinstance(model, str) else model
+    inferred = infer_shapes(proto, batch)
+    graph = inferred.graph
+    sizes: dict[str, int] = {}
+    unknown = 0
+    for value in list(graph.value_info) + list(graph.output) + list(graph.input):
+        b = _tensor_bytes(value)
+        if b is None:
+            unknown += 1
+        else:
+            sizes[value.name] = b
+    static = {i.name for i in graph.initializer}
+    static |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            if name and name not in static:
+                last_use[name] = i
+    end = len(graph.node)
+    for out in graph.output:
+        last_use[out.name] = end
+    start = {v.name: 0 for v in graph.input if v.name not in static}
+    start.update({o: i for o, i in producer.items() if o not in static})
+    # sweep: +size at the producing step, -size after the last use (unused outputs die right after they are made)
+    delta = np.zeros(end + 2, dtype=np.int64)
+    for name, s in start.items():
+        b = sizes.get(name, 0)
+        delta[s] += b
+        delta[max(s, last_use.get(name, s)) + 1] -= b
+    live = np.cumsum(delta)[:end + 1]
+    peak_step = int(live.argmax())
+    peak_node = graph.node[min(peak_step, end - 1)].name or graph.node[min(peak_step, end - 1)].op_type
+    largest = sorted(((n, sizes.get(n, 0), graph.node[s].name if s < end and n in producer else "input")
+                      for n, s in start.items()), key=lambda t: -t[1])[:top]
+    return MemoryEstimate(batch=batch, weights_bytes=initializer_bytes(proto), peak_activation_bytes=int(live.max()),
+                          peak_node=peak_node, largest=largest, unknown_shapes=unknown)
