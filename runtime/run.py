@@ -257,12 +257,65 @@ def weights_bytes(path: str) -> int | None:
         return None
 
 
-def make_session(path: str, provider: str = "cpu", threads: int = 1, arena: bool = True):
-    """An onnxruntime InferenceSession with fixed intra-op threads; falls back to CPU after other providers."""
-    import onnxruntime as ort
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_model_file(path: str, manifest: bool = True) -> None:
+    """Refuse, with one line naming the problem and the fix, a model file that is missing, empty, a Git LFS pointer,
+    or that differs from the sha256/size recorded for it in a manifest.json beside it."""
     if not os.path.isfile(path):
         raise RunError(f"model file {path!r} does not exist; pass the path of an .onnx file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise RunError(f"model file {path!r} is empty; copy the .onnx again")
+    with open(path, "rb") as f:
+        head = f.read(len(LFS_POINTER))
+    if head == LFS_POINTER:
+        raise RunError(f"{path!r} is a Git LFS pointer, not the model; run `git lfs pull` (or copy the real file)")
+    listing = os.path.join(os.path.dirname(os.path.abspath(path)), "manifest.json")
+    if not manifest or not os.path.isfile(listing):
+        return
+    try:
+        with open(listing) as f:
+            entry = json.load(f).get("files", {}).get(os.path.basename(path))
+    except (OSError, ValueError, AttributeError):
+        raise RunError(f"{listing!r} beside the model is not a tmlp manifest (unreadable JSON); remove it or copy it "
+                       "again") from None
+    if entry is None:
+        return
+    if entry.get("bytes") != size or entry.get("sha256") != file_sha256(path):
+        raise RunError(f"{path!r} does not match manifest.json ({size} bytes, expected {entry.get('bytes')}; or a "
+                       "different sha256): the copy is incomplete or altered; copy it again (or pass --no-manifest)")
+
+
+# onnxruntime load errors -> what the user should do
+_LOAD_ERRORS = (
+    ("Unsupported model IR version", "the model's ONNX IR version is newer than this onnxruntime reads; upgrade "
+                                     "onnxruntime or export for this board with `tmlp export --device NAME`"),
+    ("opset", "the model uses an opset this onnxruntime does not implement; upgrade onnxruntime or export with "
+              "`tmlp export --device NAME`"),
+    ("Protobuf parsing failed", "the file is truncated or not an ONNX model; copy it again"),
+    ("No graph was found in the protobuf", "the file is truncated or not an ONNX model; copy it again"),
+)
+
+
+def make_session(path: str, provider: str = "cpu", threads: int = 1, arena: bool = True,
+                 manifest: bool = True):
+    """An onnxruntime InferenceSession with fixed intra-op threads; falls back to CPU after other providers. The file
+    is checked first (``check_model_file``)."""
+    import onnxruntime as ort
+
+    check_model_file(path, manifest)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -274,7 +327,11 @@ def make_session(path: str, provider: str = "cpu", threads: int = 1, arena: bool
     try:
         return ort.InferenceSession(path, sess_options=options, providers=providers)
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        for pattern, advice in _LOAD_ERRORS:
+            if pattern.lower() in text.lower():
+                raise RunError(f"onnxruntime {ort.__version__} cannot load {path!r}: {advice} ({first[:160]})") from None
         raise RunError(f"onnxruntime cannot load {path!r}: {first[:300]}") from None
 
 
@@ -365,7 +422,7 @@ def machine_info() -> dict[str, str]:
 
 def measure(path: str, data: str | None = None, provider: str = "cpu", threads: int = 1, warmup: int = 10,
             runs: int = 50, batch: int = 1, eval_limit: int | None = None, seed: int = 0,
-            accuracy: bool = True, arena: bool = True) -> Measurement:
+            accuracy: bool = True, arena: bool = True, manifest: bool = True) -> Measurement:
     """Load ``path`` and measure latency (``runs`` timed batches of ``batch``), peak RSS and, with labelled data,
     accuracy. Peak RSS counts from after the data are loaded to the end of the timed runs: model weights, arena
     and activations at ``batch`` (the accuracy pass afterwards is not counted)."""
@@ -381,7 +438,7 @@ def measure(path: str, data: str | None = None, provider: str = "cpu", threads: 
             images, labels = images[:eval_limit], (labels[:eval_limit] if labels is not None else None)
     reset_peak_rss()
     baseline = current_rss_mb()
-    session = make_session(path, provider, threads, arena)
+    session = make_session(path, provider, threads, arena, manifest)
     loaded = current_rss_mb()
     meta = dict(session.get_modelmeta().custom_metadata_map)
     name, shape = input_shape(session, batch)
@@ -490,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-accuracy", action="store_true", help="time only; skip the accuracy pass over --data")
     parser.add_argument("--json", help="also write the measurement to this JSON file")
     parser.add_argument("--no-arena", action="store_true", help="turn onnxruntime's CPU memory arena off")
+    parser.add_argument("--no-manifest", action="store_true",
+                        help="do not check the model against the manifest.json beside it (sha256 and size)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak RSS with the arena off (a second, fresh process)")
     parser.add_argument("--report", metavar="OUT.json",
@@ -505,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise RunError("--dump-outputs needs --inputs IN.npz (array 'input', the preprocessed model input)")
             dump_outputs(args.model, args.inputs, args.dump_outputs, args.threads)
         m = measure(args.model, args.data, args.provider, args.threads, args.warmup, args.runs, args.batch,
-                    args.limit, accuracy=not args.no_accuracy, arena=not args.no_arena)
+                    args.limit, accuracy=not args.no_accuracy, arena=not args.no_arena,
+                    manifest=not args.no_manifest)
         if (args.memory or args.report) and not args.no_arena:
             m.peak_rss_delta_no_arena_mb = _peak_without_arena(args)
     except RunError as err:

@@ -88,13 +88,66 @@ def _write(path, data: bytes) -> str:
     return str(path)
 
 
+def _truncated(d, source):
+    data = open(source, "rb").read()
+    return _write(d / "cut.onnx", data[:len(data) // 2])
+
+
+def _newer_ir(d, source):
+    import onnx
+
+    model = onnx.load(source)
+    model.ir_version = 99
+    path = str(d / "ir99.onnx")
+    onnx.save(model, path)
+    return path
+
+
+LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a21\nsize 39250482\n"
+
+
 @pytest.mark.parametrize("make, message", [
-    (lambda d: str(d / "missing.onnx"), "does not exist"),
-    (lambda d: _write(d / "trunc.onnx", b"\x08\x07garbage"), "cannot load"),
-])
-def test_bad_model_files_give_one_line_errors(tmp_path, make, message):
-    proc = subprocess.run([sys.executable, RUN_PY, make(tmp_path)], capture_output=True, text=True)
+    (lambda d, m: str(d / "missing.onnx"), "does not exist"),
+    (lambda d, m: _write(d / "empty.onnx", b""), "is empty"),
+    (lambda d, m: _write(d / "trunc.onnx", b"\x08\x07garbage"), "cannot load"),
+    (lambda d, m: _truncated(d, m), "truncated or not an ONNX model; copy it again"),
+    (lambda d, m: _write(d / "lfs.onnx", LFS), "is a Git LFS pointer, not the model; run `git lfs pull`"),
+    (lambda d, m: _newer_ir(d, m), "IR version is newer than this onnxruntime reads; upgrade onnxruntime or export"),
+], ids=["missing", "empty", "garbage", "truncated", "lfs-pointer", "newer-ir"])
+def test_bad_model_files_give_one_line_errors(tmp_path, small_model, make, message):
+    proc = subprocess.run([sys.executable, RUN_PY, make(tmp_path, small_model[0])], capture_output=True, text=True)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_that_differs_from_its_manifest_is_refused(small_model, tmp_path):
+    import shutil
+
+    board = tmp_path / "copy"
+    board.mkdir()
+    model = board / "tmlp.onnx"
+    shutil.copy(small_model[0], model)
+    good = {"sha256": run.file_sha256(str(model)), "bytes": model.stat().st_size}
+    (board / "manifest.json").write_text(json.dumps({"files": {"tmlp.onnx": good}}))
+    assert run.measure(str(model), runs=1, warmup=0).runs == 1  # matches: runs
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF  # same size, one byte altered
+    model.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, RUN_PY, str(model)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not match manifest.json" in proc.stderr and "copy it again" in proc.stderr
+    proc = subprocess.run([sys.executable, RUN_PY, str(model), "--no-manifest", "--runs", "1"], capture_output=True,
+                          text=True)
+    assert "does not match" not in proc.stderr
+
+
+def test_inputs_of_the_wrong_shape_are_refused(small_model, tmp_path):
+    bad = str(tmp_path / "rgb.npz")
+    np.savez(bad, x=np.zeros((4, 16, 16, 3), np.uint8), y=np.zeros(4, int))
+    with pytest.raises(run.RunError, match="images have 3 channels, the model expects 1"):
+        run.measure(small_model[0], bad, runs=1, warmup=0)
+    short = str(tmp_path / "labels.npz")
+    np.savez(short, x=np.zeros((4, 16, 16, 1), np.uint8), y=np.zeros(3, int))
+    with pytest.raises(run.RunError, match=r"y must be integer labels \[N=4\]"):
+        run.measure(small_model[0], short, runs=1, warmup=0)
 
 
 def test_labels_out_of_range_are_refused(small_model, tmp_path):

@@ -239,7 +239,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
         meta_tmlp["tmlp.chunks"] = str(memory["chunks"])
     files = {}
     ensure_writable_dir(out_dir)
-    for stale in DERIVED_FILES:  # made by `tmlp bench` from an earlier export into this folder
+    for stale in ("manifest.json",) + DERIVED_FILES:  # an earlier export's manifest (rewritten last) and what
+        # `tmlp bench` derived from it: a half-finished export must not look complete
         if os.path.isfile(os.path.join(out_dir, stale)):
             os.unlink(os.path.join(out_dir, stale))
     for name, net, meta in (("original.onnx", model, {**meta_common, "tmlp.kind": "original"}),
