@@ -1,0 +1,99 @@
+"""Artifacts are atomic and reproducible: the same export writes the same bytes, an export killed at any point
+leaves no partial file under a final name, and a full disk leaves nothing behind."""
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+FINAL = ("original.onnx", "tmlp.onnx", "val.npz", "manifest.json")
+
+
+def _export_cmd(ckpt: str, out) -> list[str]:
+    return [sys.executable, "-m", "tmlp.cli", "export", "--model", "test_vit", "--checkpoint", ckpt, "--k", "8",
+            "--calib-images", "256", "--eval-images", "64", "--out", str(out)]
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_the_same_export_writes_the_same_bytes(trained_tiny_vit_path, tmp_path):
+    """Two exports from empty calibration caches (K-means and all) give byte-identical ONNX files and val.npz."""
+    outs = []
+    for i in range(2):
+        env = {**os.environ, "TMLP_CACHE": str(tmp_path / f"cache{i}")}
+        out = tmp_path / f"run{i}"
+        proc = subprocess.run(_export_cmd(trained_tiny_vit_path, out), capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "calibration cache hit" not in proc.stdout + proc.stderr
+        outs.append(out)
+    for name in ("original.onnx", "tmlp.onnx", "val.npz"):
+        assert _sha(outs[0] / name) == _sha(outs[1] / name), name
+    manifests = [json.load(open(o / "manifest.json")) for o in outs]
+    assert manifests[0]["files"] == manifests[1]["files"]  # sha256 and size of every file
+    for name in ("original.onnx", "tmlp.onnx"):
+        meta = {p.key for p in onnx.load(outs[0] / name, load_external_data=False).metadata_props}
+        assert not any("time" in k or "date" in k for k in meta)  # no timestamps in the model
+
+
+def _check_complete(folder) -> list[str]:
+    """Every file under a final name is whole: ONNX files load and pass the checker, val.npz loads, and a manifest
+    lists exactly matching files. Returns the final names present."""
+    present = [n for n in FINAL if (folder / n).exists()]
+    for name in present:
+        if name.endswith(".onnx"):
+            onnx.checker.check_model(onnx.load(folder / name), full_check=True)
+        elif name == "val.npz":
+            with np.load(folder / name) as z:
+                assert len(z["x"]) == len(z["y"]) > 0
+        else:
+            manifest = json.load(open(folder / name))
+            for listed, entry in manifest["files"].items():
+                assert _sha(folder / listed) == entry["sha256"] and os.path.getsize(folder / listed) == entry["bytes"]
+    return present
+
+
+def test_an_export_killed_at_random_points_leaves_no_partial_file(trained_tiny_vit_path, tmp_path):
+    start = time.time()
+    subprocess.run(_export_cmd(trained_tiny_vit_path, tmp_path / "whole"), check=True, capture_output=True)
+    duration = time.time() - start  # a full export, calibration cached from here on
+    rng = random.Random(0)
+    for i, fraction in enumerate(sorted(rng.uniform(0.3, 1.0) for _ in range(6))):
+        out = tmp_path / f"killed{i}"
+        proc = subprocess.Popen(_export_cmd(trained_tiny_vit_path, out), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(fraction * duration)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if out.exists():
+            present = _check_complete(out)
+            if "manifest.json" in present:  # written last: everything else is there
+                assert set(present) == set(FINAL)
+    assert _check_complete(tmp_path / "whole") == list(FINAL)
+
+
+def test_a_disk_that_fills_up_mid_write_leaves_nothing(monkeypatch, tmp_path):
+    """ENOSPC in the middle of writing an artifact: the error propagates and neither the final name nor the
+    temporary file remains."""
+    import tmlp.io as tio
+
+    target = tmp_path / "out" / "big.json"
+    real_dump = json.dump
+
+    def full_disk(obj, f, **kw):
+        f.write("{\"partial\": ")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(json, "dump", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        tio.write_json(target, {"a": 1})
+    monkeypatch.setattr(json, "dump", real_dump)
+    assert os.listdir(tmp_path / "out") == []
