@@ -511,6 +511,53 @@ def format_report(m: Measurement) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Soak:
+    """``--duration``: inferences run back to back for ``seconds``; RSS sampled about every ``interval_s``."""
+
+    seconds: float
+    inferences: int
+    rss_mb: list[float]
+    growth_mb: float  # mean RSS over the last quarter of the samples minus over the first quarter
+    slope_mb_per_min: float  # least-squares slope of RSS over time
+    grew: bool  # growth beyond noise: more than max(2 MiB, 2% of the first quarter's RSS)
+
+    def summary(self) -> str:
+        return (f"soak        {self.inferences} inferences in {self.seconds:.0f} s; RSS {self.rss_mb[0]:.1f} -> "
+                f"{self.rss_mb[-1]:.1f} MiB (max {max(self.rss_mb):.1f}), growth {self.growth_mb:+.2f} MiB, slope "
+                f"{self.slope_mb_per_min:+.3f} MiB/min: {'GREW' if self.grew else 'no growth beyond noise'}")
+
+
+def soak(path: str, seconds: float, batch: int = 1, threads: int = 1, provider: str = "cpu",
+         interval_s: float = 0.5, seed: int = 0) -> Soak:
+    """Run ``path`` on random inputs continuously for ``seconds`` and report whether its RSS grew (a leak check)."""
+    if seconds <= 0:
+        raise RunError(f"--duration must be > 0 seconds, got {seconds}")
+    session = make_session(path, provider, threads)
+    name, shape = input_shape(session, batch)
+    feeds = [np.random.default_rng(seed + i).standard_normal(shape).astype(np.float32) for i in range(8)]
+    for i in range(10):  # warm-up: the arena and caches reach their working size
+        session.run(None, {name: feeds[i % 8]})
+    times, rss, count = [], [], 0
+    start = next_sample = time.perf_counter()
+    while True:
+        now = time.perf_counter()
+        if now >= next_sample:
+            times.append(now - start)
+            rss.append(current_rss_mb() or 0.0)
+            next_sample += interval_s
+        if now - start >= seconds:
+            break
+        session.run(None, {name: feeds[count % 8]})
+        count += 1
+    q = max(1, len(rss) // 4)
+    first, last = float(np.mean(rss[:q])), float(np.mean(rss[-q:]))
+    slope = float(np.polyfit(times, rss, 1)[0]) * 60 if len(rss) > 1 else 0.0
+    growth = last - first
+    return Soak(seconds=times[-1], inferences=count, rss_mb=rss, growth_mb=growth, slope_mb_per_min=slope,
+                grew=growth > max(2.0, 0.02 * first))
+
+
 def dump_outputs(path: str, inputs: str, out: str, threads: int = 1, batch: int = 16) -> list[str]:
     """Run ``path`` on the preprocessed ``input`` array [N, ...] of the .npz ``inputs`` in batches and save every
     graph output (concatenated along axis 0) to the .npz ``out``; returns the output names. Used by
@@ -546,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="evaluate accuracy on the first N images only")
     parser.add_argument("--no-accuracy", action="store_true", help="time only; skip the accuracy pass over --data")
     parser.add_argument("--json", help="also write the measurement to this JSON file")
+    parser.add_argument("--duration", type=float, default=None, metavar="S",
+                        help="soak test: run continuously for S seconds and report whether RSS grew (exit 1 if so)")
     parser.add_argument("--no-arena", action="store_true", help="turn onnxruntime's CPU memory arena off")
     parser.add_argument("--no-manifest", action="store_true",
                         help="do not check the model against the manifest.json beside it (sha256 and size)")
@@ -559,6 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", metavar="IN.npz", help="preprocessed model inputs (array 'input') for --dump-outputs")
     args = parser.parse_args(argv)
     try:
+        if args.duration is not None:
+            result = soak(args.model, args.duration, args.batch, args.threads, args.provider)
+            print(result.summary())
+            if args.json:
+                _write_json(args.json, asdict(result))
+            return 1 if result.grew else 0
         if args.dump_outputs:
             if not args.inputs:
                 raise RunError("--dump-outputs needs --inputs IN.npz (array 'input', the preprocessed model input)")

@@ -220,3 +220,18 @@ def test_an_export_that_cannot_meet_a_profile_says_why(trained_tiny_vit_path, tm
     assert result.exit_code == 2
     assert "cannot export for device ancient: opset 16 needs ONNX IR version 8, above the device's 3" in result.output
     assert not (tmp_path / "out" / "tmlp.onnx").exists() and not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_30_second_soak_of_a_tmlp_model_shows_no_rss_growth(small_tmlp, tmp_path):
+    """runtime/run.py --duration 30: inferences back to back, RSS sampled twice a second; no growth beyond noise."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "soak.json"
+    proc = subprocess.run([sys.executable, runtime_run.__file__, small_tmlp, "--duration", "30", "--batch", "4",
+                           "--json", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    soak = json.load(open(out))
+    assert soak["seconds"] >= 29 and soak["inferences"] > 100 and len(soak["rss_mb"]) >= 50
+    assert not soak["grew"] and abs(soak["growth_mb"]) < 2.0
+    assert "no growth beyond noise" in proc.stdout
