@@ -51,11 +51,20 @@ def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
 DYNAMO_MIN_OPSET = 18
 
 
+LARGE_BYTES = 2**31 - 2**24  # protobuf's 2 GiB limit, less a margin for the graph itself
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, metadata: dict[str, str],
                 opset: int = DEFAULT_OPSET, verbose: bool = False, max_ir_version: int | None = None) -> Counter:
-    """Export ``model`` ([B, C, H, W] -> [B, classes], batch dimension dynamic) to ``path`` with metadata at exactly
-    ``opset``, check it with ``onnx.checker.check_model(full_check=True)``; returns the graph's op counts."""
+    """Export ``model`` ([B, ...] -> [B, ...], batch dimension dynamic) to ``path`` with metadata at exactly
+    ``opset``, check it with ``onnx.checker.check_model(full_check=True)``; returns the graph's op counts.
+
+    Models whose tensors pass 2 GiB go to ONNX external data: one file ``<name>.data`` beside the model. Both files
+    are written in a temporary folder beside ``path`` and moved into place data first, model last."""
     model = model.eval()
+    tensor_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if tensor_bytes >= LARGE_BYTES:
+        return _export_large(model, example, path, metadata, opset, verbose)
     sink = io.StringIO()
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -74,9 +83,51 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, metada
             proto.ir_version = max(needed, max_ir_version)
         set_metadata(proto, metadata)
         proto.producer_name, proto.producer_version = "tmlp", metadata.get("tmlp.version", "")
-        _save(proto, tmp)
+        onnx.save_model(proto, tmp)
         onnx.checker.check_model(tmp, full_check=True)
     return op_counts(proto)
+
+
+def _export_large(model: torch.nn.Module, example: torch.Tensor, path: str, metadata: dict[str, str], opset: int,
+                  verbose: bool) -> Counter:
+    """The > 2 GiB path: dynamo export saved with external data, checked by path, moved into place."""
+    import shutil
+    import tempfile
+
+    if opset < DYNAMO_MIN_OPSET:
+        raise TmlpError(f"a model over 2 GiB needs opset >= {DYNAMO_MIN_OPSET} (external data through the dynamo "
+                        f"exporter), got {opset}; use --basis shared or a smaller --k for this device")
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    os.makedirs(folder, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) if not verbose else \
+                contextlib.nullcontext():
+            warnings.simplefilter("ignore")
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=({0: batch},), optimize=True, verbose=False)
+            program.model.metadata_props.clear()
+            program.model.metadata_props.update({k: str(metadata[k]) for k in sorted(metadata)})
+            program.model.producer_name, program.model.producer_version = "tmlp", metadata.get("tmlp.version", "")
+            program.save(os.path.join(work, name), external_data=True)
+        onnx.checker.check_model(os.path.join(work, name), full_check=True)
+        data = [f for f in os.listdir(work) if f != name]
+        for f in data:  # the data first: once the model stands under its final name, its data are complete
+            os.replace(os.path.join(work, f), os.path.join(folder, f))
+        os.replace(os.path.join(work, name), path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return op_counts(path)
+
+
+def external_data_files(path: str) -> list[str]:
+    """Paths of the external data files the model at ``path`` refers to (none for a self-contained model)."""
+    model = onnx.load(path, load_external_data=False)
+    names = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return [os.path.join(os.path.dirname(os.path.abspath(path)), n) for n in sorted(names)]
 
 
 def _dynamo_export(model: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
@@ -100,15 +151,6 @@ def _torchscript_export(model: torch.nn.Module, example: torch.Tensor, opset: in
 def default_opset(model: onnx.ModelProto) -> int:
     """The version of the default ONNX domain the model imports."""
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _save(proto: onnx.ModelProto, path: str) -> None:
-    """Save inline below 2 GiB, else with one external data file beside the model."""
-    if proto.ByteSize() < 2**31 - 2**20:
-        onnx.save_model(proto, path)
-    else:
-        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=os.path.basename(path) + ".data", size_threshold=1024)
 
 
 def op_counts(path_or_model: str | onnx.ModelProto) -> Counter:

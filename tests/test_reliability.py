@@ -97,3 +97,40 @@ def test_a_disk_that_fills_up_mid_write_leaves_nothing(monkeypatch, tmp_path):
         tio.write_json(target, {"a": 1})
     monkeypatch.setattr(json, "dump", real_dump)
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_model_past_2_gib_goes_to_one_external_data_file_and_runs(tmp_path):
+    """Dense Jacobians with k = 1000 at d = 740 are 2.2 GB: the export writes model + one .data file beside it
+    (nothing else left in the folder), the checker passes, and onnxruntime loads and runs it from there."""
+    import gc
+
+    import onnxruntime as ort
+    import torch
+
+    from tmlp.derivatives import BlockDerivatives
+    from tmlp.export.onnx_export import export_onnx, external_data_files
+    from tmlp.runtime import run as runtime_run
+    from tmlp.taylor import TaylorMLP
+
+    k, d = 1000, 740
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(k, d, generator=g)
+    block = TaylorMLP(centres, BlockDerivatives(value=torch.randn(k, d, generator=g),
+                                                jacobian=torch.randn(k, d, d, generator=g) * 0.01), 1)
+    assert block.jacobian.numel() * 4 > 2**31
+    x = torch.cat([centres[:3] + 0.01, torch.randn(3, d, generator=g)])
+    with torch.no_grad():
+        want = block(x).numpy()
+    path = tmp_path / "out" / "big.onnx"
+    ops = export_onnx(block, x[:2], str(path), {"tmlp.kind": "tmlp"})
+    del block
+    gc.collect()
+    assert ops["ArgMin"] == 1 and sorted(os.listdir(path.parent)) == ["big.onnx", "big.onnx.data"]
+    assert external_data_files(str(path)) == [str(path) + ".data"]
+    assert os.path.getsize(path) < 2**20 and os.path.getsize(str(path) + ".data") > 2**31
+    assert runtime_run.model_bytes(str(path)) == os.path.getsize(path) + os.path.getsize(str(path) + ".data")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=1e-4)
+    del session
+    gc.collect()

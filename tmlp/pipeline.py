@@ -18,7 +18,7 @@ from tmlp.data import DataSet, load_dataset, to_tensor
 from tmlp.calibrate import calibrate
 from tmlp.distill import distill_
 from tmlp.errors import TmlpError
-from tmlp.export.onnx_export import export_onnx, parity
+from tmlp.export.onnx_export import export_onnx, external_data_files, parity
 from tmlp.io import atomic_path, check_can_write, ensure_writable_dir, write_json
 from tmlp.models import create_model, file_sha256, input_size, load_checkpoint, model_names, resolve_config
 from tmlp.plan import BlockOption, held_out_tokens, option_calibration, plan_blocks
@@ -239,7 +239,7 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
         meta_tmlp["tmlp.chunks"] = str(memory["chunks"])
     files = {}
     ensure_writable_dir(out_dir)
-    for stale in ("manifest.json",) + DERIVED_FILES:  # an earlier export's manifest (rewritten last) and what
+    for stale in ("manifest.json", "original.onnx.data", "tmlp.onnx.data") + DERIVED_FILES:  # an earlier export's manifest (rewritten last) and what
         # `tmlp bench` derived from it: a half-finished export must not look complete
         if os.path.isfile(os.path.join(out_dir, stale)):
             os.unlink(os.path.join(out_dir, stale))
@@ -260,6 +260,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
             log(f"  Taylor blocks in the graph: ArgMin x{ops.get('ArgMin', 0)}, Gather x{ops.get('Gather', 0)}, "
                 f"MatMul x{ops.get('MatMul', 0)}")
         files[name] = path
+        for extra in external_data_files(path):  # > 2 GiB: the model's external data file, listed in the manifest
+            files[os.path.basename(extra)] = extra
         files[name + ".parity"] = check
     val_path = os.path.join(out_dir, "val.npz")
     with atomic_path(val_path) as tmp:
