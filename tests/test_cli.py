@@ -10,7 +10,7 @@ from tmlp.models import create_model, save_checkpoint
 from conftest import TINY_VIT
 
 COMMANDS = [[], ["train"], ["export"], ["bench"], ["data"], ["data", "download"], ["models"], ["models", "list"],
-            ["models", "show"]]
+            ["models", "show"], ["devices"], ["devices", "list"], ["devices", "show"], ["devices", "check"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "tmlp")
@@ -91,6 +91,18 @@ def test_bad_export_options(tmp_path, checkpoint, args, expected):
     code, err, output = _run(["export", "--model", "test_vit", "--checkpoint", checkpoint, "--out", out] + args)
     assert code == 2 and expected in (err + output), err + output
     assert not os.path.exists(out) or not os.listdir(out)
+
+
+def test_nan_weights_are_reported_before_anything_is_written(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("test_vit", TINY_VIT)
+    with torch.no_grad():
+        model.blocks[0].norm1.weight[0] = float("nan")  # NaN reaches blocks.0.mlp's inputs
+    path = str(tmp_path / "nan.pt")
+    save_checkpoint(path, model, "test_vit", TINY_VIT, {"dataset": "digits"})
+    out = str(tmp_path / "out")
+    code, err, _ = _run(["export", "--model", "test_vit", "--checkpoint", path, "--k", "8", "--out", out])
+    _assert_one_line_error(code, err.split("\r")[-1], "received NaN or Inf activations", out)  # after the progress bar
 
 
 def test_full_hessian_is_refused_with_its_size(tmp_path, checkpoint):
