@@ -150,3 +150,18 @@ def test_device_report_and_side_by_side_comparison(tmp_path):
     assert bad.exit_code == 2 and "not a device report" in bad.output
     stray = CliRunner().invoke(main, ["bench", reports[0]])
     assert stray.exit_code == 2 and "use --compare" in stray.output
+
+
+def test_run_py_reads_the_chunk_count_and_turns_buffer_reuse_off(tmp_path):
+    """A token-chunked model says so in its metadata; runtime/run.py reads it (without onnx) and disables
+    onnxruntime's buffer reuse, which would otherwise keep every chunk's gathered tensor alive."""
+    path = str(tmp_path / "chain.onnx")
+    _chain(path, 1)
+    model = onnx.load(path)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "tmlp.chunks", "4"
+    onnx.save(model, path)
+    assert runtime_run.read_metadata(path) == {"tmlp.chunks": "4"}
+    assert runtime_run.read_metadata(str(tmp_path / "missing.onnx")) == {}
+    session = runtime_run.make_session(path)
+    assert session.get_modelmeta().custom_metadata_map["tmlp.chunks"] == "4"
