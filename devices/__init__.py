@@ -36,10 +36,19 @@ class DeviceProfile:
     providers: tuple[str, ...]
     default_threads: int
     qemu_cpu: str | None = None
+    unsupported_ops: tuple[str, ...] = ()  # op types none of the board's providers (CPU fallback included) run
+
+    def check_ops(self, op_types: set[str]) -> None:
+        """Fail, naming them, if the graph uses ops this board cannot run."""
+        bad = sorted(op_types & set(self.unsupported_ops))
+        if bad:
+            raise TmlpError(f"device {self.name} cannot run op(s) {', '.join(bad)} (unsupported_ops in its profile); "
+                            "edit the profile if the board can, or choose another --device")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["providers"] = list(self.providers)
+        d["unsupported_ops"] = list(self.unsupported_ops)
         return d
 
 
@@ -50,7 +59,7 @@ def profile_names() -> list[str]:
 def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
     """A DeviceProfile from a TOML table; names the missing or mistyped field and the file."""
     types = {f.name: f.type for f in fields(DeviceProfile)}
-    required = [f.name for f in fields(DeviceProfile) if f.name != "qemu_cpu"]
+    required = [f.name for f in fields(DeviceProfile) if f.name not in ("qemu_cpu", "unsupported_ops")]
     missing = [k for k in required if k not in data]
     if missing:
         raise TmlpError(f"device profile {source} lacks {', '.join(missing)}; add them (see devices/rpi4.toml)")
@@ -63,7 +72,8 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
             raise TmlpError(f"device profile {source}: {key} must be a positive integer, got {data[key]!r}")
     if not isinstance(data["providers"], list) or not data["providers"]:
         raise TmlpError(f"device profile {source}: providers must be a non-empty list like [\"CPUExecutionProvider\"]")
-    return DeviceProfile(**{**data, "providers": tuple(data["providers"])})
+    return DeviceProfile(**{**data, "providers": tuple(data["providers"]),
+                            "unsupported_ops": tuple(data.get("unsupported_ops", ()))})
 
 
 def load_profile(name_or_path: str) -> DeviceProfile:

@@ -249,6 +249,12 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
         t0 = time.time()
         try:
             ops = export_onnx(net, example, path, meta, opset=opset, max_ir_version=max_ir)
+            if profile is not None:
+                try:
+                    profile.check_ops(set(ops))
+                except TmlpError:
+                    os.unlink(path)
+                    raise
         except TmlpError as err:
             if profile is None:
                 raise
