@@ -126,3 +126,17 @@ def test_export_with_a_budget_and_distillation_records_both(trained, tmp_path):
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["tmlp.plan"]) == plan["choice"]
     assert len(distil["kl_per_epoch"]) == 1 and manifest["pytorch_val_accuracy"]["tmlp"] == distil["accuracy_after"]
+
+
+def test_an_fp16_copy_of_a_checkpoint_exports_like_the_original(trained, exported, tmp_path):
+    """`tmlp models fp16-copy` halves the file; `tmlp export --checkpoint` reads it back (as fp32) with the same
+    accuracy to within one validation image."""
+    half = tmp_path / "cifar_like_fp16.pt"
+    _ok(["models", "fp16-copy", str(trained / "best.pt"), str(half)])
+    assert half.stat().st_size < 0.6 * (trained / "best.pt").stat().st_size
+    out = tmp_path / "from-half"
+    _ok(["export", "--model", "test_vit", "--checkpoint", str(half), "--k", "16", "--out", str(out)])
+    from_half = json.load(open(out / "manifest.json"))["pytorch_val_accuracy"]
+    from_full = json.load(open(exported[0] / "manifest.json"))["pytorch_val_accuracy"]
+    n = json.load(open(out / "manifest.json"))["n_val"]
+    assert abs(from_half["original"] - from_full["original"]) <= 1 / n + 1e-9

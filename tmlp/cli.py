@@ -87,7 +87,6 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
     Checkpoints (last.pt every epoch and every 5 minutes, best.pt on each improvement) make the run resumable:
     run the same command again after an interruption.
     """
-    from tmlp.models import load_checkpoint, save_checkpoint
     from tmlp.train import TrainConfig, train as run_train
 
     adam = optimizer == "adamw"
@@ -104,10 +103,17 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
     click.echo(f"best validation accuracy {100 * summary['best_acc']:.2f}% at epoch {summary['best_epoch']}; "
                f"checkpoint {summary['checkpoint']}")
     if fp16_copy:
-        net, payload = load_checkpoint(summary["checkpoint"])
-        extra = {k: v for k, v in payload.items() if k not in ("format", "version", "model", "config", "state_dict")}
-        save_checkpoint(fp16_copy, net, payload["model"], payload["config"], extra, half=True)
-        click.echo(f"fp16 copy: {fp16_copy} ({os.path.getsize(fp16_copy) / 1e6:.1f} MB)")
+        write_fp16_copy(summary["checkpoint"], fp16_copy)
+
+
+def write_fp16_copy(src: str, dst: str) -> None:
+    """An fp16 copy of checkpoint ``src`` at ``dst`` (same model, config and training record; half the bytes)."""
+    from tmlp.models import load_checkpoint, save_checkpoint
+
+    net, payload = load_checkpoint(src)
+    extra = {k: v for k, v in payload.items() if k not in ("format", "version", "model", "config", "state_dict")}
+    save_checkpoint(dst, net, payload["model"], payload["config"], extra, half=True)
+    click.echo(f"fp16 copy: {dst} ({os.path.getsize(dst) / 1e6:.1f} MB, from {os.path.getsize(src) / 1e6:.1f} MB)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -257,6 +263,16 @@ def models_list() -> None:
         entry = MODELS[name]
         click.echo(f"{name:12s} {entry.description}; T-MLP replaces {entry.mlp_pattern}")
     click.echo("Any timm model name (timm.list_models()) works too.")
+
+
+@models.command("fp16-copy")
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@user_errors
+def models_fp16_copy(src, dst) -> None:
+    """Write an fp16 copy of checkpoint SRC to DST (for committing a model; `tmlp export --checkpoint DST` reads it
+    back as fp32). Works on a checkpoint of a run still training (its best.pt)."""
+    write_fp16_copy(src, dst)
 
 
 @models.command("show")
