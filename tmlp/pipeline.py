@@ -99,6 +99,50 @@ def _tensor_batches(data: DataSet, spec: dict[str, Any], split: str, limit: int,
     return gen, (n + batch_size - 1) // batch_size
 
 
+@dataclass
+class Loaded:
+    """A model ready to calibrate: weights, checkpoint payload (config, preprocessing), the data set and the
+    preprocessing spec to feed it with."""
+    model: torch.nn.Module
+    payload: dict[str, Any]
+    checkpoint: str | None
+    data: DataSet
+    spec: dict[str, Any]
+    dataset: str
+    input_size: tuple[int, int, int]
+
+
+def load_model_and_data(model_name: str, checkpoint: str | None = None, pretrained: bool = False,
+                        dataset: str | None = None, data_root: str | None = None,
+                        log: Callable[[str], None] = print, progress: bool = True) -> Loaded:
+    """The model (``checkpoint``, timm's pretrained weights, or the embedded default) and its data set, split and
+    preprocessed as it was in training."""
+    if model_name not in model_names():
+        resolve_config(model_name)  # raises for unknown names
+    if checkpoint is not None:
+        model, payload = load_checkpoint(checkpoint, expect_model=model_name)
+        ckpt_path = checkpoint
+    elif pretrained:
+        if dataset is None:
+            raise TmlpError("--pretrained needs --dataset to calibrate and evaluate on (e.g. imagefolder:PATH)")
+        model = create_model(model_name, pretrained=True).eval()
+        payload, ckpt_path = {"model": model_name, "config": resolve_config(model_name)}, None
+    else:
+        ckpt_path = embedded_default_checkpoint(model_name, log, progress)
+        model, payload = load_checkpoint(ckpt_path)
+    dataset = dataset or payload.get("dataset", DEFAULT_DATASET)
+    mcfg = payload["config"]
+    chans, h, w = input_size(model_name, mcfg)
+    data = load_dataset(dataset, data_root, seed=payload.get("train_config", {}).get("seed", 0),
+                        image_size=h, val_fraction=payload.get("train_config", {}).get("val_fraction", 0.2))
+    if data.channels != chans:
+        raise TmlpError(f"{dataset} images have {data.channels} channels, the model takes {chans}; pick the data set "
+                        "the checkpoint was trained on")
+    same_data = payload.get("dataset") == dataset and payload.get("preprocessing")
+    spec = payload["preprocessing"] if same_data else data.preprocessing((h, w))
+    return Loaded(model, payload, ckpt_path, data, spec, dataset, (chans, h, w))
+
+
 def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shared", rank: int = 32,
                basis_source: str = "data", layers: str | None = None, dataset: str | None = None,
                checkpoint: str | None = None, out_dir: str | None = None, hessian: str = "diag", seed: int = 0,
@@ -123,29 +167,11 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
         max_ir = profile.max_ir_version
     config = TaylorConfig(k=k, order=order, hessian=hessian, seed=seed, basis=basis, rank=rank,
                           basis_source=basis_source)
-    if model_name not in model_names():
-        resolve_config(model_name)  # raises for unknown names
-    if checkpoint is not None:
-        model, payload = load_checkpoint(checkpoint, expect_model=model_name)
-        ckpt_path = checkpoint
-    elif pretrained:
-        if dataset is None:
-            raise TmlpError("--pretrained needs --dataset to calibrate and evaluate on (e.g. imagefolder:PATH)")
-        model = create_model(model_name, pretrained=True).eval()
-        payload, ckpt_path = {"model": model_name, "config": resolve_config(model_name)}, None
-    else:
-        ckpt_path = embedded_default_checkpoint(model_name, log, progress)
-        model, payload = load_checkpoint(ckpt_path)
-    dataset = dataset or payload.get("dataset", DEFAULT_DATASET)
+    loaded = load_model_and_data(model_name, checkpoint, pretrained, dataset, data_root, log, progress)
+    model, payload, ckpt_path, data, spec, dataset = (loaded.model, loaded.payload, loaded.checkpoint, loaded.data,
+                                                      loaded.spec, loaded.dataset)
     mcfg = payload["config"]
-    chans, h, w = input_size(model_name, mcfg)
-    data = load_dataset(dataset, data_root, seed=payload.get("train_config", {}).get("seed", 0),
-                        image_size=h, val_fraction=payload.get("train_config", {}).get("val_fraction", 0.2))
-    if data.channels != chans:
-        raise TmlpError(f"{dataset} images have {data.channels} channels, the model takes {chans}; pick the data set "
-                        "the checkpoint was trained on")
-    same_data = payload.get("dataset") == dataset and payload.get("preprocessing")
-    spec = payload["preprocessing"] if same_data else data.preprocessing((h, w))
+    chans, h, w = loaded.input_size
     out_dir = out_dir or os.path.join("runs", f"{model_name}-{_slug(dataset)}")
     check_can_write(out_dir)
 
