@@ -2,15 +2,17 @@
 
 Grid: d in {192, 384, 768} (hidden 4d), k in {10, 100, 1000}, N in {1, 197, 8x197} tokens, 1 and 2 threads.
 Variants: fp32 MLP, int8 MLP (quantize_dynamic), dense Taylor order 1, shared basis r=32 order 1 and order 2.
-Latency: onnxruntime CPU, the runtime/run.py timing code in this process (warm-up 10, 50 runs, p50/p90);
-file size; relative output error ‖y_T − y‖/‖y‖ on held-out tokens.
+Latency: onnxruntime CPU, the runtime/run.py timing code in this process (warm-up 10, 50 runs, p50/p90; the
+variants of a cell are timed in --repeats interleaved rounds and the median is reported); file size; relative
+output error ‖y_T − y‖/‖y‖ on held-out tokens.
 
-Weights: at d=384 the block is ``blocks.5.mlp`` of the embedded digits DeiT-Small (trained), with its real
-activations (calibration on 1,000 images, error on the held-out validation split); other widths use a
+Weights: at d=384 the block is ``--block`` (default blocks.5.mlp) of a trained DeiT-Small (``--checkpoint``, e.g.
+the CIFAR-10 model bench/deit_small_cifar10_fp16.pt; default the embedded digits model), with its real activations
+(calibration tokens from 2,000 training images, error on held-out validation tokens); other widths use a
 random-initialised timm Mlp with Gaussian-mixture inputs, so their errors say little about trained models (latency
 does not depend on the values). Dense variants whose per-centre tensors exceed --max-dense-gb are skipped and listed.
 
-    python bench/block.py [--quick] [--out bench/results/block]
+    python bench/block.py [--quick] [--checkpoint CKPT] [--out bench/results/block]
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 from timm.layers import Mlp
 
 from tmlp.calibrate import kmeans, shared_block
+from tmlp.data import to_tensor
 from tmlp.derivatives import block_derivatives
 from tmlp.export.onnx_export import export_onnx
 from tmlp.export.quantize import quantize_int8_dynamic
@@ -34,13 +37,13 @@ from tmlp.runtime import run
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig, TaylorMLP
 
 
-def block_and_tokens(d: int, n_calib: int, n_test: int, seed: int = 0):
+def block_and_tokens(d: int, n_calib: int, n_test: int, checkpoint: str | None, fqn: str, seed: int = 0):
     """(block, calibration tokens [n, d], held-out tokens [m, d], source description)."""
     if d == 384:
         try:
-            return digits_block(n_calib, n_test)
+            return trained_block(checkpoint, fqn, n_calib, n_test)
         except Exception as err:  # noqa: BLE001  (no cached default model: fall back, and say so)
-            print(f"d=384: trained digits block unavailable ({err}); using a random block", file=sys.stderr)
+            print(f"d=384: trained block unavailable ({err}); using a random block", file=sys.stderr)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     block = Mlp(d, 4 * d).eval()
@@ -50,22 +53,21 @@ def block_and_tokens(d: int, n_calib: int, n_test: int, seed: int = 0):
     return block, draw(n_calib), draw(n_test), "random-init timm Mlp, Gaussian-mixture inputs"
 
 
-def digits_block(n_calib: int, n_test: int):
+def trained_block(checkpoint: str | None, fqn: str, n_calib: int, n_test: int):
+    """Block ``fqn`` of a trained DeiT-Small (``checkpoint``, or the embedded digits default) with its real inputs:
+    calibration tokens from the training split, held-out tokens from the validation split."""
     from tmlp.calibrate import collect_inputs
-    from tmlp.data import load_dataset, to_tensor
-    from tmlp.models import load_checkpoint
-    from tmlp.pipeline import embedded_default_checkpoint
+    from tmlp.pipeline import load_model_and_data
 
-    model, payload = load_checkpoint(embedded_default_checkpoint("deit_small"))
-    data = load_dataset("digits")
-    spec = payload["preprocessing"]
-    fqn = "blocks.5.mlp"
+    loaded = load_model_and_data("deit_small", checkpoint, progress=False)
+    model, data, spec = loaded.model.eval(), loaded.data, loaded.spec
     def tokens(split, n_images, limit):
-        x = to_tensor(split.x[:n_images], spec)
+        x = to_tensor(split.images(np.arange(min(n_images, len(split)))), spec)
         return collect_inputs(model, [fqn], iter(x.split(128)), (len(x) + 127) // 128, limit, progress=False)[fqn]
-    calib = tokens(data.train, 1000, n_calib)
-    test = tokens(data.val, 359, n_test)
-    return model.get_submodule(fqn), calib, test, "blocks.5.mlp of the embedded digits DeiT-Small, real activations"
+    calib = tokens(data.train, 2000, n_calib)
+    test = tokens(data.val, 1000, n_test)
+    name = checkpoint or "the embedded digits DeiT-Small"
+    return model.get_submodule(fqn), calib, test, f"{fqn} of {name}, real activations ({loaded.dataset})"
 
 
 def time_model(path: str, n: int, d: int, threads: int, warmup: int, runs: int) -> dict:
@@ -84,13 +86,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--max-dense-gb", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved timing rounds per cell; the median p50/p90 is reported")
+    parser.add_argument("--checkpoint", default=None,
+                        help="trained DeiT-Small for the d=384 block [default: the embedded digits model]")
+    parser.add_argument("--block", default="blocks.5.mlp", help="which MLP of it")
     args = parser.parse_args()
     dims, ks, ns, threads = ([384], [100], [197], [1]) if args.quick else ([192, 384, 768], [10, 100, 1000],
                                                                           [1, 197, 8 * 197], [1, 2])
     rows, skipped = [], []
     tmp = tempfile.mkdtemp(prefix="tmlp-block-")
     for d in dims:
-        block, calib, test, source = block_and_tokens(d, 20000, 5000)
+        block, calib, test, source = block_and_tokens(d, 20000, 5000, args.checkpoint, args.block)
         with torch.no_grad():
             ref = block(test)
         def rel_err(module):
@@ -122,15 +129,19 @@ def main() -> None:
                 path = os.path.join(tmp, f"shared-{d}-{k}-{order}.onnx")
                 export_onnx(t, calib[:2], path, {})
                 models[(f"shared r={args.rank} order {order}", k)] = (path, rel_err(t))
-        for (variant, k), (path, err) in models.items():
-            for n in ns:
-                for th in threads:
-                    lat = time_model(path, n, d, th, args.warmup, args.runs)
-                    rows.append({"d": d, "k": k, "N": n, "threads": th, "variant": variant,
-                                 "p50_ms": lat["p50"], "p90_ms": lat["p90"], "file_mb": run.model_bytes(path) / 1e6,
-                                 "rel_err": err, "weights": source})
-                    print(f"d={d} k={k} N={n} threads={th} {variant}: p50 {lat['p50']:.3f} ms, err {err:.4f}",
-                          flush=True)
+        for n in ns:
+            for th in threads:
+                timings = {key: [] for key in models}
+                for _ in range(args.repeats):  # interleaved: this machine's speed drifts between minutes
+                    for key, (path, _err) in models.items():
+                        timings[key].append(time_model(path, n, d, th, args.warmup, args.runs))
+                for (variant, k), (path, err) in models.items():
+                    p50 = float(np.median([t["p50"] for t in timings[variant, k]]))
+                    p90 = float(np.median([t["p90"] for t in timings[variant, k]]))
+                    rows.append({"d": d, "k": k, "N": n, "threads": th, "variant": variant, "p50_ms": p50,
+                                 "p90_ms": p90, "file_mb": run.model_bytes(path) / 1e6, "rel_err": err,
+                                 "weights": source})
+                    print(f"d={d} k={k} N={n} threads={th} {variant}: p50 {p50:.3f} ms, err {err:.4f}", flush=True)
     for r in rows:  # ratios against the fp32 MLP at the same d, N and threads
         base = next(b for b in rows if b["variant"] == "fp32 MLP" and (b["d"], b["N"], b["threads"]) ==
                     (r["d"], r["N"], r["threads"]))
@@ -145,7 +156,7 @@ def main() -> None:
         json.dump({"machine": machine, "rows": rows, "skipped": skipped, "date": time.strftime("%Y-%m-%d")}, f,
                   indent=2)
     lines = [f"One block, onnxruntime {machine['onnxruntime']} CPU on {machine['cpu']} ({machine['cores']} cores); "
-             "p50 of 50 runs after 10 warm-up.", "",
+             f"p50 of {args.runs} runs after {args.warmup} warm-up, median of {args.repeats} interleaved rounds.", "",
              "| d | k | N | threads | variant | p50 ms | p90 ms | vs fp32 | vs int8 | file MB | rel. error |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
