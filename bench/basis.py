@@ -105,6 +105,37 @@ def main() -> None:
     with open(os.path.join(args.out, "basis.md"), "w") as f:
         f.write(markdown(result, fqns))
     print(markdown(result, fqns))
+    plot(result, os.path.join(args.out, "basis.png"))
+
+
+def plot(result: dict, path: str) -> None:
+    """Accuracy vs rank for each basis source, with the dense reference and the original as lines."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[plot]'): no plot")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    configs = result["configs"].values()
+    for source in sorted({c["source"] for c in configs} - {"dense"}):
+        points = sorted((c["rank"], 100 * c["accuracy"]) for c in configs if c["source"] == source)
+        ax.plot(*zip(*points), "o-", label=f"shared basis from {source}")
+    for c in configs:
+        if c["source"] == "dense":
+            ax.axhline(100 * c["accuracy"], color="grey", linestyle="--", label="dense Jacobians")
+    ax.axhline(100 * result["original_accuracy"], color="black", linestyle=":", label="original")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank r of the shared basis")
+    ax.set_ylabel(f"validation accuracy, % (n={result['n_val']})")
+    ax.set_title(f"{result['model']}, k={result['k']}, all MLPs replaced")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def markdown(result: dict, fqns: list[str]) -> str:
