@@ -26,7 +26,9 @@ def main() -> None:
     import matplotlib.ticker  # noqa: F401  (used as matplotlib.ticker)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for path in args.bench:
+    colours = {v: f"C{i}" for i, v in enumerate(MARKERS)}
+    runs = []
+    for n, path in enumerate(args.bench):
         result = json.load(open(path))
         label = f"{result['model']} / {os.path.basename(result['dataset'].rstrip('/'))} (batch {result['batch']})"
         rows = [r for r in result["rows"] if r.get("accuracy") is not None]
@@ -34,11 +36,14 @@ def main() -> None:
         ys = [100 * r["accuracy"] for r in rows]
         ax.plot(xs, ys, ":", color="grey", linewidth=0.8)
         for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
-            ax.scatter(x, y, marker=MARKERS.get(r["variant"], "x"), s=50,
-                       label=r["variant"] if path == args.bench[0] else None)
+            colour = colours.get(r["variant"], "black")
+            ax.scatter(x, y, marker=MARKERS.get(r["variant"], "x"), s=50, edgecolors=colour,
+                       facecolors=colour if n == 0 else "none", label=r["variant"] if n == 0 else None)
             ax.annotate(f"{r['file_bytes'] / 1e6:.0f} MB", (x, y), textcoords="offset points",
                         xytext=(5, 6 if i % 2 == 0 else -12), fontsize=7)
-        ax.set_title(label if len(args.bench) == 1 else "accuracy vs latency")
+        runs.append(os.path.basename(os.path.dirname(os.path.abspath(path))))
+        ax.set_title(label if len(args.bench) == 1 else
+                     f"{label}: filled {runs[0]}, hollow " + ", ".join(runs[1:]), fontsize=9)
     m = json.load(open(args.bench[0]))["machine"]
     ax.set_xlabel(f"p50 latency, ms (onnxruntime {m['onnxruntime']} CPU, 1 thread, {m['cpu']})")
     ax.set_ylabel("validation accuracy, %")
