@@ -16,15 +16,14 @@ import copy
 import json
 import os
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
 
 from tmlp.calibrate import calibrate
 from tmlp.data import to_tensor
-from tmlp.pipeline import _tensor_batches, load_model_and_data
-from tmlp.plan import held_out_tokens, logit_kl, relative_error, truncate_rank
+from tmlp.pipeline import load_model_and_data, tensor_batches
+from tmlp.plan import held_out_tokens, logit_kl_with, relative_error, truncate_rank
 from tmlp.surgery import replace_module, select_blocks
 from tmlp.taylor import TaylorConfig, build_taylor_block
 from tmlp.train import evaluate
@@ -49,8 +48,8 @@ def main() -> None:
     loaded = load_model_and_data(args.model, args.checkpoint)
     model, data, spec = loaded.model.eval(), loaded.data, loaded.spec
     fqns = select_blocks(model)
-    batches, n_batches = _tensor_batches(data, spec, "train", args.calib_images)
-    key = {"checkpoint": args.checkpoint, "dataset": loaded.dataset, "calib_images": args.calib_images, "spec": spec}
+    batches, n_batches = tensor_batches(data, spec, "train", args.calib_images)
+    key = loaded.calibration_key(args.calib_images)
     probe = to_tensor(data.val.images(np.arange(min(args.probe_images, len(data.val)))), spec)
     tokens = held_out_tokens(model, fqns, [probe[i:i + 64] for i in range(0, len(probe), 64)])
     with torch.no_grad():
@@ -77,14 +76,8 @@ def main() -> None:
             cal = calibration[fqn]
             derivs = cal.derivatives if rank is None else truncate_rank(cal.derivatives, rank)
             blocks[fqn] = build_taylor_block(cal.centres, derivs, 1).eval()
-        per_block = {}
-        for fqn in fqns:
-            original = model.get_submodule(fqn)
-            replace_module(model, fqn, blocks[fqn])
-            with torch.no_grad():
-                kl = logit_kl(reference, model(probe))
-            replace_module(model, fqn, original)
-            per_block[fqn] = {"rel_error": relative_error(blocks[fqn], *tokens[fqn]), "kl": kl}
+        per_block = {fqn: {"rel_error": relative_error(blocks[fqn], *tokens[fqn]),
+                           "kl": logit_kl_with(model, fqn, blocks[fqn], reference, probe)} for fqn in fqns}
         whole = copy.deepcopy(model)
         for fqn in fqns:
             replace_module(whole, fqn, blocks[fqn])

@@ -89,7 +89,7 @@ class ExportResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def _tensor_batches(data: DataSet, spec: dict[str, Any], split: str, limit: int, batch_size: int = 64):
+def tensor_batches(data: DataSet, spec: dict[str, Any], split: str, limit: int, batch_size: int = 64):
     part = getattr(data, split)
     n = min(limit, len(part))
 
@@ -110,6 +110,12 @@ class Loaded:
     spec: dict[str, Any]
     dataset: str
     input_size: tuple[int, int, int]
+    source_sha256: str  # of the checkpoint file, or "pretrained:<model>"
+
+    def calibration_key(self, calib_images: int) -> dict[str, Any]:
+        """What a calibration of this model depends on besides its TaylorConfig (the cache key of calibrate)."""
+        return {"checkpoint": self.source_sha256, "dataset": self.dataset, "calib_images": calib_images,
+                "spec": self.spec, "version": tmlp.__version__}
 
 
 def load_model_and_data(model_name: str, checkpoint: str | None = None, pretrained: bool = False,
@@ -140,7 +146,8 @@ def load_model_and_data(model_name: str, checkpoint: str | None = None, pretrain
                         "the checkpoint was trained on")
     same_data = payload.get("dataset") == dataset and payload.get("preprocessing")
     spec = payload["preprocessing"] if same_data else data.preprocessing((h, w))
-    return Loaded(model, payload, ckpt_path, data, spec, dataset, (chans, h, w))
+    source_sha = file_sha256(ckpt_path) if ckpt_path else "pretrained:" + model_name
+    return Loaded(model, payload, ckpt_path, data, spec, dataset, (chans, h, w), source_sha)
 
 
 def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shared", rank: int = 32,
@@ -186,12 +193,11 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     form = f"shared basis rank {rank} ({basis_source})" if basis == "shared" else "dense Jacobians"
     log(f"calibrating {len(fqns)} block(s) ({fqns[0]}{' ...' if len(fqns) > 1 else ''}) with k={k}, order {order}, "
         f"{form}, on {min(calib_images, len(data.train))} training images of {dataset}")
-    ckpt_sha = file_sha256(ckpt_path) if ckpt_path else "pretrained:" + model_name
-    batches, n_batches = _tensor_batches(data, spec, "train", calib_images)
+    ckpt_sha = loaded.source_sha256
+    batches, n_batches = tensor_batches(data, spec, "train", calib_images)
     tmlp_model = copy.deepcopy(model)
     t0 = time.time()
-    calib_key = {"checkpoint": ckpt_sha, "dataset": dataset, "calib_images": calib_images, "spec": spec,
-                 "version": tmlp.__version__}
+    calib_key = loaded.calibration_key(calib_images)
     calibration = calibrate(model, fqns, batches, n_batches, config, progress=progress, log=log, key=calib_key)
     calib_seconds = time.time() - t0
 

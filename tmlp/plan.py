@@ -120,6 +120,19 @@ def logit_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
+@torch.no_grad()
+def logit_kl_with(model: nn.Module, fqn: str, block: nn.Module, reference: torch.Tensor, probe: torch.Tensor
+                  ) -> float:
+    """``logit_kl(reference, model(probe))`` with block ``fqn`` of ``model`` alone replaced by ``block``; the
+    original block is put back."""
+    original = model.get_submodule(fqn)
+    replace_module(model, fqn, block)
+    try:
+        return logit_kl(reference, model(probe))
+    finally:
+        replace_module(model, fqn, original)
+
+
 @dataclass
 class Plan:
     """Outcome of ``plan_blocks``. Accuracies are fractions; ``max_drop`` is a fraction (0.01 = one point)."""
@@ -240,12 +253,7 @@ def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibra
         for opt in options:
             errors[fqn][opt] = relative_error(blocks[fqn, opt], x, y)
             macs[fqn][opt] = option_macs(opt, d_in, d_out, order)
-            replace_module(model, fqn, blocks[fqn, opt])
-            try:
-                with torch.no_grad():
-                    sensitivity[fqn][opt] = logit_kl(reference, model(probe))
-            finally:
-                replace_module(model, fqn, originals[fqn])
+            sensitivity[fqn][opt] = logit_kl_with(model, fqn, blocks[fqn, opt], reference, probe)
     plan = Plan(baseline=evaluate(model), max_drop=max_drop, errors=errors, sensitivity=sensitivity, macs=macs)
 
     def accuracy_with(choice: dict[str, BlockOption | None]) -> float:
