@@ -1,14 +1,16 @@
 """One MLP block vs its Taylor variants and onnxruntime int8, as standalone ONNX models.
 
 Grid: d in {192, 384, 768} (hidden 4d), k in {10, 100, 1000}, N in {1, 197, 8x197} tokens, 1 and 2 threads.
-Variants: fp32 MLP, int8 MLP (quantize_dynamic), dense Taylor order 1, shared basis r=32 order 1 and order 2.
+Variants: fp32 MLP, int8 MLP (quantize_dynamic), dense Taylor order 1, shared basis r=32 order 1 and order 2, each
+shared one also with its per-centre tensors least-squares fitted to the block's outputs (``--fit lstsq``, tmlp.fit).
 Latency: onnxruntime CPU, the runtime/run.py timing code in this process (warm-up 10, 50 runs, p50/p90; the
 variants of a cell are timed in --repeats interleaved rounds and the median is reported); file size; relative
 output error ‖y_T − y‖/‖y‖ on held-out tokens.
 
 Weights: at d=384 the block is ``--block`` (default blocks.5.mlp) of a trained DeiT-Small (``--checkpoint``, e.g.
 the CIFAR-10 model bench/deit_small_cifar10_fp16.pt; default the embedded digits model), with its real activations
-(calibration tokens from 2,000 training images, error on held-out validation tokens); other widths use a
+(K-means and bases from 20,000 tokens of 2,000 training images, the least-squares fit on all of those images'
+tokens, error on held-out validation tokens); other widths use a
 random-initialised timm Mlp with Gaussian-mixture inputs, so their errors say little about trained models (latency
 does not depend on the values). Dense variants whose per-centre tensors exceed --max-dense-gb are skipped and listed.
 
@@ -33,6 +35,7 @@ from tmlp.data import to_tensor
 from tmlp.derivatives import block_derivatives
 from tmlp.export.onnx_export import export_onnx
 from tmlp.export.quantize import quantize_int8_dynamic
+from tmlp.fit import CellSums, accumulate_, solve_cells
 from tmlp.runtime import run
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig, TaylorMLP
 
@@ -97,9 +100,12 @@ def main() -> None:
     rows, skipped = [], []
     tmp = tempfile.mkdtemp(prefix="tmlp-block-")
     for d in dims:
-        block, calib, test, source = block_and_tokens(d, 20000, 5000, args.checkpoint, args.block)
+        block, calib_all, test, source = block_and_tokens(d, 130000, 5000, args.checkpoint, args.block)
+        calib_all = calib_all[torch.randperm(len(calib_all), generator=torch.Generator().manual_seed(0))]
+        calib = calib_all[:20000]  # a uniform sample over all calibration images
         with torch.no_grad():
             ref = block(test)
+            y_all = torch.cat([block(calib_all[s:s + 8192]) for s in range(0, len(calib_all), 8192)])
         def rel_err(module):
             with torch.no_grad():
                 return float((module(test) - ref).norm() / ref.norm())
@@ -125,10 +131,17 @@ def main() -> None:
                 skipped.append(f"dense order 1, d={d}, k={k}: {dense_gb:.2f} GB of Jacobians")
             for order in (1, 2):
                 cfg = TaylorConfig(k=k, order=order, basis="shared", rank=args.rank)
-                t = SharedTaylorMLP(centres, shared_block(block, calib, centres, cfg), order).eval()
+                taylor = shared_block(block, calib, centres, cfg)
+                t = SharedTaylorMLP(centres, taylor, order).eval()
                 path = os.path.join(tmp, f"shared-{d}-{k}-{order}.onnx")
                 export_onnx(t, calib[:2], path, {})
                 models[(f"shared r={args.rank} order {order}", k)] = (path, rel_err(t))
+                sums = CellSums.zeros(k, args.rank * order, args.rank, d)
+                accumulate_(sums, calib_all, y_all, centres, taylor.u, taylor.v, order)
+                t = SharedTaylorMLP(centres, solve_cells(sums, taylor, 1e-2)[0], order).eval()
+                path = os.path.join(tmp, f"lstsq-{d}-{k}-{order}.onnx")
+                export_onnx(t, calib[:2], path, {})
+                models[(f"shared r={args.rank} order {order} lstsq", k)] = (path, rel_err(t))
         for n in ns:
             for th in threads:
                 timings = {key: [] for key in models}

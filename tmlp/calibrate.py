@@ -9,7 +9,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -21,6 +21,7 @@ from tmlp.basis import check_rank, data_basis, jacobian_basis
 from tmlp.derivatives import (BlockDerivatives, SharedDerivatives, block_derivatives, jacobian_grams,
                               refuse_full_hessian, shared_derivatives)
 from tmlp.errors import TmlpError
+from tmlp.fit import fit_least_squares
 from tmlp.io import atomic_path
 from tmlp.taylor import TaylorConfig
 
@@ -148,6 +149,10 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
         else:
             derivs = block_derivatives(block, centres, config.order, config.hessian)
         result[fqn] = BlockCalibration(fqn, centres, derivs, int(inputs[fqn].shape[0]))
+    if config.fit == "lstsq":
+        fitted = fit_least_squares(model, {f: (r.centres, r.derivatives) for f, r in result.items()}, batches(),
+                                   n_batches, config.order, config.fit_ridge, progress, log)
+        result = {f: replace(r, derivatives=fitted[f]) for f, r in result.items()}
     if path is not None:
         with atomic_path(path) as tmp:
             torch.save({f: r.to_dict() for f, r in result.items()}, tmp)

@@ -130,6 +130,12 @@ def write_fp16_copy(src: str, dst: str) -> None:
 @click.option("--rank", type=int, default=32, show_default=True, help="Rank r of the shared basis.")
 @click.option("--basis-source", type=click.Choice(["data", "jacobian"]), default="data", show_default=True,
               help="Shared basis from PCA of the block's input/output deviations, or from the stacked Jacobians.")
+@click.option("--fit", type=click.Choice(["taylor", "lstsq"]), default="taylor", show_default=True,
+              help="Per-centre tensors: 'taylor' the derivatives at each centre; 'lstsq' (shared basis) refit to the "
+                   "block's outputs over every calibration token, one more pass over the data (same graph, same "
+                   "speed).")
+@click.option("--fit-ridge", type=float, default=1e-2, show_default=True,
+              help="Ridge of --fit lstsq towards the Taylor values, relative to the features' variance.")
 @click.option("--layers", default="all", show_default=True,
               help="Blocks to replace: 'all', indices (0,1,2) or module names (blocks.0.mlp,blocks.5.mlp).")
 @click.option("--dataset", default=None, help="Calibration/validation data [default: the checkpoint's data set].")
@@ -165,7 +171,7 @@ def write_fp16_copy(src: str, dst: str) -> None:
                    "reads (decomposing newer ops) and records the profile in the manifest.")
 @click.option("--data-root", default=None, help="Where cifar10/100 live [default: $TMLP_DATA or ~/.cache/tmlp/data].")
 @user_errors
-def export(model, k, order, hessian, basis, rank, basis_source, layers, dataset, checkpoint, pretrained, out_dir,
+def export(model, k, order, hessian, basis, rank, basis_source, fit, fit_ridge, layers, dataset, checkpoint, pretrained, out_dir,
            calib_images, eval_images, distill_epochs, distill_lr, distill_basis, max_acc_drop, plan_k, plan_rank, seed,
            opset, max_memory_mb, memory_batch, device, data_root) -> None:
     """Calibrate the T-MLP blocks and write original.onnx, tmlp.onnx, val.npz and manifest.json.
@@ -177,7 +183,8 @@ def export(model, k, order, hessian, basis, rank, basis_source, layers, dataset,
 
     if k <= 0:
         raise TmlpError(f"--k must be a positive number of expansion points, got {k}")
-    result = run_export(model, k=k, order=order, basis=basis, rank=rank, basis_source=basis_source, layers=layers,
+    result = run_export(model, k=k, order=order, basis=basis, rank=rank, basis_source=basis_source, fit=fit,
+                        fit_ridge=fit_ridge, layers=layers,
                         dataset=dataset, checkpoint=checkpoint,
                         out_dir=out_dir, hessian=hessian, seed=seed, calib_images=calib_images,
                         eval_images=eval_images, data_root=data_root, pretrained=pretrained, opset=opset,

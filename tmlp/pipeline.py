@@ -151,7 +151,7 @@ def load_model_and_data(model_name: str, checkpoint: str | None = None, pretrain
 
 
 def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shared", rank: int = 32,
-               basis_source: str = "data", layers: str | None = None, dataset: str | None = None,
+               basis_source: str = "data", fit: str = "taylor", fit_ridge: float = 1e-2, layers: str | None = None, dataset: str | None = None,
                checkpoint: str | None = None, out_dir: str | None = None, hessian: str = "diag", seed: int = 0,
                calib_images: int = 5000, eval_images: int = 10000, data_root: str | None = None,
                pretrained: bool = False, opset: int = 20, distill_epochs: int = 0, distill_lr: float = 1e-3,
@@ -173,7 +173,7 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
             opset = profile.max_opset
         max_ir = profile.max_ir_version
     config = TaylorConfig(k=k, order=order, hessian=hessian, seed=seed, basis=basis, rank=rank,
-                          basis_source=basis_source)
+                          basis_source=basis_source, fit=fit, fit_ridge=fit_ridge)
     loaded = load_model_and_data(model_name, checkpoint, pretrained, dataset, data_root, log, progress)
     model, payload, ckpt_path, data, spec, dataset = (loaded.model, loaded.payload, loaded.checkpoint, loaded.data,
                                                       loaded.spec, loaded.dataset)
@@ -191,6 +191,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
         raise TmlpError(f"k = {k} expansion points but the calibration data give only {available} tokens "
                         f"({min(calib_images, len(data.train))} images x {tokens_per_image}); lower --k")
     form = f"shared basis rank {rank} ({basis_source})" if basis == "shared" else "dense Jacobians"
+    if fit == "lstsq":
+        form += f", least-squares fit (ridge {fit_ridge})"
     log(f"calibrating {len(fqns)} block(s) ({fqns[0]}{' ...' if len(fqns) > 1 else ''}) with k={k}, order {order}, "
         f"{form}, on {min(calib_images, len(data.train))} training images of {dataset}")
     ckpt_sha = loaded.source_sha256
@@ -258,7 +260,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
         mcfg, sort_keys=True), "tmlp.dataset": dataset, "tmlp.preprocessing": json.dumps(spec, sort_keys=True),
         "tmlp.source_checkpoint_sha256": ckpt_sha}
     meta_tmlp = {**meta_common, "tmlp.kind": "tmlp", "tmlp.k": str(k), "tmlp.order": str(order), "tmlp.basis": basis,
-                 **({"tmlp.rank": str(rank), "tmlp.basis_source": basis_source} if basis == "shared" else {}),
+                 **({"tmlp.rank": str(rank), "tmlp.basis_source": basis_source, "tmlp.fit": fit}
+                    if basis == "shared" else {}),
                  "tmlp.layers": json.dumps(fqns), "tmlp.taylor_config": json.dumps(config.to_dict(), sort_keys=True),
                  "tmlp.distill_epochs": str(distill_epochs),
                  **({} if layer_plan is None else {"tmlp.plan": json.dumps(layer_plan.to_dict()["choice"],

@@ -26,7 +26,9 @@ class TaylorConfig:
     (0, 1, 2), ``hessian`` for order 2 ("diag"; "full" is refused with its storage figure), K-means ``seed`` and
     ``n_init``, and ``max_tokens`` input rows kept per block for K-means (bounded memory; default
     max(20000, 20 k)). ``basis`` "dense" stores a full Jacobian per centre; "shared" factors J_c ≈ U S_c Vᵀ with
-    rank ``rank`` and U, V chosen from ``basis_source`` ("data" or "jacobian", see tmlp.basis)."""
+    rank ``rank`` and U, V chosen from ``basis_source`` ("data" or "jacobian", see tmlp.basis). ``fit`` "taylor"
+    keeps the derivatives at the centres; "lstsq" (shared basis) refits the per-centre tensors to the block's outputs
+    over all calibration tokens, ridge ``fit_ridge`` towards the Taylor values (see tmlp.fit)."""
 
     VERSION: ClassVar[int] = 1
     k: int = 100
@@ -38,6 +40,8 @@ class TaylorConfig:
     basis: str = "dense"
     rank: int = 32
     basis_source: str = "data"
+    fit: str = "taylor"
+    fit_ridge: float = 1e-2
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k <= 0:
@@ -53,6 +57,13 @@ class TaylorConfig:
         if self.basis == "shared" and (self.order == 0 or self.rank < 1):
             raise TmlpError(f"a shared basis needs order 1 or 2 and rank >= 1, got order {self.order}, rank "
                             f"{self.rank}")
+        if self.fit not in ("taylor", "lstsq"):
+            raise TmlpError(f"fit must be 'taylor' or 'lstsq', got {self.fit!r}")
+        if self.fit == "lstsq" and self.basis != "shared":
+            raise TmlpError("--fit lstsq fits shared-basis blocks; use --basis shared, or --fit taylor with dense "
+                            "Jacobians")
+        if self.fit_ridge < 0:
+            raise TmlpError(f"--fit-ridge must be >= 0, got {self.fit_ridge}")
         if self.max_tokens is None:
             self.max_tokens = max(20000, 20 * self.k)
         if self.n_init < 1 or self.max_tokens < self.k:

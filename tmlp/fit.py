@@ -1,0 +1,144 @@
+"""Least-squares fit of a shared-basis block's per-centre tensors to the block's own outputs ("--fit lstsq").
+
+The Taylor tensors are the tangent of F at each centre; every token of a centre's Voronoi cell is then served by
+that tangent, however far from the centre it lies. With the centres C, the assignment and the bases U, V fixed, the
+block's output is *linear* in its per-centre tensors, so the ones that minimise the block's output error over the
+calibration tokens have a closed form, per centre c::
+
+    f    = z            (order 1)  or  [z, z²] (order 2),   z = Vᵀ(x − C_c)            features [F]
+    y   ≈ value_c + U W_c f,        W_c = [S_c] or [S_c, ½T_c]                         [r, F]
+    W_c  = (Σ Uᵀ(y − ȳ)(f − f̄)ᵀ + λ P_c) (Σ (f − f̄)(f − f̄)ᵀ + λ I)⁻¹,   value_c = ȳ − U W_c f̄
+
+(ridge λ = ``ridge`` · trace(Σ (f − f̄)(f − f̄)ᵀ) / F, pulling W_c towards its Taylor value P_c). The output's part
+outside span(U) can only be matched by the constant, which takes its cell mean. The sums are accumulated in one
+streaming pass over the calibration images (forward hooks; memory k·F² per block, never the activations), so every
+token of every calibration image is used. The graph, the ONNX export and the speed are those of the Taylor block:
+only the numbers in ``value``, ``s`` and ``t`` change. Cells with fewer than F + 2 tokens keep their Taylor values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tmlp.derivatives import SharedDerivatives
+from tmlp.errors import TmlpError
+
+FITS = ("taylor", "lstsq")
+
+
+@dataclass
+class CellSums:
+    """Per-centre sums over the tokens of each cell (float64): count ``n`` [k], ``f`` Σf [k, F], ``y`` Σy
+    [k, d_out], ``ff`` Σffᵀ [k, F, F], ``uyf`` Σ(Uᵀy)fᵀ [k, r, F]."""
+
+    n: torch.Tensor
+    f: torch.Tensor
+    y: torch.Tensor
+    ff: torch.Tensor
+    uyf: torch.Tensor
+
+    @classmethod
+    def zeros(cls, k: int, n_features: int, rank: int, d_out: int) -> "CellSums":
+        z = torch.zeros
+        return cls(z(k, dtype=torch.float64), z(k, n_features, dtype=torch.float64), z(k, d_out, dtype=torch.float64),
+                   z(k, n_features, n_features, dtype=torch.float64), z(k, rank, n_features, dtype=torch.float64))
+
+
+def cell_features(x: torch.Tensor, centres: torch.Tensor, v: torch.Tensor, order: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nearest centre [N] int64, features [N, F]) of rows x [N, d_in]: z = Vᵀ(x − C_c), and z² for order 2."""
+    c = torch.argmin(0.5 * (centres * centres).sum(1) - x @ centres.T, dim=1)
+    z = (x - centres[c]) @ v
+    return c, (torch.cat([z, z * z], 1) if order == 2 else z)
+
+
+def accumulate_(sums: CellSums, x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, u: torch.Tensor,
+                v: torch.Tensor, order: int, chunk: int = 2048) -> None:
+    """Add the tokens x [N, d_in] with block outputs y [N, d_out] to ``sums`` in place."""
+    for s in range(0, len(x), chunk):
+        xs, ys = x[s:s + chunk].float(), y[s:s + chunk].float()
+        c, f = cell_features(xs, centres, v, order)
+        f, ys = f.double(), ys.double()
+        sums.n.index_add_(0, c, torch.ones(len(c), dtype=torch.float64))
+        sums.f.index_add_(0, c, f)
+        sums.y.index_add_(0, c, ys)
+        sums.ff.index_add_(0, c, f[:, :, None] * f[:, None, :])
+        sums.uyf.index_add_(0, c, (ys @ u.double())[:, :, None] * f[:, None, :])
+
+
+def solve_cells(sums: CellSums, derivatives: SharedDerivatives, ridge: float) -> tuple[SharedDerivatives, int]:
+    """The least-squares per-centre tensors from ``sums`` (ridge towards ``derivatives``, the Taylor ones);
+    returns them and the number of cells that kept their Taylor values (too few tokens)."""
+    if ridge < 0:
+        raise TmlpError(f"--fit-ridge must be >= 0, got {ridge}")
+    u = derivatives.u.double()
+    rank = u.shape[1]
+    n_features = sums.f.shape[1]
+    order = 2 if n_features == 2 * rank else 1
+    value, s = derivatives.value.double().clone(), derivatives.s.double().clone()
+    t = None if derivatives.t is None else derivatives.t.double().clone()
+    kept = 0
+    eye = torch.eye(n_features, dtype=torch.float64)
+    for c in range(len(sums.n)):
+        n = float(sums.n[c])
+        if n < n_features + 2:
+            kept += 1
+            continue
+        f_mean, y_mean = sums.f[c] / n, sums.y[c] / n
+        cov_ff = sums.ff[c] - n * torch.outer(f_mean, f_mean)
+        cov_yf = sums.uyf[c] - n * torch.outer(u.T @ y_mean, f_mean)
+        lam = ridge * float(torch.diagonal(cov_ff).sum()) / n_features
+        prior = s[c] if order == 1 else torch.cat([s[c], 0.5 * t[c]], 1)
+        w = torch.linalg.solve(cov_ff + lam * eye, (cov_yf + lam * prior).T).T  # [r, F] (cov_ff symmetric)
+        s[c] = w[:, :rank]
+        if order == 2:
+            t[c] = 2.0 * w[:, rank:]
+        value[c] = y_mean - u @ (w @ f_mean)
+    return replace(derivatives, value=value.float(), s=s.float(), t=None if t is None else t.float()), kept
+
+
+@torch.no_grad()
+def fit_least_squares(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, SharedDerivatives]],
+                      batches: Iterable[torch.Tensor], n_batches: int, order: int, ridge: float = 1e-2,
+                      progress: bool = True, log: Callable[[str], None] | None = None
+                      ) -> dict[str, SharedDerivatives]:
+    """Refit the per-centre tensors of each block ``{fqn: (centres [k, d_in], Taylor derivatives)}`` of ``model``
+    (the original, unmodified) to the block's outputs over ``batches`` (model inputs); one pass over the data."""
+    sums: dict[str, CellSums] = {}
+    for fqn, (centres, d) in blocks.items():
+        if not isinstance(d, SharedDerivatives):
+            raise TmlpError("--fit lstsq fits shared-basis blocks; use --basis shared, or --fit taylor with dense "
+                            "Jacobians")
+        if order == 2 and d.t is None:
+            raise TmlpError("--fit lstsq at order 2 needs second derivatives; calibrate with --order 2")
+        n_features = d.u.shape[1] * (2 if order == 2 else 1)
+        sums[fqn] = CellSums.zeros(len(centres), n_features, d.u.shape[1], d.value.shape[1])
+
+    def make_hook(fqn: str) -> Callable:
+        centres, d = blocks[fqn]
+        u, v = d.u.float(), d.v.float()
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            accumulate_(sums[fqn], x, output.detach().reshape(-1, output.shape[-1]), centres.float(), u, v, order)
+        return hook
+
+    handles = [model.get_submodule(f).register_forward_hook(make_hook(f)) for f in blocks]
+    try:
+        model.eval()
+        for x in tqdm(batches, total=n_batches, desc="calibrate: least-squares fit", disable=not progress,
+                      leave=False):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    result = {}
+    for fqn, (_centres, d) in blocks.items():
+        result[fqn], kept = solve_cells(sums[fqn], d, ridge)
+        if kept and log:
+            log(f"  {fqn}: {kept} of {len(sums[fqn].n)} cells had too few tokens to fit and keep their Taylor values")
+    return result
