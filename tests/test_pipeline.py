@@ -114,7 +114,9 @@ def test_second_export_reuses_the_calibration_cache(trained, exported, tmp_path)
 def test_export_with_a_budget_and_distillation_records_both(trained, tmp_path):
     out = tmp_path / "planned"
     log = _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "8",
-               "--max-acc-drop", "2", "--plan-rank", "8,32", "--distill-epochs", "1", "--out", str(out)])
+               "--max-acc-drop", "2", "--plan-rank", "8,32", "--fit", "lstsq", "--distill-epochs", "1", "--out",
+               str(out)])
+    assert "least-squares fit (ridge 0.01)" in log
     assert "| block | choice |" in log and "| λ" in log and "distillation (1 epoch(s)" in log
     manifest = json.load(open(out / "manifest.json"))
     plan, distil = manifest["layer_plan"], manifest["distillation"]
@@ -125,6 +127,7 @@ def test_export_with_a_budget_and_distillation_records_both(trained, tmp_path):
     model = onnx.load(out / "tmlp.onnx", load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["tmlp.plan"]) == plan["choice"]
+    assert meta["tmlp.fit"] == "lstsq" and manifest["taylor_config"]["_data"]["fit"] == "lstsq"
     assert len(distil["kl_per_epoch"]) == 1 and manifest["pytorch_val_accuracy"]["tmlp"] == distil["accuracy_after"]
 
 

@@ -41,7 +41,9 @@ class BlockOption:
 
 
 def truncate_rank(derivatives: SharedDerivatives, rank: int) -> SharedDerivatives:
-    """The rank-``rank`` block contained in a higher-rank shared-basis calibration (first columns of U and V)."""
+    """The rank-``rank`` block contained in a higher-rank shared-basis calibration (first columns of U and V).
+    Exact for Taylor tensors; for least-squares fitted ones (--fit lstsq) the leading block approximates the rank-r
+    fit (the planner measures every candidate it keeps, so its budget holds either way)."""
     if rank > derivatives.u.shape[1]:
         raise TmlpError(f"rank {rank} exceeds the calibrated rank {derivatives.u.shape[1]}")
     return SharedDerivatives(derivatives.value, derivatives.u[:, :rank].contiguous(),
