@@ -22,7 +22,7 @@ import torch
 
 from tmlp.calibrate import collect_inputs, kmeans, shared_block
 from tmlp.data import to_tensor
-from tmlp.fit import CellSums, accumulate_, solve_cells
+from tmlp.fit import CellSums, accumulate_, nearest_centre, solve_cells
 from tmlp.pipeline import load_model_and_data
 from tmlp.surgery import select_blocks
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig
@@ -35,9 +35,7 @@ def rel_err(pred: torch.Tensor, ref: torch.Tensor) -> float:
 def affine_floor(calib: torch.Tensor, y: torch.Tensor, test: torch.Tensor, ref: torch.Tensor, centres: torch.Tensor,
                  ridge: float = 1e-2) -> float:
     """Held-out relative error of a full affine least-squares map per cell (scale-relative ridge)."""
-    def assign(x):
-        return torch.argmin(0.5 * (centres * centres).sum(1) - x @ centres.T, 1)
-    c, ct = assign(calib), assign(test)
+    c, ct = nearest_centre(calib, centres), nearest_centre(test, centres)
     pred = torch.zeros_like(ref)
     for i in range(len(centres)):
         m, mt = c == i, ct == i

@@ -21,7 +21,7 @@ from tmlp.basis import check_rank, data_basis, jacobian_basis
 from tmlp.derivatives import (BlockDerivatives, SharedDerivatives, block_derivatives, jacobian_grams,
                               refuse_full_hessian, shared_derivatives)
 from tmlp.errors import TmlpError
-from tmlp.fit import fit_least_squares
+from tmlp.fit import fit_least_squares, nearest_centre
 from tmlp.io import atomic_path
 from tmlp.taylor import TaylorConfig
 
@@ -165,8 +165,7 @@ def shared_block(block: nn.Module, rows: torch.Tensor, centres: torch.Tensor, co
     """Choose U, V for ``block`` (config.basis_source) from its sampled input ``rows`` [n, d_in] and ``centres``,
     then project the per-centre derivatives on them."""
     block = block.eval()
-    assign = torch.cat([torch.argmin(0.5 * (centres * centres).sum(1) - rows[s:s + chunk] @ centres.T, 1)
-                        for s in range(0, len(rows), chunk)])
+    assign = torch.cat([nearest_centre(rows[s:s + chunk], centres) for s in range(0, len(rows), chunk)])
     centre_values = block(centres)
     check_rank(config.rank, rows.shape[1], centre_values.shape[1])
     if config.basis_source == "data":

@@ -171,8 +171,8 @@ def write_fp16_copy(src: str, dst: str) -> None:
                    "reads (decomposing newer ops) and records the profile in the manifest.")
 @click.option("--data-root", default=None, help="Where cifar10/100 live [default: $TMLP_DATA or ~/.cache/tmlp/data].")
 @user_errors
-def export(model, k, order, hessian, basis, rank, basis_source, fit, fit_ridge, layers, dataset, checkpoint, pretrained, out_dir,
-           calib_images, eval_images, distill_epochs, distill_lr, distill_basis, max_acc_drop, plan_k, plan_rank, seed,
+def export(model, k, order, hessian, basis, rank, basis_source, fit, fit_ridge, layers, dataset, checkpoint, pretrained,
+           out_dir, calib_images, eval_images, distill_epochs, distill_lr, distill_basis, max_acc_drop, plan_k, plan_rank, seed,
            opset, max_memory_mb, memory_batch, device, data_root) -> None:
     """Calibrate the T-MLP blocks and write original.onnx, tmlp.onnx, val.npz and manifest.json.
 

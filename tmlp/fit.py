@@ -48,10 +48,15 @@ class CellSums:
                    z(k, n_features, n_features, dtype=torch.float64), z(k, rank, n_features, dtype=torch.float64))
 
 
+def nearest_centre(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Index [N] (int64) of the nearest of ``centres`` [k, d] for each row of x [N, d]: argmin(½‖C‖² − x·Cᵀ)."""
+    return torch.argmin(0.5 * (centres * centres).sum(1) - x @ centres.T, dim=1)
+
+
 def cell_features(x: torch.Tensor, centres: torch.Tensor, v: torch.Tensor, order: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(nearest centre [N] int64, features [N, F]) of rows x [N, d_in]: z = Vᵀ(x − C_c), and z² for order 2."""
-    c = torch.argmin(0.5 * (centres * centres).sum(1) - x @ centres.T, dim=1)
+    c = nearest_centre(x, centres)
     z = (x - centres[c]) @ v
     return c, (torch.cat([z, z * z], 1) if order == 2 else z)
 
@@ -59,6 +64,7 @@ def cell_features(x: torch.Tensor, centres: torch.Tensor, v: torch.Tensor, order
 def accumulate_(sums: CellSums, x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, u: torch.Tensor,
                 v: torch.Tensor, order: int, chunk: int = 2048) -> None:
     """Add the tokens x [N, d_in] with block outputs y [N, d_out] to ``sums`` in place."""
+    u64 = u.double()
     for s in range(0, len(x), chunk):
         xs, ys = x[s:s + chunk].float(), y[s:s + chunk].float()
         c, f = cell_features(xs, centres, v, order)
@@ -67,7 +73,7 @@ def accumulate_(sums: CellSums, x: torch.Tensor, y: torch.Tensor, centres: torch
         sums.f.index_add_(0, c, f)
         sums.y.index_add_(0, c, ys)
         sums.ff.index_add_(0, c, f[:, :, None] * f[:, None, :])
-        sums.uyf.index_add_(0, c, (ys @ u.double())[:, :, None] * f[:, None, :])
+        sums.uyf.index_add_(0, c, (ys @ u64)[:, :, None] * f[:, None, :])
 
 
 def solve_cells(sums: CellSums, derivatives: SharedDerivatives, ridge: float) -> tuple[SharedDerivatives, int]:
@@ -120,11 +126,11 @@ def fit_least_squares(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, Sh
 
     def make_hook(fqn: str) -> Callable:
         centres, d = blocks[fqn]
-        u, v = d.u.float(), d.v.float()
+        centres, u, v = centres.float(), d.u.float(), d.v.float()
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            accumulate_(sums[fqn], x, output.detach().reshape(-1, output.shape[-1]), centres.float(), u, v, order)
+            accumulate_(sums[fqn], x, output.detach().reshape(-1, output.shape[-1]), centres, u, v, order)
         return hook
 
     handles = [model.get_submodule(f).register_forward_hook(make_hook(f)) for f in blocks]

@@ -18,6 +18,7 @@ from torch import nn
 from tmlp.basis import BASIS_SOURCES
 from tmlp.derivatives import BlockDerivatives, SharedDerivatives
 from tmlp.errors import TmlpError
+from tmlp.fit import FITS
 
 
 @dataclass
@@ -57,8 +58,8 @@ class TaylorConfig:
         if self.basis == "shared" and (self.order == 0 or self.rank < 1):
             raise TmlpError(f"a shared basis needs order 1 or 2 and rank >= 1, got order {self.order}, rank "
                             f"{self.rank}")
-        if self.fit not in ("taylor", "lstsq"):
-            raise TmlpError(f"fit must be 'taylor' or 'lstsq', got {self.fit!r}")
+        if self.fit not in FITS:
+            raise TmlpError(f"fit must be one of {FITS}, got {self.fit!r}")
         if self.fit == "lstsq" and self.basis != "shared":
             raise TmlpError("--fit lstsq fits shared-basis blocks; use --basis shared, or --fit taylor with dense "
                             "Jacobians")
