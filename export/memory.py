@@ -7,6 +7,8 @@ batch dimension fixed. Initializers and Constant outputs are the static part (we
 """
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,7 +63,14 @@ def infer_shapes(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
         if dims:
             dims[0].Clear()
             dims[0].dim_value = batch
-    return SymbolicShapeInference.infer_shapes(fixed, auto_merge=True)
+    # On an incomplete inference onnxruntime saves its partial model as sym_shape_infer_temp.onnx (+ .data) in the
+    # working folder and raises; run it in a scratch folder and fall back to onnx's own (partial) inference, whose
+    # unknown shapes the estimate counts in ``unknown_shapes``.
+    with tempfile.TemporaryDirectory(prefix="tmlp-shapes-") as scratch, contextlib.chdir(scratch):
+        try:
+            return SymbolicShapeInference.infer_shapes(fixed, auto_merge=True)
+        except Exception:  # onnxruntime raises a bare Exception("Incomplete symbolic shape inference")
+            return onnx.shape_inference.infer_shapes(fixed)
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
