@@ -85,7 +85,13 @@ def test_k_larger_than_tokens(tmp_path, checkpoint):
 @pytest.mark.parametrize("args, expected", [(["--k", "0"], "--k must be a positive"),
                                             (["--order", "3"], "not in the range"),
                                             (["--layers", "7"], "does not exist"),
-                                            (["--layers", "blocks.0.attn_typo"], "no block")])
+                                            (["--layers", "blocks.0.attn_typo"], "no block"),
+                                            (["--block-k", "0=lots"], "is not BLOCK=K"),
+                                            (["--block-k", "9=40"], "--block-k block index 9 does not exist"),
+                                            (["--layers", "1,2", "--block-k", "0=40"], "not among the blocks"),
+                                            (["--block-k", "0=40", "--max-acc-drop", "1"], "give one of them"),
+                                            (["--block-k", "0=100000", "--calib-images", "10"],
+                                             "k = 100000 expansion points")])
 def test_bad_export_options(tmp_path, checkpoint, args, expected):
     out = str(tmp_path / "out")
     code, err, output = _run(["export", "--model", "test_vit", "--checkpoint", checkpoint, "--out", out] + args)

@@ -1,5 +1,6 @@
 """Distillation: only the Taylor parameters move, the KL to the original drops, and the result exports."""
 import copy
+import math
 
 import pytest
 import torch
@@ -30,3 +31,35 @@ def test_distillation_lowers_the_kl_and_touches_only_taylor_tensors(trained_tiny
 def test_distilling_a_model_without_taylor_blocks_is_an_error(tiny_vit, digit_batches):
     with pytest.raises(TmlpError, match="no Taylor blocks"):
         distill_(tiny_vit, tiny_vit, lambda: iter(digit_batches), 4, epochs=1)
+
+
+def test_the_cosine_schedule_ends_at_zero_and_constant_keeps_the_rate(trained_tiny_vit, digit_batches):
+    seen = {}
+    for schedule in ("cosine", "constant"):
+        student, teacher = copy.deepcopy(trained_tiny_vit), copy.deepcopy(trained_tiny_vit)
+        taylorize_(student, TaylorConfig(k=4, basis="shared", rank=8), batches=lambda: iter(digit_batches),
+                   n_batches=4, progress=False)
+        rates = []
+        original_step = torch.optim.AdamW.step
+
+        def step(self, *args, **kwargs):
+            rates.append(self.param_groups[0]["lr"])
+            return original_step(self, *args, **kwargs)
+
+        torch.optim.AdamW.step = step
+        try:
+            distill_(student, teacher, lambda: iter(digit_batches), 4, epochs=2, lr=1e-3, progress=False,
+                     schedule=schedule)
+        finally:
+            torch.optim.AdamW.step = original_step
+        seen[schedule] = rates
+    assert len(seen["cosine"]) == 8 and seen["cosine"][0] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(seen["cosine"], seen["cosine"][1:]))  # decays every step
+    assert seen["cosine"][-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert seen["constant"] == [pytest.approx(1e-3)] * 8
+
+
+def test_an_unknown_schedule_is_refused(tiny_vit, digit_batches):
+    taylorize_(tiny_vit, TaylorConfig(k=4), batches=lambda: iter(digit_batches), n_batches=4, progress=False)
+    with pytest.raises(TmlpError, match="unknown distillation schedule 'step'"):
+        distill_(tiny_vit, tiny_vit, lambda: iter(digit_batches), 4, epochs=1, schedule="step")

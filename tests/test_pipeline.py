@@ -69,6 +69,7 @@ def test_export_writes_the_artifacts_and_manifest(exported):
     assert manifest["distillation"] is None and manifest["layer_plan"] is None
     meta = {p.key: p.value for p in onnx.load(str(out / "tmlp.onnx")).metadata_props}
     assert meta["tmlp.k"] == "16" and meta["tmlp.order"] == "1" and len(json.loads(meta["tmlp.layers"])) == 6
+    assert meta["tmlp.fit"] == "lstsq"  # --fit auto: least squares for the (default) shared basis
     assert len(meta["tmlp.source_checkpoint_sha256"]) == 64 and meta["tmlp.version"]
     assert json.loads(meta["tmlp.preprocessing"])["input_size"] == [16, 16]
 
@@ -129,6 +130,22 @@ def test_export_with_a_budget_and_distillation_records_both(trained, tmp_path):
     assert json.loads(meta["tmlp.plan"]) == plan["choice"]
     assert meta["tmlp.fit"] == "lstsq" and manifest["taylor_config"]["_data"]["fit"] == "lstsq"
     assert len(distil["kl_per_epoch"]) == 1 and manifest["pytorch_val_accuracy"]["tmlp"] == distil["accuracy_after"]
+
+
+def test_block_k_gives_one_block_its_own_number_of_centres(trained, exported, tmp_path):
+    out = tmp_path / "block-k"
+    log = _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "16", "--block-k",
+               "0=40", "--fit", "lstsq", "--distill-epochs", "1", "--distill-schedule", "cosine", "--out", str(out)])
+    assert "--block-k: calibrating blocks.0.mlp with k=40" in log
+    assert "calibration cache hit" in log  # the other blocks reuse the k=16 calibration
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["block_k"] == {"blocks.0.mlp": 40} and manifest["distillation"]["schedule"] == "cosine"
+    model = onnx.load(str(out / "tmlp.onnx"))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["tmlp.block_k"]) == {"blocks.0.mlp": 40} and meta["tmlp.k"] == "16"
+    assert sum(n.op_type == "ArgMin" for n in model.graph.node) == 6
+    centre_rows = sorted(int(i.dims[0]) for i in model.graph.initializer if "centres" in i.name)
+    assert centre_rows == [16] * 5 + [40], [(i.name, list(i.dims)) for i in model.graph.initializer]
 
 
 def test_an_fp16_copy_of_a_checkpoint_exports_like_the_original(trained, exported, tmp_path):

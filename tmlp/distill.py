@@ -2,10 +2,12 @@
 
 Only the per-centre tensors (offsets ``a``, ``S`` / Jacobians, second-order terms) and optionally the shared bases
 U, V are trained; the centres (hence each token's assignment) and every other weight of the model stay fixed. The
-loss is the KL divergence from the original model's logits to the T-MLP model's (logit distillation).
+loss is the KL divergence from the original model's logits to the T-MLP model's (logit distillation). AdamW, with
+the learning rate held constant (``schedule="constant"``, the default) or decayed to zero over all steps on a cosine.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -17,6 +19,7 @@ from tmlp.taylor import SharedTaylorMLP, TaylorMLP
 
 TRAINABLE = {TaylorMLP: ("offset", "jacobian", "hessian_diag"), SharedTaylorMLP: ("offset", "s", "half_t")}
 BASES = ("v", "ut")
+SCHEDULES = ("constant", "cosine")
 
 
 def taylor_blocks(model: nn.Module) -> list[nn.Module]:
@@ -50,11 +53,14 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Iterable[torch.Tensor]], n_batches: int,
              epochs: int, lr: float = 1e-4, train_basis: bool = False, temperature: float = 1.0,
-             progress: bool = True) -> list[float]:
+             progress: bool = True, schedule: str = "constant") -> list[float]:
     """Fine-tune the Taylor parameters of ``student`` in place to match ``teacher``'s logits over ``batches()``
-    (model inputs [B, C, H, W]) for ``epochs`` passes; returns the mean loss of each epoch."""
+    (model inputs [B, C, H, W]; called once per epoch) for ``epochs`` passes of ``n_batches``
+    steps; returns the mean loss of each epoch."""
     if epochs < 0 or lr <= 0:
         raise TmlpError(f"--distill-epochs must be >= 0 and --distill-lr > 0, got {epochs}, {lr}")
+    if schedule not in SCHEDULES:
+        raise TmlpError(f"unknown distillation schedule {schedule!r}; use one of {SCHEDULES}")
     blocks = taylor_blocks(student)
     if not blocks:
         raise TmlpError("the model has no Taylor blocks to distil; run taylorize_ first")
@@ -67,6 +73,10 @@ def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Itera
         names = TRAINABLE[type(block)] + (BASES if train_basis and isinstance(block, SharedTaylorMLP) else ())
         params += _to_parameters(block, names)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total_steps = max(1, epochs * n_batches)
+    decay = (lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))) \
+        if schedule == "cosine" else (lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     teacher.eval()
     student.eval()  # dropout etc. off; the Taylor parameters still receive gradients
     losses = []
@@ -82,6 +92,7 @@ def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Itera
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                scheduler.step()
                 total, count = total + loss.item() * len(x), count + len(x)
                 bar.set_postfix(kl=f"{total / count:.4f}")
             losses.append(total / max(1, count))

@@ -82,6 +82,26 @@ def parse_layers(spec: str | None, candidates: list[str]) -> list[str] | None:
     return items
 
 
+def parse_block_k(spec: str | None, candidates: list[str]) -> dict[str, int]:
+    """``--block-k``: '0=400,blocks.5.mlp=200' -> {block name: k}; blocks are indices of the candidates or names."""
+    if not spec:
+        return {}
+    out = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not value.strip().isdigit() or int(value) <= 0:
+            raise TmlpError(f"--block-k item {item!r} is not BLOCK=K with K a positive integer; write e.g. "
+                            "--block-k 0=400 or --block-k blocks.0.mlp=400")
+        if name.isdigit():
+            if int(name) >= len(candidates):
+                raise TmlpError(f"--block-k block index {name} does not exist: the model has {len(candidates)} "
+                                f"replaceable blocks (0..{len(candidates) - 1})")
+            name = candidates[int(name)]
+        out[name] = int(value)
+    return out
+
+
 @dataclass
 class ExportResult:
     out_dir: str
@@ -90,6 +110,7 @@ class ExportResult:
 
 
 def tensor_batches(data: DataSet, spec: dict[str, Any], split: str, limit: int, batch_size: int = 64):
+    """(gen, n_batches): ``gen()`` yields model inputs [B, C, H, W] of the first ``limit`` images of ``split``."""
     part = getattr(data, split)
     n = min(limit, len(part))
 
@@ -151,12 +172,13 @@ def load_model_and_data(model_name: str, checkpoint: str | None = None, pretrain
 
 
 def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shared", rank: int = 32,
-               basis_source: str = "data", fit: str = "taylor", fit_ridge: float = 1e-2, layers: str | None = None, dataset: str | None = None,
-               checkpoint: str | None = None, out_dir: str | None = None, hessian: str = "diag", seed: int = 0,
-               calib_images: int = 5000, eval_images: int = 10000, data_root: str | None = None,
-               pretrained: bool = False, opset: int = 20, distill_epochs: int = 0, distill_lr: float = 1e-3,
-               distill_basis: bool = False, max_acc_drop: float | None = None, plan_k: str | None = None,
-               plan_rank: str | None = None, device: str | None = None, max_memory_mb: float | None = None,
+               basis_source: str = "data", fit: str = "auto", fit_ridge: float = 1e-2, layers: str | None = None,
+               dataset: str | None = None, checkpoint: str | None = None, out_dir: str | None = None,
+               hessian: str = "diag", seed: int = 0, calib_images: int = 5000, eval_images: int = 10000,
+               data_root: str | None = None, pretrained: bool = False, opset: int = 20, distill_epochs: int = 0,
+               distill_lr: float = 1e-3, distill_basis: bool = False, distill_schedule: str = "constant",
+               max_acc_drop: float | None = None, plan_k: str | None = None, plan_rank: str | None = None,
+               block_k: str | None = None, device: str | None = None, max_memory_mb: float | None = None,
                memory_batch: int = 1, log: Callable[[str], None] = print, progress: bool = True) -> ExportResult:
     """Calibrate, build the T-MLP model, export original.onnx and tmlp.onnx, check them, and write val.npz and
     manifest.json (last) into ``out_dir``."""
@@ -172,6 +194,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                 f"<= {profile.max_ir_version}; exporting opset {profile.max_opset}")
             opset = profile.max_opset
         max_ir = profile.max_ir_version
+    if fit == "auto":  # the least-squares fit needs the shared basis; dense Jacobians keep the Taylor values
+        fit = "lstsq" if basis == "shared" else "taylor"
     config = TaylorConfig(k=k, order=order, hessian=hessian, seed=seed, basis=basis, rank=rank,
                           basis_source=basis_source, fit=fit, fit_ridge=fit_ridge)
     loaded = load_model_and_data(model_name, checkpoint, pretrained, dataset, data_root, log, progress)
@@ -185,11 +209,20 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     candidates = select_blocks(model)
     chosen = parse_layers(layers, candidates)
     fqns = select_blocks(model, layers=chosen)
+    k_override = parse_block_k(block_k, candidates)
+    if k_override and max_acc_drop is not None:
+        raise TmlpError("--block-k and --max-acc-drop both choose k per block; give one of them (the plan may use "
+                        "several k: --plan-k)")
+    stray = [f for f in k_override if f not in fqns]
+    if stray:
+        raise TmlpError(f"--block-k names {stray[0]!r}, which is not among the blocks to replace ({fqns[0]} ...); "
+                        "fix --block-k or --layers")
     tokens_per_image = _tokens_per_image(model, fqns[0], torch.zeros(1, chans, h, w))
     available = min(calib_images, len(data.train)) * tokens_per_image
-    if k > available:
-        raise TmlpError(f"k = {k} expansion points but the calibration data give only {available} tokens "
-                        f"({min(calib_images, len(data.train))} images x {tokens_per_image}); lower --k")
+    if max([k, *k_override.values()]) > available:
+        raise TmlpError(f"k = {max([k, *k_override.values()])} expansion points but the calibration data give only "
+                        f"{available} tokens ({min(calib_images, len(data.train))} images x {tokens_per_image}); "
+                        "lower --k / --block-k")
     form = f"shared basis rank {rank} ({basis_source})" if basis == "shared" else "dense Jacobians"
     if fit == "lstsq":
         form += f", least-squares fit (ridge {fit_ridge})"
@@ -201,6 +234,11 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     t0 = time.time()
     calib_key = loaded.calibration_key(calib_images)
     calibration = calibrate(model, fqns, batches, n_batches, config, progress=progress, log=log, key=calib_key)
+    for kk in sorted(set(k_override.values()) - {k}):  # blocks with their own k: calibrated again at that k
+        group = [f for f in fqns if k_override.get(f) == kk]
+        log(f"--block-k: calibrating {', '.join(group)} with k={kk}")
+        calibration.update(calibrate(model, group, batches, n_batches, replace(config, k=kk), progress=progress,
+                                     log=log, key=calib_key))
     calib_seconds = time.time() - t0
 
     n_eval = min(eval_images, len(data.val))
@@ -239,7 +277,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
         calibration = {f: option_calibration(calibrations, f, layer_plan.choice[f]) for f in fqns}
         log(f"plan: replace {len(fqns)} of {len(tokens)} blocks, MACs per token of the candidate blocks "
             f"{layer_plan.mac_ratio():.3f}x the original's")
-    taylorize_(tmlp_model, config, layers=fqns, calibration=calibration)
+    block_configs = {"_default": config, **{f: replace(config, k=kk) for f, kk in k_override.items()}}
+    taylorize_(tmlp_model, block_configs, layers=fqns, calibration=calibration)
     acc_orig = evaluate(model, data.val, spec, device, limit=n_eval)
     acc_tmlp = evaluate(tmlp_model, data.val, spec, device, limit=n_eval)
     log(f"PyTorch accuracy on {n_eval} validation images: original {100 * acc_orig:.2f}%, T-MLP {100 * acc_tmlp:.2f}%")
@@ -247,13 +286,14 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     if distill_epochs > 0:
         t0 = time.time()
         losses = distill_(tmlp_model, model, batches, n_batches, distill_epochs, distill_lr, distill_basis,
-                          progress=progress)
+                          progress=progress, schedule=distill_schedule)
         acc_before, acc_tmlp = acc_tmlp, evaluate(tmlp_model, data.val, spec, device, limit=n_eval)
-        distillation = {"epochs": distill_epochs, "lr": distill_lr, "train_basis": distill_basis,
+        distillation = {"epochs": distill_epochs, "lr": distill_lr, "schedule": distill_schedule,
+                        "train_basis": distill_basis,
                         "kl_per_epoch": losses, "accuracy_before": acc_before, "accuracy_after": acc_tmlp,
                         "seconds": round(time.time() - t0, 1)}
-        log(f"distillation ({distill_epochs} epoch(s), logit KL, lr {distill_lr}): T-MLP accuracy "
-            f"{100 * acc_before:.2f}% -> {100 * acc_tmlp:.2f}% (original {100 * acc_orig:.2f}%)")
+        log(f"distillation ({distill_epochs} epoch(s), logit KL, lr {distill_lr} {distill_schedule}): T-MLP "
+            f"accuracy {100 * acc_before:.2f}% -> {100 * acc_tmlp:.2f}% (original {100 * acc_orig:.2f}%)")
 
     meta_common = {**({"tmlp.device": profile.name} if profile else {}),
                    "tmlp.version": tmlp.__version__, "tmlp.model": model_name, "tmlp.model_config": json.dumps(
@@ -264,6 +304,7 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                     if basis == "shared" else {}),
                  "tmlp.layers": json.dumps(fqns), "tmlp.taylor_config": json.dumps(config.to_dict(), sort_keys=True),
                  "tmlp.distill_epochs": str(distill_epochs),
+                 **({"tmlp.block_k": json.dumps(k_override, sort_keys=True)} if k_override else {}),
                  **({} if layer_plan is None else {"tmlp.plan": json.dumps(layer_plan.to_dict()["choice"],
                                                                           sort_keys=True)})}
     example = to_tensor(val_x[:2], spec)
@@ -310,7 +351,7 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
             np.savez(f, x=val_x, y=val_y)
     files["val.npz"] = val_path
     summary = {"model": model_name, "model_config": mcfg, "dataset": dataset, "checkpoint": ckpt_path,
-               "checkpoint_sha256": ckpt_sha, "taylor_config": config.to_dict(), "layers": fqns,
+               "checkpoint_sha256": ckpt_sha, "taylor_config": config.to_dict(), "layers": fqns, "block_k": k_override,
                "preprocessing": spec, "pytorch_val_accuracy": {"original": acc_orig, "tmlp": acc_tmlp},
                "n_val": n_eval, "calibration_seconds": round(calib_seconds, 1), "distillation": distillation,
                "layer_plan": None if layer_plan is None else layer_plan.to_dict(),
