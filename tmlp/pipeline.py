@@ -219,10 +219,10 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                         "fix --block-k or --layers")
     tokens_per_image = _tokens_per_image(model, fqns[0], torch.zeros(1, chans, h, w))
     available = min(calib_images, len(data.train)) * tokens_per_image
-    if max([k, *k_override.values()]) > available:
-        raise TmlpError(f"k = {max([k, *k_override.values()])} expansion points but the calibration data give only "
-                        f"{available} tokens ({min(calib_images, len(data.train))} images x {tokens_per_image}); "
-                        "lower --k / --block-k")
+    largest_k = max([k, *k_override.values()])
+    if largest_k > available:
+        raise TmlpError(f"k = {largest_k} expansion points but the calibration data give only {available} tokens "
+                        f"({min(calib_images, len(data.train))} images x {tokens_per_image}); lower --k / --block-k")
     form = f"shared basis rank {rank} ({basis_source})" if basis == "shared" else "dense Jacobians"
     if fit == "lstsq":
         form += f", least-squares fit (ridge {fit_ridge})"
@@ -234,7 +234,9 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     t0 = time.time()
     calib_key = loaded.calibration_key(calib_images)
     calibration = calibrate(model, fqns, batches, n_batches, config, progress=progress, log=log, key=calib_key)
-    for kk in sorted(set(k_override.values()) - {k}):  # blocks with their own k: calibrated again at that k
+    # Blocks with their own k are calibrated again at that k. The run above still includes them, so that it keeps
+    # the cache key (and cache hits) of the same export without --block-k.
+    for kk in sorted(set(k_override.values()) - {k}):
         group = [f for f in fqns if k_override.get(f) == kk]
         log(f"--block-k: calibrating {', '.join(group)} with k={kk}")
         calibration.update(calibrate(model, group, batches, n_batches, replace(config, k=kk), progress=progress,
@@ -289,9 +291,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                           progress=progress, schedule=distill_schedule)
         acc_before, acc_tmlp = acc_tmlp, evaluate(tmlp_model, data.val, spec, device, limit=n_eval)
         distillation = {"epochs": distill_epochs, "lr": distill_lr, "schedule": distill_schedule,
-                        "train_basis": distill_basis,
-                        "kl_per_epoch": losses, "accuracy_before": acc_before, "accuracy_after": acc_tmlp,
-                        "seconds": round(time.time() - t0, 1)}
+                        "train_basis": distill_basis, "kl_per_epoch": losses, "accuracy_before": acc_before,
+                        "accuracy_after": acc_tmlp, "seconds": round(time.time() - t0, 1)}
         log(f"distillation ({distill_epochs} epoch(s), logit KL, lr {distill_lr} {distill_schedule}): T-MLP "
             f"accuracy {100 * acc_before:.2f}% -> {100 * acc_tmlp:.2f}% (original {100 * acc_orig:.2f}%)")
 
