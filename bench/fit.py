@@ -6,9 +6,11 @@ centres) or least-squares fitted to the block's outputs on all of those images' 
 relative output error ‖y_T − y‖/‖y‖ is measured on 5,000 held-out tokens of 1,000 validation images. ``floor`` is
 the best any first-order model on the same cells can do: a full affine map per cell, least squares on the same
 tokens (d_in + 1 unknowns per output and cell, ridge 1e-2), i.e. what no basis, rank or fitting of the deployable
-form can beat at that k.
+form can beat at that k. ``--partitions input,hidden`` repeats all of it with the cells of each partition
+(tmlp.partition: ``hidden`` clusters the first layer's pre-activations), so the floor of each is measured too.
 
-    python bench/fit.py [--checkpoint bench/deit_small_cifar10_fp16.pt] [--k 100] [--rank 32] [--out bench/results/fit]
+    python bench/fit.py [--checkpoint bench/deit_small_cifar10_fp16.pt] [--k 100] [--rank 32]
+                        [--partitions input,hidden] [--out bench/results/fit]
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import torch
 
 from tmlp.calibrate import collect_inputs, kmeans, shared_block
 from tmlp.data import to_tensor
-from tmlp.fit import CellSums, accumulate_, nearest_centre, solve_cells
+from tmlp.fit import CellSums, accumulate_, solve_cells
+from tmlp.partition import from_metric_space, nearest_centre, partition_metric, to_metric_space
 from tmlp.pipeline import load_model_and_data
 from tmlp.surgery import select_blocks
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig
@@ -33,9 +36,9 @@ def rel_err(pred: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def affine_floor(calib: torch.Tensor, y: torch.Tensor, test: torch.Tensor, ref: torch.Tensor, centres: torch.Tensor,
-                 ridge: float = 1e-2) -> float:
+                 metric: torch.Tensor | None, ridge: float = 1e-2) -> float:
     """Held-out relative error of a full affine least-squares map per cell (scale-relative ridge)."""
-    c, ct = nearest_centre(calib, centres), nearest_centre(test, centres)
+    c, ct = nearest_centre(calib, centres, metric), nearest_centre(test, centres, metric)
     pred = torch.zeros_like(ref)
     for i in range(len(centres)):
         m, mt = c == i, ct == i
@@ -55,6 +58,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--train-images", type=int, default=2000)
+    parser.add_argument("--partitions", default="input", help="comma-separated, from tmlp.partition.PARTITIONS")
     parser.add_argument("--out", default="bench/results/fit")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -67,6 +71,8 @@ def main() -> None:
         return collect_inputs(model, fqns, iter(x.split(128)), (len(x) + 127) // 128, limit, progress=False)
 
     calib_all, test_all = tokens(data.train, args.train_images, 10 ** 7), tokens(data.val, 1000, 5000)
+    partitions = args.partitions.split(",")
+    cols = [f"{m}_{p}" for p in partitions for m in ("taylor", "lstsq", "floor")]
     rows = []
     for fqn in fqns:
         t0 = time.time()
@@ -76,30 +82,32 @@ def main() -> None:
         with torch.no_grad():
             y = torch.cat([block(calib[s:s + 8192]) for s in range(0, len(calib), 8192)])
             ref = block(test_all[fqn])
-        centres = kmeans(sample, args.k, seed=0, n_init=1)
-        taylor = shared_block(block, sample, centres, TaylorConfig(k=args.k, basis="shared", rank=args.rank))
-        sums = CellSums.zeros(args.k, args.rank, args.rank, y.shape[1])
-        accumulate_(sums, calib, y, centres, taylor.u, taylor.v, 1)
-        fitted, _ = solve_cells(sums, taylor, 1e-2)
-        with torch.no_grad():
-            row = {"block": fqn, "train_tokens": len(calib),
-                   "taylor": rel_err(SharedTaylorMLP(centres, taylor, 1)(test_all[fqn]), ref),
-                   "lstsq": rel_err(SharedTaylorMLP(centres, fitted, 1)(test_all[fqn]), ref),
-                   "floor": affine_floor(calib, y, test_all[fqn], ref, centres)}
+        row = {"block": fqn, "train_tokens": len(calib)}
+        for part in partitions:
+            metric = partition_metric(block, part, calib.shape[1])
+            centres = from_metric_space(kmeans(to_metric_space(sample, metric), args.k, seed=0, n_init=1), metric)
+            taylor = shared_block(block, sample, centres, TaylorConfig(k=args.k, basis="shared", rank=args.rank),
+                                  metric=metric)
+            sums = CellSums.zeros(args.k, args.rank, args.rank, y.shape[1])
+            accumulate_(sums, calib, y, centres, taylor.u, taylor.v, 1, metric=metric)
+            fitted, _ = solve_cells(sums, taylor, 1e-2)
+            with torch.no_grad():
+                row[f"taylor_{part}"] = rel_err(SharedTaylorMLP(centres, taylor, 1, metric)(test_all[fqn]), ref)
+                row[f"lstsq_{part}"] = rel_err(SharedTaylorMLP(centres, fitted, 1, metric)(test_all[fqn]), ref)
+                row[f"floor_{part}"] = affine_floor(calib, y, test_all[fqn], ref, centres, metric)
         rows.append(row)
-        print(f"{fqn}: taylor {row['taylor']:.4f}, lstsq {row['lstsq']:.4f}, floor {row['floor']:.4f} "
-              f"({time.time() - t0:.0f} s)", flush=True)
+        print(f"{fqn}: " + ", ".join(f"{c} {row[c]:.4f}" for c in cols) + f" ({time.time() - t0:.0f} s)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fit.json"), "w") as f:
-        json.dump({"checkpoint": args.checkpoint, "k": args.k, "rank": args.rank, "rows": rows,
-                   "date": time.strftime("%Y-%m-%d")}, f, indent=2)
+        json.dump({"checkpoint": args.checkpoint, "k": args.k, "rank": args.rank, "partitions": partitions,
+                   "rows": rows, "date": time.strftime("%Y-%m-%d")}, f, indent=2)
+    names = {"taylor": "Taylor", "lstsq": "least squares (`--fit lstsq`)", "floor": "floor: full affine per cell"}
     lines = [f"Held-out relative output error per block, {args.checkpoint}, k={args.k}, shared basis r={args.rank} "
              f"(data), order 1; fit on {args.train_images} training images' tokens, error on 5000 validation tokens.",
-             "", "| block | Taylor | least squares (`--fit lstsq`) | floor: full affine per cell |",
-             "| --- | --- | --- | --- |"]
-    lines += [f"| {r['block']} | {r['taylor']:.4f} | {r['lstsq']:.4f} | {r['floor']:.4f} |" for r in rows]
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("taylor", "lstsq", "floor")}
-    lines.append(f"| mean | {mean['taylor']:.4f} | {mean['lstsq']:.4f} | {mean['floor']:.4f} |")
+             "", "| block | " + " | ".join(f"{names[c.split('_')[0]]}, {c.split('_')[1]} partition" for c in cols)
+             + " |", "| --- |" + " --- |" * len(cols)]
+    lines += ["| " + r["block"] + " | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |" for r in rows]
+    lines.append("| mean | " + " | ".join(f"{np.mean([r[c] for r in rows]):.4f}" for c in cols) + " |")
     with open(os.path.join(args.out, "fit.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

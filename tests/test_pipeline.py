@@ -160,3 +160,15 @@ def test_an_fp16_copy_of_a_checkpoint_exports_like_the_original(trained, exporte
     from_full = json.load(open(exported[0] / "manifest.json"))["pytorch_val_accuracy"]
     n = json.load(open(out / "manifest.json"))["n_val"]
     assert abs(from_half["original"] - from_full["original"]) <= 1 / n + 1e-9
+
+
+def test_hidden_partition_is_recorded_and_exports_with_parity(trained, tmp_path):
+    out = tmp_path / "hidden"
+    log = _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "8", "--layers",
+               "0,3", "--partition", "hidden", "--out", str(out)])
+    assert "hidden partition" in log
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["taylor_config"]["_data"]["partition"] == "hidden"
+    assert manifest["parity"]["tmlp.onnx"]["top1_agree"] == 1.0
+    meta = {p.key: p.value for p in onnx.load(str(out / "tmlp.onnx")).metadata_props}
+    assert meta["tmlp.partition"] == "hidden"

@@ -21,8 +21,9 @@ from tmlp.basis import check_rank, data_basis, jacobian_basis
 from tmlp.derivatives import (BlockDerivatives, SharedDerivatives, block_derivatives, jacobian_grams,
                               refuse_full_hessian, shared_derivatives)
 from tmlp.errors import TmlpError
-from tmlp.fit import fit_least_squares, nearest_centre
+from tmlp.fit import fit_least_squares
 from tmlp.io import atomic_path
+from tmlp.partition import from_metric_space, nearest_centre, partition_metric, to_metric_space
 from tmlp.taylor import TaylorConfig
 
 KMEANS_FULL_LIMIT = 100_000  # above this many rows, mini-batch K-means
@@ -30,22 +31,24 @@ KMEANS_FULL_LIMIT = 100_000  # above this many rows, mini-batch K-means
 
 @dataclass
 class BlockCalibration:
-    """What calibration produced for one block: centres [k, d_in] and the per-centre tensors."""
+    """What calibration produced for one block: centres [k, d_in], the per-centre tensors, and the partition metric
+    M [d_in, d_in] of the nearest-centre assignment (None: Euclidean; tmlp.partition)."""
 
     fqn: str
     centres: torch.Tensor
     derivatives: BlockDerivatives | SharedDerivatives
     n_tokens: int  # rows K-means saw
+    metric: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
         kind = "shared" if isinstance(self.derivatives, SharedDerivatives) else "dense"
         return {"centres": self.centres, "n_tokens": self.n_tokens, "kind": kind,
-                "derivatives": asdict(self.derivatives)}
+                "derivatives": asdict(self.derivatives), "metric": self.metric}
 
     @classmethod
     def from_dict(cls, fqn: str, d: dict) -> "BlockCalibration":
         kind = SharedDerivatives if d["kind"] == "shared" else BlockDerivatives
-        return cls(fqn, d["centres"], kind(**d["derivatives"]), d["n_tokens"])
+        return cls(fqn, d["centres"], kind(**d["derivatives"]), d["n_tokens"], d.get("metric"))
 
 
 def cache_dir() -> str:
@@ -128,7 +131,10 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
         get_module(model, f)
     path = None
     if key is not None:
-        digest = cache_key({"key": key, "fqns": fqns, "config": config.to_dict(), "n_batches": n_batches})
+        config_key = config.to_dict()
+        if config.partition == "input":  # keeps the keys of calibrations made before --partition existed
+            del config_key["_data"]["partition"]
+        digest = cache_key({"key": key, "fqns": fqns, "config": config_key, "n_batches": n_batches})
         path = os.path.join(cache_dir(), "calibration", f"calib-{digest}.pt")
         if os.path.isfile(path):
             try:
@@ -142,16 +148,19 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
     result = {}
     for fqn in tqdm(fqns, desc=f"calibrate: K-means k={config.k} + order-{config.order} tensors",
                     disable=not progress, leave=False):
-        centres = kmeans(inputs[fqn], config.k, config.seed, config.n_init)
         block = get_module(model, fqn)
+        metric = partition_metric(block, config.partition, inputs[fqn].shape[1])
+        centres = from_metric_space(kmeans(to_metric_space(inputs[fqn], metric), config.k, config.seed,
+                                           config.n_init), metric)
         if config.basis == "shared":
-            derivs = shared_block(block, inputs[fqn], centres, config)
+            derivs = shared_block(block, inputs[fqn], centres, config, metric=metric)
         else:
             derivs = block_derivatives(block, centres, config.order, config.hessian)
-        result[fqn] = BlockCalibration(fqn, centres, derivs, int(inputs[fqn].shape[0]))
+        result[fqn] = BlockCalibration(fqn, centres, derivs, int(inputs[fqn].shape[0]), metric)
     if config.fit == "lstsq":
         fitted = fit_least_squares(model, {f: (r.centres, r.derivatives) for f, r in result.items()}, batches(),
-                                   n_batches, config.order, config.fit_ridge, progress, log)
+                                   n_batches, config.order, config.fit_ridge, progress, log,
+                                   metrics={f: r.metric for f, r in result.items()})
         result = {f: replace(r, derivatives=fitted[f]) for f, r in result.items()}
     if path is not None:
         with atomic_path(path) as tmp:
@@ -161,11 +170,11 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
 
 @torch.no_grad()
 def shared_block(block: nn.Module, rows: torch.Tensor, centres: torch.Tensor, config: TaylorConfig,
-                 chunk: int = 4096) -> SharedDerivatives:
-    """Choose U, V for ``block`` (config.basis_source) from its sampled input ``rows`` [n, d_in] and ``centres``,
-    then project the per-centre derivatives on them."""
+                 chunk: int = 4096, metric: torch.Tensor | None = None) -> SharedDerivatives:
+    """Choose U, V for ``block`` (config.basis_source) from its sampled input ``rows`` [n, d_in] and ``centres``
+    (cells in ``metric``, tmlp.partition), then project the per-centre derivatives on them."""
     block = block.eval()
-    assign = torch.cat([nearest_centre(rows[s:s + chunk], centres) for s in range(0, len(rows), chunk)])
+    assign = nearest_centre(rows, centres, metric, chunk)
     centre_values = block(centres)
     check_rank(config.rank, rows.shape[1], centre_values.shape[1])
     if config.basis_source == "data":

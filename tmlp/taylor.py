@@ -3,6 +3,7 @@
 For inputs x [N, d_in], centres C [k, d_in]::
 
     c    = argmin_i (1/2 ||C_i||^2 - x . C_i)          (= argmin_i ||x - C_i||; ||x||^2 is the same for every i)
+                                                        (with a partition metric M: ||.||_M, tmlp.partition)
     y    = a_c                                          order 0  (a = F(C))
     y    = a_c + J_c x                                  order 1  (a = F(C) - J C, folded at calibration)
     y    = a_c + J_c x + 1/2 H_c (x - C_c)^2            order 2, diagonal Hessian
@@ -19,6 +20,7 @@ from tmlp.basis import BASIS_SOURCES
 from tmlp.derivatives import BlockDerivatives, SharedDerivatives
 from tmlp.errors import TmlpError
 from tmlp.fit import FITS
+from tmlp.partition import PARTITIONS, assignment_tensors
 
 
 @dataclass
@@ -29,7 +31,9 @@ class TaylorConfig:
     max(20000, 20 k)). ``basis`` "dense" stores a full Jacobian per centre; "shared" factors J_c ≈ U S_c Vᵀ with
     rank ``rank`` and U, V chosen from ``basis_source`` ("data" or "jacobian", see tmlp.basis). ``fit`` "taylor"
     keeps the derivatives at the centres; "lstsq" (shared basis) refits the per-centre tensors to the block's outputs
-    over all calibration tokens, ridge ``fit_ridge`` towards the Taylor values (see tmlp.fit)."""
+    over all calibration tokens, ridge ``fit_ridge`` towards the Taylor values (see tmlp.fit). ``partition``
+    "input" serves each token from its Euclidean-nearest centre; "hidden" measures the distance through the block's
+    first Linear layer (K-means on its pre-activations; see tmlp.partition)."""
 
     VERSION: ClassVar[int] = 1
     k: int = 100
@@ -43,6 +47,7 @@ class TaylorConfig:
     basis_source: str = "data"
     fit: str = "taylor"
     fit_ridge: float = 1e-2
+    partition: str = "input"
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k <= 0:
@@ -63,6 +68,8 @@ class TaylorConfig:
         if self.fit == "lstsq" and self.basis != "shared":
             raise TmlpError("--fit lstsq fits shared-basis blocks; use --basis shared, or --fit taylor with dense "
                             "Jacobians")
+        if self.partition not in PARTITIONS:
+            raise TmlpError(f"partition must be one of {PARTITIONS}, got {self.partition!r}")
         if self.fit_ridge < 0:
             raise TmlpError(f"--fit-ridge must be >= 0, got {self.fit_ridge}")
         if self.max_tokens is None:
@@ -80,18 +87,23 @@ class TaylorConfig:
             raise TmlpError(f"cannot read TaylorConfig {d.get('_type')} v{d.get('_version')}; this tmlp reads "
                             f"v{cls.VERSION}: calibrate again")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d["_data"].items() if k in names})
+        data = {"partition": "input", **d["_data"]}  # configs written before --partition existed used "input"
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 class _NearestCentre(nn.Module):
-    """Holds the centres [k, d_in] and assigns each row of x [N, d_in] to its nearest one."""
+    """Holds the centres [k, d_in] and assigns each row of x [N, d_in] to its nearest one (in the partition metric
+    M [d_in, d_in] when given: buffer ``assign_weight`` = C M, tmlp.partition)."""
 
-    def __init__(self, centres: torch.Tensor):
+    def __init__(self, centres: torch.Tensor, metric: torch.Tensor | None = None):
         super().__init__()
         centres = centres.float()
         self.d_in = centres.shape[1]
         self.register_buffer("centres", centres.contiguous())
-        self.register_buffer("half_sq_norm", 0.5 * (centres * centres).sum(1))
+        weight, half_sq_norm = assignment_tensors(centres, metric)
+        if metric is not None:
+            self.register_buffer("assign_weight", weight.contiguous())
+        self.register_buffer("half_sq_norm", half_sq_norm)
         self.chunks = 1  # evaluate the rows in this many chunks (bounds the gathered per-centre tensors' memory)
 
     @property
@@ -99,8 +111,10 @@ class _NearestCentre(nn.Module):
         return self.centres.shape[0]
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest centre for each row of x [N, d_in] -> [N] (int64): ArgMin(½‖C‖² − x·Cᵀ)."""
-        return torch.argmin(self.half_sq_norm - x @ self.centres.T, dim=1)
+        """Index of the nearest centre for each row of x [N, d_in] -> [N] (int64): ArgMin(½‖C‖² − x·Cᵀ), or
+        ArgMin(½ diag(C M Cᵀ) − x·(C M)ᵀ) in a partition metric M."""
+        weight = getattr(self, "assign_weight", self.centres)
+        return torch.argmin(self.half_sq_norm - x @ weight.T, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> [..., d_out]; rows in ``chunks`` pieces (ONNX: Slice per piece, then Concat)."""
@@ -135,8 +149,9 @@ class TaylorMLP(_NearestCentre):
     ``jacobian`` [k, d_out, d_in], for order 2 ``hessian_diag`` [k, d_out, d_in].
     """
 
-    def __init__(self, centres: torch.Tensor, derivatives: BlockDerivatives, order: int):
-        super().__init__(centres)
+    def __init__(self, centres: torch.Tensor, derivatives: BlockDerivatives, order: int,
+                 metric: torch.Tensor | None = None):
+        super().__init__(centres, metric)
         if order not in (0, 1, 2):
             raise TmlpError(f"Taylor order must be 0, 1 or 2, got {order}")
         centres = self.centres
@@ -179,8 +194,9 @@ class SharedTaylorMLP(_NearestCentre):
     ``half_t`` [k, r, r] and ``centres_v`` [k, r].
     """
 
-    def __init__(self, centres: torch.Tensor, derivatives: SharedDerivatives, order: int):
-        super().__init__(centres)
+    def __init__(self, centres: torch.Tensor, derivatives: SharedDerivatives, order: int,
+                 metric: torch.Tensor | None = None):
+        super().__init__(centres, metric)
         if order not in (1, 2):
             raise TmlpError(f"a shared-basis block needs order 1 or 2, got {order}")
         self.order = order
@@ -217,9 +233,9 @@ class SharedTaylorMLP(_NearestCentre):
                 f"chunks={self.chunks}")
 
 
-def build_taylor_block(centres: torch.Tensor, derivatives: BlockDerivatives | SharedDerivatives, order: int
-                       ) -> TaylorMLP | SharedTaylorMLP:
-    """The Taylor module that matches the kind of per-centre tensors calibration produced."""
+def build_taylor_block(centres: torch.Tensor, derivatives: BlockDerivatives | SharedDerivatives, order: int,
+                       metric: torch.Tensor | None = None) -> TaylorMLP | SharedTaylorMLP:
+    """The Taylor module that matches the kind of per-centre tensors calibration produced (cells in ``metric``)."""
     if isinstance(derivatives, SharedDerivatives):
-        return SharedTaylorMLP(centres, derivatives, order)
-    return TaylorMLP(centres, derivatives, order)
+        return SharedTaylorMLP(centres, derivatives, order, metric)
+    return TaylorMLP(centres, derivatives, order, metric)
