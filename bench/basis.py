@@ -75,7 +75,7 @@ def main() -> None:
         for fqn in fqns:
             cal = calibration[fqn]
             derivs = cal.derivatives if rank is None else truncate_rank(cal.derivatives, rank)
-            blocks[fqn] = build_taylor_block(cal.centres, derivs, 1, cal.metric).eval()
+            blocks[fqn] = build_taylor_block(cal.centres, derivs, 1, cal.projection).eval()
         per_block = {fqn: {"rel_error": relative_error(blocks[fqn], *tokens[fqn]),
                            "kl": logit_kl_with(model, fqn, blocks[fqn], reference, probe)} for fqn in fqns}
         whole = copy.deepcopy(model)

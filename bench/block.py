@@ -3,8 +3,9 @@
 Grid: d in {192, 384, 768} (hidden 4d), k in {10, 100, 1000}, N in {1, 197, 8x197} tokens, 1 and 2 threads.
 Variants: fp32 MLP, int8 MLP (quantize_dynamic), dense Taylor order 1, shared basis r=32 order 1 and order 2, each
 shared one also with its per-centre tensors least-squares fitted to the block's outputs (``--fit lstsq``, tmlp.fit),
-and least-squares variants on the cells of ``--partition hidden`` (K-means on the first layer's pre-activations,
-tmlp.partition) at the ranks of ``--hidden-ranks``.
+and least-squares variants on the cells of each of ``--partitions`` (tmlp.partition: ``hidden`` K-means on the
+first layer's pre-activations; ``:q`` in its q leading principal directions, ``--partition-rank q``, which shrinks
+the nearest-centre MatMul) at the ranks of ``--partition-ranks``.
 Latency: onnxruntime CPU, the runtime/run.py timing code in this process (warm-up 10, 50 runs, p50/p90; the
 variants of a cell are timed in --repeats interleaved rounds and the median is reported); file size; relative
 output error ‖y_T − y‖/‖y‖ on held-out tokens.
@@ -38,7 +39,7 @@ from tmlp.derivatives import block_derivatives
 from tmlp.export.onnx_export import export_onnx
 from tmlp.export.quantize import quantize_int8_dynamic
 from tmlp.fit import CellSums, accumulate_, solve_cells
-from tmlp.partition import from_metric_space, partition_metric, to_metric_space
+from tmlp.partition import centres_from_projected, partition_projection, project
 from tmlp.runtime import run
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig, TaylorMLP
 
@@ -97,12 +98,15 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="trained DeiT-Small for the d=384 block [default: the embedded digits model]")
     parser.add_argument("--block", default="blocks.5.mlp", help="which MLP of it")
-    parser.add_argument("--hidden-ranks", default=None,
-                        help="ranks of the hidden-partition lstsq variants, e.g. 32,48 [default: --rank]")
+    parser.add_argument("--partitions", default="hidden,hidden:16",
+                        help="partitions of the extra lstsq variants, each optionally :q (--partition-rank q)")
+    parser.add_argument("--partition-ranks", default=None,
+                        help="basis ranks of those variants, e.g. 32,48 [default: --rank]")
     args = parser.parse_args()
     dims, ks, ns, threads = ([384], [100], [197], [1]) if args.quick else ([192, 384, 768], [10, 100, 1000],
                                                                           [1, 197, 8 * 197], [1, 2])
-    hidden_ranks = [int(r) for r in (args.hidden_ranks or str(args.rank)).split(",")]
+    partition_ranks = [int(r) for r in (args.partition_ranks or str(args.rank)).split(",")]
+    partitions = [p for p in args.partitions.split(",") if p]
     rows, skipped = [], []
     tmp = tempfile.mkdtemp(prefix="tmlp-block-")
     for d in dims:
@@ -148,18 +152,21 @@ def main() -> None:
                 path = os.path.join(tmp, f"lstsq-{d}-{k}-{order}.onnx")
                 export_onnx(t, calib[:2], path, {})
                 models[(f"shared r={args.rank} order {order} lstsq", k)] = (path, rel_err(t))
-            metric = partition_metric(block, "hidden", d)
-            centres_h = from_metric_space(kmeans(to_metric_space(calib, metric), k, seed=0, n_init=1), metric)
-            for rank in hidden_ranks:
-                for order in (1, 2):
-                    cfg = TaylorConfig(k=k, order=order, basis="shared", rank=rank, partition="hidden")
-                    taylor = shared_block(block, calib, centres_h, cfg, metric=metric)
-                    sums = CellSums.zeros(k, rank * order, rank, d)
-                    accumulate_(sums, calib_all, y_all, centres_h, taylor.u, taylor.v, order, metric=metric)
-                    t = SharedTaylorMLP(centres_h, solve_cells(sums, taylor, 1e-2)[0], order, metric).eval()
-                    path = os.path.join(tmp, f"hidden-{d}-{k}-{order}-{rank}.onnx")
-                    export_onnx(t, calib[:2], path, {})
-                    models[(f"shared r={rank} order {order} lstsq, hidden partition", k)] = (path, rel_err(t))
+            for part in partitions:
+                name, _, q = part.partition(":")
+                proj = partition_projection(block, name, calib, int(q) if q else None)
+                centres_p = centres_from_projected(kmeans(project(calib, proj), k, seed=0, n_init=1), calib, proj)
+                label = f"{name} partition" + (f" q={q}" if q else "")
+                for rank in partition_ranks:
+                    for order in (1, 2):
+                        cfg = TaylorConfig(k=k, order=order, basis="shared", rank=rank, partition=name)
+                        taylor = shared_block(block, calib, centres_p, cfg, projection=proj)
+                        sums = CellSums.zeros(k, rank * order, rank, d)
+                        accumulate_(sums, calib_all, y_all, centres_p, taylor.u, taylor.v, order, projection=proj)
+                        t = SharedTaylorMLP(centres_p, solve_cells(sums, taylor, 1e-2)[0], order, proj).eval()
+                        path = os.path.join(tmp, f"{name}-{q or 'all'}-{d}-{k}-{order}-{rank}.onnx")
+                        export_onnx(t, calib[:2], path, {})
+                        models[(f"shared r={rank} order {order} lstsq, {label}", k)] = (path, rel_err(t))
         for n in ns:
             for th in threads:
                 timings = {key: [] for key in models}

@@ -7,10 +7,11 @@ relative output error ‖y_T − y‖/‖y‖ is measured on 5,000 held-out toke
 the best any first-order model on the same cells can do: a full affine map per cell, least squares on the same
 tokens (d_in + 1 unknowns per output and cell, ridge 1e-2), i.e. what no basis, rank or fitting of the deployable
 form can beat at that k. ``--partitions input,hidden`` repeats all of it with the cells of each partition
-(tmlp.partition: ``hidden`` clusters the first layer's pre-activations), so the floor of each is measured too.
+(tmlp.partition: ``hidden`` clusters the first layer's pre-activations), so the floor of each is measured too;
+``hidden:16`` finds the cells in the 16 leading principal directions of that partition (``--partition-rank 16``).
 
     python bench/fit.py [--checkpoint bench/deit_small_cifar10_fp16.pt] [--k 100] [--rank 32]
-                        [--partitions input,hidden] [--out bench/results/fit]
+                        [--partitions input,hidden,hidden:16] [--out bench/results/fit]
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 from tmlp.calibrate import collect_inputs, kmeans, shared_block
 from tmlp.data import to_tensor
 from tmlp.fit import CellSums, accumulate_, solve_cells
-from tmlp.partition import from_metric_space, nearest_centre, partition_metric, to_metric_space
+from tmlp.partition import centres_from_projected, nearest_centre, partition_projection, project
 from tmlp.pipeline import load_model_and_data
 from tmlp.surgery import select_blocks
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig
@@ -36,9 +37,9 @@ def rel_err(pred: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def affine_floor(calib: torch.Tensor, y: torch.Tensor, test: torch.Tensor, ref: torch.Tensor, centres: torch.Tensor,
-                 metric: torch.Tensor | None, ridge: float = 1e-2) -> float:
+                 projection: torch.Tensor | None, ridge: float = 1e-2) -> float:
     """Held-out relative error of a full affine least-squares map per cell (scale-relative ridge)."""
-    c, ct = nearest_centre(calib, centres, metric), nearest_centre(test, centres, metric)
+    c, ct = nearest_centre(calib, centres, projection), nearest_centre(test, centres, projection)
     pred = torch.zeros_like(ref)
     for i in range(len(centres)):
         m, mt = c == i, ct == i
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--partitions", default="input", help="comma-separated, from tmlp.partition.PARTITIONS")
+    parser.add_argument("--partitions", default="input", help="comma-separated, from tmlp.partition.PARTITIONS, each optionally :q (--partition-rank q)")
     parser.add_argument("--out", default="bench/results/fit")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -84,17 +85,18 @@ def main() -> None:
             ref = block(test_all[fqn])
         row = {"block": fqn, "train_tokens": len(calib)}
         for part in partitions:
-            metric = partition_metric(block, part, calib.shape[1])
-            centres = from_metric_space(kmeans(to_metric_space(sample, metric), args.k, seed=0, n_init=1), metric)
+            name, _, q = part.partition(":")
+            proj = partition_projection(block, name, sample, int(q) if q else None)
+            centres = centres_from_projected(kmeans(project(sample, proj), args.k, seed=0, n_init=1), sample, proj)
             taylor = shared_block(block, sample, centres, TaylorConfig(k=args.k, basis="shared", rank=args.rank),
-                                  metric=metric)
+                                  projection=proj)
             sums = CellSums.zeros(args.k, args.rank, args.rank, y.shape[1])
-            accumulate_(sums, calib, y, centres, taylor.u, taylor.v, 1, metric=metric)
+            accumulate_(sums, calib, y, centres, taylor.u, taylor.v, 1, projection=proj)
             fitted, _ = solve_cells(sums, taylor, 1e-2)
             with torch.no_grad():
-                row[f"taylor_{part}"] = rel_err(SharedTaylorMLP(centres, taylor, 1, metric)(test_all[fqn]), ref)
-                row[f"lstsq_{part}"] = rel_err(SharedTaylorMLP(centres, fitted, 1, metric)(test_all[fqn]), ref)
-                row[f"floor_{part}"] = affine_floor(calib, y, test_all[fqn], ref, centres, metric)
+                row[f"taylor_{part}"] = rel_err(SharedTaylorMLP(centres, taylor, 1, proj)(test_all[fqn]), ref)
+                row[f"lstsq_{part}"] = rel_err(SharedTaylorMLP(centres, fitted, 1, proj)(test_all[fqn]), ref)
+                row[f"floor_{part}"] = affine_floor(calib, y, test_all[fqn], ref, centres, proj)
         rows.append(row)
         print(f"{fqn}: " + ", ".join(f"{c} {row[c]:.4f}" for c in cols) + f" ({time.time() - t0:.0f} s)", flush=True)
     os.makedirs(args.out, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Partitions of a block's input space (--partition): metric nearest centre, K-means in the metric, export."""
+"""Partitions of a block's input space (--partition, --partition-rank): nearest centre in x P, K-means there, export."""
 import copy
 
 import numpy as np
@@ -13,69 +13,109 @@ from torch import nn
 from tmlp.calibrate import kmeans, shared_block
 from tmlp.errors import TmlpError
 from tmlp.export.onnx_export import export_onnx
-from tmlp.partition import from_metric_space, nearest_centre, partition_metric, to_metric_space
+from tmlp.calibrate import BlockCalibration
+from tmlp.derivatives import SharedDerivatives
+from tmlp.partition import (assignment_tensors, centres_from_projected, hidden_factor, nearest_centre,
+                            partition_projection, project)
 from tmlp.surgery import taylorize_
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig
 
 
-def _random_metric(d: int, seed: int = 0) -> torch.Tensor:
-    a = torch.randn(3 * d, d, generator=torch.Generator().manual_seed(seed))
-    return a.T @ a
+def _random_projection(d: int, q: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(d, q, generator=torch.Generator().manual_seed(seed))
 
 
-def test_metric_nearest_centre_is_the_brute_force_argmin():
+@pytest.mark.parametrize("q", [3, 8])
+def test_nearest_centre_in_a_projection_is_the_brute_force_argmin(q):
     torch.manual_seed(0)
-    x, centres, metric = torch.randn(500, 8), torch.randn(20, 8), _random_metric(8)
-    diff = (x[:, None, :] - centres[None]).double()
-    brute = torch.einsum("nki,ij,nkj->nk", diff, metric.double(), diff).argmin(1)
-    assert torch.equal(nearest_centre(x, centres, metric, chunk=64), brute)
+    x, centres, proj = torch.randn(500, 8), torch.randn(20, 8), _random_projection(8, q)
+    brute = ((((x[:, None, :] - centres[None]) @ proj) ** 2).sum(-1)).argmin(1)
+    assert torch.equal(nearest_centre(x, centres, proj, chunk=64), brute)
     assert torch.equal(nearest_centre(x, centres), ((x[:, None] - centres[None]) ** 2).sum(-1).argmin(1))
 
 
-def test_metric_space_maps_back_exactly():
-    rows, metric = torch.randn(50, 8), _random_metric(8, seed=1)
-    mapped = to_metric_space(rows, metric)
-    assert torch.allclose(from_metric_space(mapped, metric), rows, atol=1e-4)
-    diff = rows[:1] - rows[1:2]  # Euclidean distance there = M-distance here
-    assert torch.allclose((mapped[0] - mapped[1]).norm() ** 2, (diff @ metric @ diff.T).squeeze(), rtol=1e-4)
+def test_assignment_folds_a_square_projection_and_keeps_a_narrow_one():
+    centres = torch.randn(5, 8)
+    square, narrow = _random_projection(8, 8), _random_projection(8, 3)
+    proj, weight, bias = assignment_tensors(centres, square)
+    assert proj is None and torch.allclose(weight, centres @ square @ square.T, atol=1e-4)
+    proj, weight, bias = assignment_tensors(centres, narrow)
+    assert torch.equal(proj, narrow) and weight.shape == (5, 3)
+    assert torch.allclose(bias, 0.5 * ((centres @ narrow) ** 2).sum(1), atol=1e-5)
 
 
-def test_hidden_metric_is_the_first_layers_gram():
+def test_square_projection_maps_centres_back_exactly():
+    rows, proj = torch.randn(50, 8), _random_projection(8, 8, seed=1)
+    assert torch.allclose(centres_from_projected(project(rows[:5], proj), rows, proj), rows[:5], atol=1e-4)
+
+
+def test_hidden_factor_gives_the_first_layers_distance():
     block = Mlp(12, 48)
-    metric = partition_metric(block, "hidden", 12)
+    factor = hidden_factor(block, 12)
     w1 = block.fc1.weight.detach()
-    assert torch.allclose(metric, w1.T @ w1, atol=1e-5)
-    assert partition_metric(block, "input", 12) is None
+    assert torch.allclose(factor @ factor.T, w1.T @ w1, atol=1e-4)
+    rows = torch.randn(100, 12)
+    assert partition_projection(block, "input", rows) is None
+    assert torch.equal(partition_projection(block, "hidden", rows), factor)
 
 
-@pytest.mark.parametrize("block, partition, match", [
-    (nn.Sequential(nn.GELU()), "hidden", "first layer is a Linear"),
-    (Mlp(12, 6), "hidden", "keep all 12 input directions"),  # W1 [6, 12]: a 6-dim hidden space can't separate
-    (Mlp(12, 48), "voronoi", "partition must be one of"),
+def test_partition_rank_keeps_the_leading_principal_directions():
+    torch.manual_seed(0)
+    rows = torch.randn(2000, 10) * torch.tensor([5.0, 4.0, 3.0] + [0.1] * 7)  # three strong directions
+    proj = partition_projection(Mlp(10, 40), "input", rows, rank=3)
+    assert proj.shape == (10, 3)
+    assert torch.allclose(proj.T @ proj, torch.eye(3), atol=1e-5)  # orthonormal
+    assert float(proj[3:].abs().max()) < 0.05  # spans the first three axes
+    assert partition_projection(Mlp(10, 40), "input", rows, rank=10) is None  # q = d: all of them
+    hidden = partition_projection(Mlp(10, 40), "hidden", rows, rank=4)
+    assert hidden.shape == (10, 4)
+
+
+@pytest.mark.parametrize("block, partition, rank, match", [
+    (nn.Sequential(nn.GELU()), "hidden", None, "first layer is a Linear"),
+    (Mlp(12, 6), "hidden", None, "keep all 12 input directions"),  # W1 [6, 12]: a 6-dim hidden space can't separate
+    (Mlp(12, 48), "voronoi", None, "partition must be one of"),
+    (Mlp(12, 48), "input", 0, "--partition-rank must be >= 1"),
 ])
-def test_unusable_partitions_are_refused_with_the_fix(block, partition, match):
+def test_unusable_partitions_are_refused_with_the_fix(block, partition, rank, match):
     with pytest.raises(TmlpError, match=match):
-        partition_metric(block, partition, 12)
+        partition_projection(block, partition, torch.randn(30, 12), rank)
 
 
 def test_config_checks_the_partition_and_reads_configs_written_before_it():
     with pytest.raises(TmlpError, match="partition must be one of"):
         TaylorConfig(partition="voronoi")
+    with pytest.raises(TmlpError, match="--partition-rank must be a positive integer"):
+        TaylorConfig(partition_rank=0)
     old = TaylorConfig(k=7).to_dict()
-    del old["_data"]["partition"]
+    del old["_data"]["partition"], old["_data"]["partition_rank"]
     assert TaylorConfig.from_dict(old).partition == "input"
-    assert TaylorConfig.from_dict(TaylorConfig(partition="hidden").to_dict()).partition == "hidden"
+    assert TaylorConfig.from_dict(old).partition_rank is None
+    new = TaylorConfig.from_dict(TaylorConfig(partition="hidden", partition_rank=16).to_dict())
+    assert (new.partition, new.partition_rank) == ("hidden", 16)
 
 
-def test_hidden_partition_centres_are_the_means_of_their_cells():
-    """K-means in W₁x, mapped back to input space: each centre is (up to K-means' stopping tolerance) the mean of
-    the input rows its metric cell serves, i.e. a proper expansion point in input space."""
+def test_calibrations_stored_with_a_metric_read_as_its_cholesky_projection():
+    block = Mlp(12, 48)
+    metric = block.fc1.weight.detach().T @ block.fc1.weight.detach()
+    derivs = SharedDerivatives(value=torch.zeros(3, 12), u=torch.zeros(12, 2), v=torch.zeros(12, 2),
+                               s=torch.zeros(3, 2, 2))
+    old = {**BlockCalibration("b", torch.zeros(3, 12), derivs, 30).to_dict(), "metric": metric}
+    del old["projection"]
+    projection = BlockCalibration.from_dict("b", old).projection
+    assert torch.allclose(projection @ projection.T, metric, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_partition_centres_are_the_means_of_their_cells(rank):
+    """K-means in the partition's coordinates, mapped back to input space: each centre is (up to K-means' stopping
+    tolerance) the mean of the input rows its cell serves, i.e. a proper expansion point in input space."""
     torch.manual_seed(0)
     block = Mlp(12, 48)
     rows = torch.randn(3000, 12)
-    metric = partition_metric(block, "hidden", 12)
-    centres = from_metric_space(kmeans(to_metric_space(rows, metric), 10, seed=0, n_init=1), metric)
-    cell = nearest_centre(rows, centres, metric)
+    proj = partition_projection(block, "hidden", rows, rank)
+    centres = centres_from_projected(kmeans(project(rows, proj), 10, seed=0, n_init=1), rows, proj)
+    cell = nearest_centre(rows, centres, proj)
     means = torch.stack([rows[cell == i].mean(0) for i in range(10)])
     assert float((means - centres).norm(dim=1).max()) < 0.02 * float(rows.std(0).norm())
     # ...and not those of the Euclidean cells
@@ -83,33 +123,43 @@ def test_hidden_partition_centres_are_the_means_of_their_cells():
     assert float((euclid != cell).float().mean()) > 0.05
 
 
-def test_shared_block_in_a_metric_assigns_through_the_metric():
+@pytest.mark.parametrize("rank", [None, 3])
+def test_shared_block_assigns_through_the_projection(rank):
     torch.manual_seed(0)
     block = Mlp(12, 48).eval()
     rows = torch.randn(2000, 12)
-    metric = partition_metric(block, "hidden", 12)
-    centres = from_metric_space(kmeans(to_metric_space(rows, metric), 6, seed=0, n_init=1), metric)
-    derivs = shared_block(block, rows, centres, TaylorConfig(k=6, basis="shared", rank=5), metric=metric)
-    taylor = SharedTaylorMLP(centres, derivs, 1, metric)
-    assert torch.equal(taylor.assign(rows), nearest_centre(rows, centres, metric))
+    proj = partition_projection(block, "hidden", rows, rank)
+    centres = centres_from_projected(kmeans(project(rows, proj), 6, seed=0, n_init=1), rows, proj)
+    derivs = shared_block(block, rows, centres, TaylorConfig(k=6, basis="shared", rank=5), projection=proj)
+    taylor = SharedTaylorMLP(centres, derivs, 1, proj)
+    assert torch.equal(taylor.assign(rows), nearest_centre(rows, centres, proj))
+    assert hasattr(taylor, "assign_projection") == (rank is not None)
 
 
-def test_hidden_partition_calibrates_and_exports_with_parity(trained_tiny_vit, digit_batches, tmp_path):
+@pytest.mark.parametrize("partition, rank", [("hidden", None), ("hidden", 4), ("input", 4)])
+def test_partition_calibrates_and_exports_with_parity(trained_tiny_vit, digit_batches, tmp_path, partition, rank):
     fqns = ["blocks.1.mlp", "blocks.4.mlp"]
     model = copy.deepcopy(trained_tiny_vit)
-    config = TaylorConfig(k=8, basis="shared", rank=16, fit="lstsq", partition="hidden")
+    config = TaylorConfig(k=8, basis="shared", rank=16, fit="lstsq", partition=partition, partition_rank=rank)
     calibration = taylorize_(model, config, layers=fqns, batches=lambda: iter(digit_batches),
                              n_batches=len(digit_batches), progress=False)
-    assert all(calibration[f].metric is not None for f in fqns)
+    d_in = calibration[fqns[0]].centres.shape[1]
+    assert all(calibration[f].projection.shape == (d_in, rank or d_in) for f in fqns)
     x = digit_batches[0]
-    path = str(tmp_path / "hidden.onnx")
+    path = str(tmp_path / "partition.onnx")
     export_onnx(model, x[:2], path, {})
     graph = onnx.load(path).graph
     values = [onnx.numpy_helper.to_array(i) for i in graph.initializer]
-    for fqn in fqns:  # the distances use C M (exported transposed), not the centres themselves
-        weight_t = model.get_submodule(fqn).assign_weight.T.numpy()
-        assert any(v.shape == weight_t.shape and np.allclose(v, weight_t) for v in values), fqn
-    assert [n.op_type for n in graph.node].count("ArgMin") == 2
+    for fqn in fqns:  # the distances use C P (or C P Pᵀ), exported transposed, not the centres themselves
+        block = model.get_submodule(fqn)
+        for name in ("assign_weight",) + (("assign_projection",) if rank else ()):
+            value = getattr(block, name).numpy()
+            value = value.T if name == "assign_weight" else value
+            assert any(v.shape == value.shape and np.allclose(v, value) for v in values), (fqn, name)
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("ArgMin") == 2
+    if rank:  # x P first: no [d_in, k] distance weight is left
+        assert not any(v.shape == (d_in, config.k) for v in values)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():

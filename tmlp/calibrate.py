@@ -23,7 +23,8 @@ from tmlp.derivatives import (BlockDerivatives, SharedDerivatives, block_derivat
 from tmlp.errors import TmlpError
 from tmlp.fit import fit_least_squares
 from tmlp.io import atomic_path
-from tmlp.partition import from_metric_space, nearest_centre, partition_metric, to_metric_space
+from tmlp.partition import (centres_from_projected, metric_to_projection, nearest_centre, partition_projection,
+                            project)
 from tmlp.taylor import TaylorConfig
 
 KMEANS_FULL_LIMIT = 100_000  # above this many rows, mini-batch K-means
@@ -31,24 +32,25 @@ KMEANS_FULL_LIMIT = 100_000  # above this many rows, mini-batch K-means
 
 @dataclass
 class BlockCalibration:
-    """What calibration produced for one block: centres [k, d_in], the per-centre tensors, and the partition metric
-    M [d_in, d_in] of the nearest-centre assignment (None: Euclidean; tmlp.partition)."""
+    """What calibration produced for one block: centres [k, d_in], the per-centre tensors, and the partition's
+    projection P [d_in, q] of the nearest-centre assignment (None: Euclidean in x; tmlp.partition)."""
 
     fqn: str
     centres: torch.Tensor
     derivatives: BlockDerivatives | SharedDerivatives
     n_tokens: int  # rows K-means saw
-    metric: torch.Tensor | None = None
+    projection: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
         kind = "shared" if isinstance(self.derivatives, SharedDerivatives) else "dense"
         return {"centres": self.centres, "n_tokens": self.n_tokens, "kind": kind,
-                "derivatives": asdict(self.derivatives), "metric": self.metric}
+                "derivatives": asdict(self.derivatives), "projection": self.projection}
 
     @classmethod
     def from_dict(cls, fqn: str, d: dict) -> "BlockCalibration":
         kind = SharedDerivatives if d["kind"] == "shared" else BlockDerivatives
-        return cls(fqn, d["centres"], kind(**d["derivatives"]), d["n_tokens"], d.get("metric"))
+        projection = d["projection"] if "projection" in d else metric_to_projection(d.get("metric"))  # older: M
+        return cls(fqn, d["centres"], kind(**d["derivatives"]), d["n_tokens"], projection)
 
 
 def cache_dir() -> str:
@@ -134,6 +136,8 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
         config_key = config.to_dict()
         if config.partition == "input":  # keeps the keys of calibrations made before --partition existed
             del config_key["_data"]["partition"]
+        if config.partition_rank is None:  # ... and before --partition-rank
+            del config_key["_data"]["partition_rank"]
         digest = cache_key({"key": key, "fqns": fqns, "config": config_key, "n_batches": n_batches})
         path = os.path.join(cache_dir(), "calibration", f"calib-{digest}.pt")
         if os.path.isfile(path):
@@ -149,18 +153,19 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
     for fqn in tqdm(fqns, desc=f"calibrate: K-means k={config.k} + order-{config.order} tensors",
                     disable=not progress, leave=False):
         block = get_module(model, fqn)
-        metric = partition_metric(block, config.partition, inputs[fqn].shape[1])
-        centres = from_metric_space(kmeans(to_metric_space(inputs[fqn], metric), config.k, config.seed,
-                                           config.n_init), metric)
+        rows = inputs[fqn]
+        projection = partition_projection(block, config.partition, rows, config.partition_rank)
+        centres = centres_from_projected(kmeans(project(rows, projection), config.k, config.seed, config.n_init),
+                                         rows, projection)
         if config.basis == "shared":
-            derivs = shared_block(block, inputs[fqn], centres, config, metric=metric)
+            derivs = shared_block(block, rows, centres, config, projection=projection)
         else:
             derivs = block_derivatives(block, centres, config.order, config.hessian)
-        result[fqn] = BlockCalibration(fqn, centres, derivs, int(inputs[fqn].shape[0]), metric)
+        result[fqn] = BlockCalibration(fqn, centres, derivs, int(rows.shape[0]), projection)
     if config.fit == "lstsq":
         fitted = fit_least_squares(model, {f: (r.centres, r.derivatives) for f, r in result.items()}, batches(),
                                    n_batches, config.order, config.fit_ridge, progress, log,
-                                   metrics={f: r.metric for f, r in result.items()})
+                                   projections={f: r.projection for f, r in result.items()})
         result = {f: replace(r, derivatives=fitted[f]) for f, r in result.items()}
     if path is not None:
         with atomic_path(path) as tmp:
@@ -170,11 +175,11 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
 
 @torch.no_grad()
 def shared_block(block: nn.Module, rows: torch.Tensor, centres: torch.Tensor, config: TaylorConfig,
-                 chunk: int = 4096, metric: torch.Tensor | None = None) -> SharedDerivatives:
+                 chunk: int = 4096, projection: torch.Tensor | None = None) -> SharedDerivatives:
     """Choose U, V for ``block`` (config.basis_source) from its sampled input ``rows`` [n, d_in] and ``centres``
-    (cells in ``metric``, tmlp.partition), then project the per-centre derivatives on them."""
+    (cells in x·``projection``, tmlp.partition), then project the per-centre derivatives on them."""
     block = block.eval()
-    assign = nearest_centre(rows, centres, metric, chunk)
+    assign = nearest_centre(rows, centres, projection, chunk)
     centre_values = block(centres)
     check_rank(config.rank, rows.shape[1], centre_values.shape[1])
     if config.basis_source == "data":

@@ -141,6 +141,10 @@ def write_fp16_copy(src: str, dst: str) -> None:
               help="Which centre serves a token: 'input' the nearest in the block's input space; 'hidden' the "
                    "nearest after the block's first Linear layer (K-means on its pre-activations, so cells follow "
                    "where the activation bends; same graph, same speed).")
+@click.option("--partition-rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Find the cells, and assign tokens, in this many leading principal directions of the partition's "
+                   "coordinates (0: all input dimensions). Shrinks the nearest-centre MatMul, the largest cost of a "
+                   "shared-basis block, from d*k to q*(d+k) multiply-adds per token.")
 @click.option("--layers", default="all", show_default=True,
               help="Blocks to replace: 'all', indices (0,1,2) or module names (blocks.0.mlp,blocks.5.mlp).")
 @click.option("--dataset", default=None, help="Calibration/validation data [default: the checkpoint's data set].")
@@ -182,7 +186,8 @@ def write_fp16_copy(src: str, dst: str) -> None:
                    "reads (decomposing newer ops) and records the profile in the manifest.")
 @click.option("--data-root", default=None, help="Where cifar10/100 live [default: $TMLP_DATA or ~/.cache/tmlp/data].")
 @user_errors
-def export(model, k, order, hessian, basis, rank, basis_source, fit, fit_ridge, partition, layers, dataset, checkpoint,
+def export(model, k, order, hessian, basis, rank, basis_source, fit, fit_ridge, partition, partition_rank, layers,
+           dataset, checkpoint,
            pretrained, out_dir, calib_images, eval_images, distill_epochs, distill_lr, distill_basis, distill_schedule,
            max_acc_drop, plan_k, plan_rank, block_k, seed, opset, max_memory_mb, memory_batch, device,
            data_root) -> None:
@@ -196,7 +201,8 @@ def export(model, k, order, hessian, basis, rank, basis_source, fit, fit_ridge, 
     if k <= 0:
         raise TmlpError(f"--k must be a positive number of expansion points, got {k}")
     result = run_export(model, k=k, order=order, basis=basis, rank=rank, basis_source=basis_source, fit=fit,
-                        fit_ridge=fit_ridge, partition=partition, layers=layers,
+                        fit_ridge=fit_ridge, partition=partition, partition_rank=partition_rank or None,
+                        layers=layers,
                         dataset=dataset, checkpoint=checkpoint,
                         out_dir=out_dir, hessian=hessian, seed=seed, calib_images=calib_images,
                         eval_images=eval_images, data_root=data_root, pretrained=pretrained, opset=opset,

@@ -50,22 +50,22 @@ class CellSums:
 
 
 def cell_features(x: torch.Tensor, centres: torch.Tensor, v: torch.Tensor, order: int,
-                  metric: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nearest centre [N] int64 in ``metric``, features [N, F]) of rows x [N, d_in]: z = Vᵀ(x − C_c), and z² for
+                  projection: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nearest centre [N] int64 in x·``projection``, features [N, F]) of rows x [N, d_in]: z = Vᵀ(x − C_c), and z² for
     order 2."""
-    c = nearest_centre(x, centres, metric)
+    c = nearest_centre(x, centres, projection)
     z = (x - centres[c]) @ v
     return c, (torch.cat([z, z * z], 1) if order == 2 else z)
 
 
 def accumulate_(sums: CellSums, x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, u: torch.Tensor,
-                v: torch.Tensor, order: int, chunk: int = 2048, metric: torch.Tensor | None = None) -> None:
-    """Add the tokens x [N, d_in] with block outputs y [N, d_out] to ``sums`` in place (cells in ``metric``,
-    tmlp.partition)."""
+                v: torch.Tensor, order: int, chunk: int = 2048, projection: torch.Tensor | None = None) -> None:
+    """Add the tokens x [N, d_in] with block outputs y [N, d_out] to ``sums`` in place (cells in
+    x·``projection``, tmlp.partition)."""
     u64 = u.double()
     for s in range(0, len(x), chunk):
         xs, ys = x[s:s + chunk].float(), y[s:s + chunk].float()
-        c, f = cell_features(xs, centres, v, order, metric)
+        c, f = cell_features(xs, centres, v, order, projection)
         f, ys = f.double(), ys.double()
         sums.n.index_add_(0, c, torch.ones(len(c), dtype=torch.float64))
         sums.f.index_add_(0, c, f)
@@ -109,10 +109,10 @@ def solve_cells(sums: CellSums, derivatives: SharedDerivatives, ridge: float) ->
 def fit_least_squares(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, SharedDerivatives]],
                       batches: Iterable[torch.Tensor], n_batches: int, order: int, ridge: float = 1e-2,
                       progress: bool = True, log: Callable[[str], None] | None = None,
-                      metrics: dict[str, torch.Tensor | None] | None = None) -> dict[str, SharedDerivatives]:
+                      projections: dict[str, torch.Tensor | None] | None = None) -> dict[str, SharedDerivatives]:
     """Refit the per-centre tensors of each block ``{fqn: (centres [k, d_in], Taylor derivatives)}`` of ``model``
     (the original, unmodified) to the block's outputs over ``batches`` (model inputs); one pass over the data.
-    ``metrics`` {fqn: M or None} gives each block's partition metric (tmlp.partition; default Euclidean)."""
+    ``projections`` {fqn: P or None} gives each block's partition (tmlp.partition; default Euclidean in x)."""
     sums: dict[str, CellSums] = {}
     for fqn, (centres, d) in blocks.items():
         if not isinstance(d, SharedDerivatives):
@@ -126,12 +126,12 @@ def fit_least_squares(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, Sh
     def make_hook(fqn: str) -> Callable:
         centres, d = blocks[fqn]
         centres, u, v = centres.float(), d.u.float(), d.v.float()
-        metric = (metrics or {}).get(fqn)
+        projection = (projections or {}).get(fqn)
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             accumulate_(sums[fqn], x, output.detach().reshape(-1, output.shape[-1]), centres, u, v, order,
-                        metric=metric)
+                        projection=projection)
         return hook
 
     handles = [model.get_submodule(f).register_forward_hook(make_hook(f)) for f in blocks]

@@ -1,26 +1,37 @@
 """Which expansion point serves a token: the partition of a block's input space into k cells.
 
-Every token is served by one centre, ``c = argmin_i ‖x − C_i‖_M`` with ‖v‖²_M = vᵀ M v. Expanding the square and
-dropping xᵀMx (the same for every i) gives the form the ONNX graph computes::
+A partition is Euclidean nearest centre in the coordinates x P of a projection P [d_in, q] (None: P = I)::
 
-    c = argmin_i ( ½ C_iᵀ M C_i − x · (M C_i) )        weights W = C M [k, d_in], biases b = ½ diag(C M Cᵀ) [k]
+    c = argmin_i ‖(x − C_i) P‖ = argmin_i ( ½ ‖C_i P‖² − (x P) · (C_i P) )
 
-so any metric costs exactly what the plain Euclidean distance costs (one MatMul, one Sub, one ArgMin).
+(‖x P‖² is the same for every i). The ONNX graph computes it in the cheaper of two forms:
+
+- q = d_in: one MatMul against W = C P Pᵀ [k, d_in] (``assign_weight``), as costly as the plain distance;
+- q < d_in: x P first (``assign_projection``), then a [q, k] MatMul against W = C P: N·q·(d_in + k) instead of
+  N·d_in·k multiply-adds (d_in = 384, k = 100, q = 16: 7.8× fewer).
 
 Partitions (``--partition``):
 
-- ``input``: M = I, K-means on the block's inputs x (the DESIGN's nearest centre).
-- ``hidden``: M = W₁ᵀW₁, with W₁ [h, d_in] the block's first Linear layer: K-means on its pre-activations W₁x. A
-  token's cell then follows which hidden units are on or off, i.e. where the GELU/ReLU bends, which is where a
-  first-order model fails; at equal k this lowers the held-out error of the best affine map per cell (see
-  bench/partition.py). The centres (expansion points) stay in input space: C = Z L⁻¹ for the K-means centres Z of
-  x L, with M = L Lᵀ (Cholesky).
+- ``input``: P = I, K-means on the block's inputs x (the DESIGN's nearest centre).
+- ``hidden``: P = L with L Lᵀ = W₁ᵀW₁ (Cholesky), W₁ [h, d_in] the block's first Linear layer: K-means on its
+  pre-activations (‖x L‖ = ‖W₁ x‖). A token's cell then follows which hidden units are on or off, i.e. where the
+  GELU/ReLU bends, which is where a first-order model fails; at equal k this lowers the held-out error of the best
+  affine map per cell (bench/fit.py).
+
+``--partition-rank q`` keeps the q leading principal directions of those coordinates (PCA of x P over the
+calibration tokens), so cells are found, and tokens assigned, in q dimensions. On the CIFAR DeiT-Small the cells
+of q = 8..64 fit as well as the full ones (bench/fit.py) and the assignment, the largest cost of a shared-basis
+block, shrinks by the factor above.
+
+Centres (expansion points) stay in input space: C = Z P⁻¹ for the K-means centres Z when P is square, and the mean
+of the input rows of each cell when q < d_in (its K-means centre is that mean's projection).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from tmlp.basis import top_eigvecs
 from tmlp.errors import TmlpError
 
 PARTITIONS = ("input", "hidden")
@@ -35,47 +46,86 @@ def first_linear(block: nn.Module, d_in: int) -> nn.Linear:
                     "this block has none: use --partition input")
 
 
-def partition_metric(block: nn.Module, partition: str, d_in: int) -> torch.Tensor | None:
-    """The metric M [d_in, d_in] (float32) of ``partition`` for ``block``, or None for the Euclidean ``input``."""
+def hidden_factor(block: nn.Module, d_in: int) -> torch.Tensor:
+    """L [d_in, d_in] (float32, lower triangular) with L Lᵀ = W₁ᵀW₁ for the block's first Linear layer W₁."""
+    w1 = first_linear(block, d_in).weight.detach().double()
+    gram = w1.T @ w1
+    rank = int(torch.linalg.matrix_rank(gram))
+    if w1.shape[0] < d_in or rank < d_in:
+        raise TmlpError(f"--partition hidden needs the block's first layer to keep all {d_in} input directions "
+                        f"(rank {rank}); use --partition input")
+    return torch.linalg.cholesky(gram).float()
+
+
+def partition_projection(block: nn.Module, partition: str, rows: torch.Tensor, rank: int | None = None
+                         ) -> torch.Tensor | None:
+    """The projection P [d_in, q] (float32) of ``partition`` for ``block``, q = ``rank`` leading principal
+    directions of the partition's coordinates over ``rows`` [n, d_in] (all d_in when None); None for the plain
+    Euclidean distance (``input`` at full rank)."""
     if partition not in PARTITIONS:
         raise TmlpError(f"partition must be one of {PARTITIONS}, got {partition!r}")
-    if partition == "input":
-        return None
-    w1 = first_linear(block, d_in).weight.detach().double()
-    metric = w1.T @ w1
-    if w1.shape[0] < d_in or torch.linalg.matrix_rank(metric) < d_in:
-        raise TmlpError(f"--partition hidden needs the block's first layer to keep all {d_in} input directions "
-                        f"(rank {int(torch.linalg.matrix_rank(metric))}); use --partition input")
-    return metric.float()
+    d_in = rows.shape[1]
+    if rank is not None and rank < 1:
+        raise TmlpError(f"--partition-rank must be >= 1, got {rank}")
+    factor = hidden_factor(block, d_in) if partition == "hidden" else None
+    if rank is None or rank >= d_in:
+        return factor
+    coords = rows.double() if factor is None else rows.double() @ factor.double()
+    coords = coords - coords.mean(0)
+    directions = top_eigvecs(coords.T @ coords, rank).double()  # [d_in, q]
+    return (directions if factor is None else factor.double() @ directions).float().contiguous()
 
 
-def metric_factor(metric: torch.Tensor) -> torch.Tensor:
-    """L [d, d] (lower triangular, float64) with M = L Lᵀ, so that ‖v‖_M = ‖v L‖ for row vectors v."""
-    return torch.linalg.cholesky(metric.double())
+def project(rows: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    """Rows [n, d_in] in the partition's coordinates: x P [n, q] (x itself for P = None)."""
+    return rows if projection is None else (rows.double() @ projection.double()).float()
 
 
-def to_metric_space(rows: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
-    """Rows [n, d] mapped so that Euclidean distances there are M-distances here: x L (x itself for M = None)."""
-    return rows if metric is None else (rows.double() @ metric_factor(metric)).float()
-
-
-def from_metric_space(points: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
-    """Inverse of ``to_metric_space``: Z [k, d] -> C = Z L⁻¹ [k, d]."""
-    if metric is None:
+def centres_from_projected(points: torch.Tensor, rows: torch.Tensor, projection: torch.Tensor | None
+                           ) -> torch.Tensor:
+    """Input-space centres [k, d_in] for K-means centres ``points`` [k, q] of ``project(rows, projection)``:
+    Z P⁻¹ for a square P, else the mean of the rows of each cell (Z P⁺, the least-norm preimage, for a cell that
+    no row falls in)."""
+    if projection is None:
         return points
-    factor = metric_factor(metric)  # Z = C L  <=>  Lᵀ Cᵀ = Zᵀ
-    return torch.linalg.solve_triangular(factor.T, points.double().T, upper=True).T.float()
+    p = projection.double()
+    if p.shape[0] == p.shape[1]:
+        return torch.linalg.solve(p.T, points.double().T).T.float()
+    k = points.shape[0]
+    cell = torch.argmin(0.5 * (points.double() ** 2).sum(1) - project(rows, projection).double() @ points.double().T,
+                        dim=1)
+    counts = torch.bincount(cell, minlength=k).double()
+    sums = torch.zeros(k, rows.shape[1], dtype=torch.float64).index_add_(0, cell, rows.double())
+    preimage = torch.linalg.lstsq(p.T, points.double().T).solution.T  # min-norm C with C P = Z
+    means = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], preimage)
+    return means.float()
 
 
-def assignment_tensors(centres: torch.Tensor, metric: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W = C M [k, d_in], b = ½ diag(C M Cᵀ) [k]) with nearest centre argmin(b − x Wᵀ)."""
-    weight = centres.float() if metric is None else (centres.double() @ metric.double()).float()
-    return weight, 0.5 * (weight.double() * centres.double()).sum(1).float()
+def assignment_tensors(centres: torch.Tensor, projection: torch.Tensor | None
+                       ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(P or None, W, b) with nearest centre argmin(b − (x P) Wᵀ) (argmin(b − x Wᵀ) when P is None): for q < d_in
+    P [d_in, q] and W = C P [k, q]; else no projection and W = C P Pᵀ [k, d_in] (C for P = None); b [k] = ½‖C P‖²."""
+    c = centres.double()
+    if projection is None:
+        return None, centres.float(), (0.5 * (c * c).sum(1)).float()
+    p = projection.double()
+    cp = c @ p
+    half_sq_norm = (0.5 * (cp * cp).sum(1)).float()
+    if p.shape[1] < p.shape[0]:
+        return projection.float(), cp.float(), half_sq_norm
+    return None, (cp @ p.T).float(), half_sq_norm
 
 
-def nearest_centre(x: torch.Tensor, centres: torch.Tensor, metric: torch.Tensor | None = None,
+def nearest_centre(x: torch.Tensor, centres: torch.Tensor, projection: torch.Tensor | None = None,
                    chunk: int = 8192) -> torch.Tensor:
-    """Index [N] (int64) of the nearest (in M) of ``centres`` [k, d] for each row of x [N, d]."""
-    weight, bias = assignment_tensors(centres, metric)
-    return torch.cat([torch.argmin(bias - x[s:s + chunk].float() @ weight.T, dim=1)
-                      for s in range(0, max(len(x), 1), chunk)])
+    """Index [N] (int64) of the nearest (in x P) of ``centres`` [k, d_in] for each row of x [N, d_in]."""
+    proj, weight, bias = assignment_tensors(centres, projection)
+    def scores(rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.float() if proj is None else rows.float() @ proj
+        return bias - rows @ weight.T
+    return torch.cat([torch.argmin(scores(x[s:s + chunk]), dim=1) for s in range(0, max(len(x), 1), chunk)])
+
+
+def metric_to_projection(metric: torch.Tensor | None) -> torch.Tensor | None:
+    """P = L (Cholesky, L Lᵀ = M) for a metric M [d, d] stored by calibrations made before projections."""
+    return None if metric is None else torch.linalg.cholesky(metric.double()).float()

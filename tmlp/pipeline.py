@@ -173,7 +173,7 @@ def load_model_and_data(model_name: str, checkpoint: str | None = None, pretrain
 
 def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shared", rank: int = 32,
                basis_source: str = "data", fit: str = "auto", fit_ridge: float = 1e-2, partition: str = "input",
-               layers: str | None = None,
+               partition_rank: int | None = None, layers: str | None = None,
                dataset: str | None = None, checkpoint: str | None = None, out_dir: str | None = None,
                hessian: str = "diag", seed: int = 0, calib_images: int = 5000, eval_images: int = 10000,
                data_root: str | None = None, pretrained: bool = False, opset: int = 20, distill_epochs: int = 0,
@@ -198,7 +198,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     if fit == "auto":  # the least-squares fit needs the shared basis; dense Jacobians keep the Taylor values
         fit = "lstsq" if basis == "shared" else "taylor"
     config = TaylorConfig(k=k, order=order, hessian=hessian, seed=seed, basis=basis, rank=rank,
-                          basis_source=basis_source, fit=fit, fit_ridge=fit_ridge, partition=partition)
+                          basis_source=basis_source, fit=fit, fit_ridge=fit_ridge, partition=partition,
+                          partition_rank=partition_rank)
     loaded = load_model_and_data(model_name, checkpoint, pretrained, dataset, data_root, log, progress)
     model, payload, ckpt_path, data, spec, dataset = (loaded.model, loaded.payload, loaded.checkpoint, loaded.data,
                                                       loaded.spec, loaded.dataset)
@@ -227,8 +228,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     form = f"shared basis rank {rank} ({basis_source})" if basis == "shared" else "dense Jacobians"
     if fit == "lstsq":
         form += f", least-squares fit (ridge {fit_ridge})"
-    if partition != "input":
-        form += f", {partition} partition"
+    if partition != "input" or partition_rank:
+        form += f", {partition} partition" + (f" in {partition_rank} principal directions" if partition_rank else "")
     log(f"calibrating {len(fqns)} block(s) ({fqns[0]}{' ...' if len(fqns) > 1 else ''}) with k={k}, order {order}, "
         f"{form}, on {min(calib_images, len(data.train))} training images of {dataset}")
     ckpt_sha = loaded.source_sha256
@@ -305,6 +306,7 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
         "tmlp.source_checkpoint_sha256": ckpt_sha}
     meta_tmlp = {**meta_common, "tmlp.kind": "tmlp", "tmlp.k": str(k), "tmlp.order": str(order), "tmlp.basis": basis,
                  "tmlp.partition": partition,
+                 **({"tmlp.partition_rank": str(partition_rank)} if partition_rank else {}),
                  **({"tmlp.rank": str(rank), "tmlp.basis_source": basis_source, "tmlp.fit": fit}
                     if basis == "shared" else {}),
                  "tmlp.layers": json.dumps(fqns), "tmlp.taylor_config": json.dumps(config.to_dict(), sort_keys=True),

@@ -319,4 +319,4 @@ def smallest_feasible(n: int, feasible: Callable[[int], bool]) -> int | None:
 def _build(calibrations: dict[int, dict[str, BlockCalibration]], fqn: str, option: BlockOption, order: int
            ) -> nn.Module:
     cal = option_calibration(calibrations, fqn, option)
-    return build_taylor_block(cal.centres, cal.derivatives, order, cal.metric)
+    return build_taylor_block(cal.centres, cal.derivatives, order, cal.projection)

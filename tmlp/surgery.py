@@ -86,5 +86,5 @@ def taylorize_(model: nn.Module, config: TaylorConfig | dict[str, TaylorConfig],
             raise TmlpError(f"no calibration for block {fqn!r}; calibrate it first")
         cal = calibration[fqn]
         replace_module(model, fqn, build_taylor_block(cal.centres, cal.derivatives, config_for(config, fqn).order,
-                                                      cal.metric))
+                                                      cal.projection))
     return calibration

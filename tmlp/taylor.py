@@ -3,7 +3,7 @@
 For inputs x [N, d_in], centres C [k, d_in]::
 
     c    = argmin_i (1/2 ||C_i||^2 - x . C_i)          (= argmin_i ||x - C_i||; ||x||^2 is the same for every i)
-                                                        (with a partition metric M: ||.||_M, tmlp.partition)
+                                                        (in a partition: ||(x - C_i) P||, tmlp.partition)
     y    = a_c                                          order 0  (a = F(C))
     y    = a_c + J_c x                                  order 1  (a = F(C) - J C, folded at calibration)
     y    = a_c + J_c x + 1/2 H_c (x - C_c)^2            order 2, diagonal Hessian
@@ -33,7 +33,8 @@ class TaylorConfig:
     keeps the derivatives at the centres; "lstsq" (shared basis) refits the per-centre tensors to the block's outputs
     over all calibration tokens, ridge ``fit_ridge`` towards the Taylor values (see tmlp.fit). ``partition``
     "input" serves each token from its Euclidean-nearest centre; "hidden" measures the distance through the block's
-    first Linear layer (K-means on its pre-activations; see tmlp.partition)."""
+    first Linear layer (K-means on its pre-activations; see tmlp.partition); ``partition_rank`` q finds the cells,
+    and assigns tokens, in the q leading principal directions of those coordinates (None: all d_in)."""
 
     VERSION: ClassVar[int] = 1
     k: int = 100
@@ -48,6 +49,7 @@ class TaylorConfig:
     fit: str = "taylor"
     fit_ridge: float = 1e-2
     partition: str = "input"
+    partition_rank: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k <= 0:
@@ -70,6 +72,9 @@ class TaylorConfig:
                             "Jacobians")
         if self.partition not in PARTITIONS:
             raise TmlpError(f"partition must be one of {PARTITIONS}, got {self.partition!r}")
+        if self.partition_rank is not None and (not isinstance(self.partition_rank, int) or self.partition_rank < 1):
+            raise TmlpError(f"--partition-rank must be a positive integer (or none for all input dimensions), got "
+                            f"{self.partition_rank!r}")
         if self.fit_ridge < 0:
             raise TmlpError(f"--fit-ridge must be >= 0, got {self.fit_ridge}")
         if self.max_tokens is None:
@@ -87,21 +92,24 @@ class TaylorConfig:
             raise TmlpError(f"cannot read TaylorConfig {d.get('_type')} v{d.get('_version')}; this tmlp reads "
                             f"v{cls.VERSION}: calibrate again")
         names = {f.name for f in fields(cls)}
-        data = {"partition": "input", **d["_data"]}  # configs written before --partition existed used "input"
+        data = {"partition": "input", "partition_rank": None, **d["_data"]}  # defaults of configs written before
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
 class _NearestCentre(nn.Module):
-    """Holds the centres [k, d_in] and assigns each row of x [N, d_in] to its nearest one (in the partition metric
-    M [d_in, d_in] when given: buffer ``assign_weight`` = C M, tmlp.partition)."""
+    """Holds the centres [k, d_in] and assigns each row of x [N, d_in] to its nearest one, in the coordinates x P of
+    the partition's projection P [d_in, q] when given (tmlp.partition): buffers ``assign_projection`` P (q < d_in
+    only) and ``assign_weight`` W (C P [k, q], or C P Pᵀ [k, d_in] when q = d_in)."""
 
-    def __init__(self, centres: torch.Tensor, metric: torch.Tensor | None = None):
+    def __init__(self, centres: torch.Tensor, projection: torch.Tensor | None = None):
         super().__init__()
         centres = centres.float()
         self.d_in = centres.shape[1]
         self.register_buffer("centres", centres.contiguous())
-        weight, half_sq_norm = assignment_tensors(centres, metric)
-        if metric is not None:
+        proj, weight, half_sq_norm = assignment_tensors(centres, projection)
+        if proj is not None:
+            self.register_buffer("assign_projection", proj.contiguous())
+        if projection is not None:
             self.register_buffer("assign_weight", weight.contiguous())
         self.register_buffer("half_sq_norm", half_sq_norm)
         self.chunks = 1  # evaluate the rows in this many chunks (bounds the gathered per-centre tensors' memory)
@@ -111,9 +119,12 @@ class _NearestCentre(nn.Module):
         return self.centres.shape[0]
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest centre for each row of x [N, d_in] -> [N] (int64): ArgMin(½‖C‖² − x·Cᵀ), or
-        ArgMin(½ diag(C M Cᵀ) − x·(C M)ᵀ) in a partition metric M."""
+        """Index of the nearest centre for each row of x [N, d_in] -> [N] (int64): ArgMin(½‖C‖² − x·Cᵀ), in a
+        partition ArgMin(½‖C P‖² − (x P)·Wᵀ) (x itself in place of x P when P is square, folded into W)."""
         weight = getattr(self, "assign_weight", self.centres)
+        projection = getattr(self, "assign_projection", None)
+        if projection is not None:
+            x = x @ projection
         return torch.argmin(self.half_sq_norm - x @ weight.T, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,8 +161,8 @@ class TaylorMLP(_NearestCentre):
     """
 
     def __init__(self, centres: torch.Tensor, derivatives: BlockDerivatives, order: int,
-                 metric: torch.Tensor | None = None):
-        super().__init__(centres, metric)
+                 projection: torch.Tensor | None = None):
+        super().__init__(centres, projection)
         if order not in (0, 1, 2):
             raise TmlpError(f"Taylor order must be 0, 1 or 2, got {order}")
         centres = self.centres
@@ -195,8 +206,8 @@ class SharedTaylorMLP(_NearestCentre):
     """
 
     def __init__(self, centres: torch.Tensor, derivatives: SharedDerivatives, order: int,
-                 metric: torch.Tensor | None = None):
-        super().__init__(centres, metric)
+                 projection: torch.Tensor | None = None):
+        super().__init__(centres, projection)
         if order not in (1, 2):
             raise TmlpError(f"a shared-basis block needs order 1 or 2, got {order}")
         self.order = order
@@ -234,8 +245,9 @@ class SharedTaylorMLP(_NearestCentre):
 
 
 def build_taylor_block(centres: torch.Tensor, derivatives: BlockDerivatives | SharedDerivatives, order: int,
-                       metric: torch.Tensor | None = None) -> TaylorMLP | SharedTaylorMLP:
-    """The Taylor module that matches the kind of per-centre tensors calibration produced (cells in ``metric``)."""
+                       projection: torch.Tensor | None = None) -> TaylorMLP | SharedTaylorMLP:
+    """The Taylor module that matches the kind of per-centre tensors calibration produced (cells in x·``projection``,
+    tmlp.partition)."""
     if isinstance(derivatives, SharedDerivatives):
-        return SharedTaylorMLP(centres, derivatives, order, metric)
-    return TaylorMLP(centres, derivatives, order, metric)
+        return SharedTaylorMLP(centres, derivatives, order, projection)
+    return TaylorMLP(centres, derivatives, order, projection)
