@@ -173,7 +173,7 @@ def load_model_and_data(model_name: str, checkpoint: str | None = None, pretrain
 
 def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shared", rank: int = 32,
                basis_source: str = "data", fit: str = "auto", fit_ridge: float = 1e-2, partition: str = "input",
-               partition_rank: int | None = None, layers: str | None = None,
+               partition_rank: int | None = 16, layers: str | None = None,
                dataset: str | None = None, checkpoint: str | None = None, out_dir: str | None = None,
                hessian: str = "diag", seed: int = 0, calib_images: int = 5000, eval_images: int = 10000,
                data_root: str | None = None, pretrained: bool = False, opset: int = 20, distill_epochs: int = 0,
