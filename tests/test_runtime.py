@@ -186,3 +186,25 @@ def test_runs_in_a_venv_with_only_onnxruntime_and_numpy(small_model, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout and "p50" in proc.stdout
+
+
+def test_interleaved_bench_times_models_in_turns_on_real_images(small_model, tmp_path):
+    """bench/interleaved.py: one session per model, rounds of turns, speed-ups against the first and --vs."""
+    import shutil
+
+    path, _data, _net = small_model
+    other = os.path.join(os.path.dirname(path), "m2.onnx")
+    shutil.copy(path, other)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "inter")
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "interleaved.py"), path, other, "--vs", other,
+                           "--rounds", "3", "--runs", "2", "--warmup", "1", "--out", out],
+                          capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    result = json.load(open(os.path.join(out, "interleaved.json")))
+    assert [r["model"] for r in result["rows"]] == [path, other]
+    assert all(len(r["round_p50_ms"]) == 3 and r["p50_ms"] > 0 for r in result["rows"])
+    assert result["rows"][0]["speedup"][path] == 1.0 and result["rows"][1]["speedup"][other] == 1.0
+    bad = subprocess.run([sys.executable, os.path.join(root, "bench", "interleaved.py"), path, "--vs", other],
+                         capture_output=True, text=True, cwd=root)
+    assert bad.returncode != 0 and "is not among the models" in bad.stderr
