@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from timm.layers import Mlp
 
-from tmlp.calibrate import kmeans, shared_block
+from tmlp.calibrate import kmeans, partition_kmeans, shared_block
 from tmlp.data import to_tensor
 from tmlp.derivatives import block_derivatives
 from tmlp.export.onnx_export import export_onnx
 from tmlp.export.quantize import quantize_int8_dynamic
 from tmlp.fit import CellSums, accumulate_, solve_cells
-from tmlp.partition import centres_from_projected, partition_projection, project
+from tmlp.partition import partition_projection
 from tmlp.runtime import run
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig, TaylorMLP
 
@@ -155,7 +155,7 @@ def main() -> None:
             for part in partitions:
                 name, _, q = part.partition(":")
                 proj = partition_projection(block, name, calib, int(q) if q else None)
-                centres_p = centres_from_projected(kmeans(project(calib, proj), k, seed=0, n_init=1), calib, proj)
+                centres_p = partition_kmeans(calib, k, 0, 1, proj)
                 label = f"{name} partition" + (f" q={q}" if q else "")
                 for rank in partition_ranks:
                     for order in (1, 2):

@@ -23,10 +23,10 @@ import time
 import numpy as np
 import torch
 
-from tmlp.calibrate import collect_inputs, kmeans, shared_block
+from tmlp.calibrate import collect_inputs, partition_kmeans, shared_block
 from tmlp.data import to_tensor
 from tmlp.fit import CellSums, accumulate_, solve_cells
-from tmlp.partition import centres_from_projected, nearest_centre, partition_projection, project
+from tmlp.partition import nearest_centre, partition_projection
 from tmlp.pipeline import load_model_and_data
 from tmlp.surgery import select_blocks
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig
@@ -87,7 +87,7 @@ def main() -> None:
         for part in partitions:
             name, _, q = part.partition(":")
             proj = partition_projection(block, name, sample, int(q) if q else None)
-            centres = centres_from_projected(kmeans(project(sample, proj), args.k, seed=0, n_init=1), sample, proj)
+            centres = partition_kmeans(sample, args.k, 0, 1, proj)
             taylor = shared_block(block, sample, centres, TaylorConfig(k=args.k, basis="shared", rank=args.rank),
                                   projection=proj)
             sums = CellSums.zeros(args.k, args.rank, args.rank, y.shape[1])

@@ -114,6 +114,13 @@ def kmeans(rows: torch.Tensor, k: int, seed: int, n_init: int) -> torch.Tensor:
     return torch.from_numpy(km.cluster_centers_).float()
 
 
+def partition_kmeans(rows: torch.Tensor, k: int, seed: int, n_init: int, projection: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """Input-space centres [k, d_in] of K-means on the rows [n, d_in] in the partition's coordinates x·``projection``
+    (tmlp.partition)."""
+    return centres_from_projected(kmeans(project(rows, projection), k, seed, n_init), rows, projection)
+
+
 def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -155,8 +162,7 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
         block = get_module(model, fqn)
         rows = inputs[fqn]
         projection = partition_projection(block, config.partition, rows, config.partition_rank)
-        centres = centres_from_projected(kmeans(project(rows, projection), config.k, config.seed, config.n_init),
-                                         rows, projection)
+        centres = partition_kmeans(rows, config.k, config.seed, config.n_init, projection)
         if config.basis == "shared":
             derivs = shared_block(block, rows, centres, config, projection=projection)
         else:

@@ -92,8 +92,7 @@ def centres_from_projected(points: torch.Tensor, rows: torch.Tensor, projection:
     if p.shape[0] == p.shape[1]:
         return torch.linalg.solve(p.T, points.double().T).T.float()
     k = points.shape[0]
-    cell = torch.argmin(0.5 * (points.double() ** 2).sum(1) - project(rows, projection).double() @ points.double().T,
-                        dim=1)
+    cell = nearest_centre(project(rows, projection), points)  # Euclidean cells of the K-means centres, in x P
     counts = torch.bincount(cell, minlength=k).double()
     sums = torch.zeros(k, rows.shape[1], dtype=torch.float64).index_add_(0, cell, rows.double())
     preimage = torch.linalg.lstsq(p.T, points.double().T).solution.T  # min-norm C with C P = Z
