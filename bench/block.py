@@ -5,7 +5,8 @@ Variants: fp32 MLP, int8 MLP (quantize_dynamic), dense Taylor order 1, shared ba
 shared one also with its per-centre tensors least-squares fitted to the block's outputs (``--fit lstsq``, tmlp.fit),
 and least-squares variants on the cells of each of ``--partitions`` (tmlp.partition: ``hidden`` K-means on the
 first layer's pre-activations; ``:q`` in its q leading principal directions, ``--partition-rank q``, which shrinks
-the nearest-centre MatMul) at the ranks of ``--partition-ranks``.
+the nearest-centre MatMul) at the ranks of ``--partition-ranks`` (``r`` or ``r/r_out``: V of rank r, U of rank
+r_out, ``--rank-out``).
 Latency: onnxruntime CPU, the runtime/run.py timing code in this process (warm-up 10, 50 runs, p50/p90; the
 variants of a cell are timed in --repeats interleaved rounds and the median is reported); file size; relative
 output error ‖y_T − y‖/‖y‖ on held-out tokens.
@@ -85,6 +86,12 @@ def time_model(path: str, n: int, d: int, threads: int, warmup: int, runs: int) 
     return run.percentiles(run.time_batches(session, name, batches, warmup, runs))
 
 
+def parse_ranks(spec: str) -> tuple[int, int | None]:
+    """'32' -> (32, None); '32/48' -> (32, 48): input rank (V) and output rank (U)."""
+    rank, _, rank_out = spec.partition("/")
+    return int(rank), (int(rank_out) if rank_out else None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results/block")
@@ -101,11 +108,12 @@ def main() -> None:
     parser.add_argument("--partitions", default="hidden,hidden:16",
                         help="partitions of the extra lstsq variants, each optionally :q (--partition-rank q)")
     parser.add_argument("--partition-ranks", default=None,
-                        help="basis ranks of those variants, e.g. 32,48 [default: --rank]")
+                        help="basis ranks of those variants, each r or r/r_out (input/output rank), e.g. 32,48,32/48 "
+                             "[default: --rank]")
     args = parser.parse_args()
     dims, ks, ns, threads = ([384], [100], [197], [1]) if args.quick else ([192, 384, 768], [10, 100, 1000],
                                                                           [1, 197, 8 * 197], [1, 2])
-    partition_ranks = [int(r) for r in (args.partition_ranks or str(args.rank)).split(",")]
+    partition_ranks = [parse_ranks(r) for r in (args.partition_ranks or str(args.rank)).split(",")]
     partitions = [p for p in args.partitions.split(",") if p]
     rows, skipped = [], []
     tmp = tempfile.mkdtemp(prefix="tmlp-block-")
@@ -146,7 +154,7 @@ def main() -> None:
                 path = os.path.join(tmp, f"shared-{d}-{k}-{order}.onnx")
                 export_onnx(t, calib[:2], path, {})
                 models[(f"shared r={args.rank} order {order}", k)] = (path, rel_err(t))
-                sums = CellSums.zeros(k, args.rank * order, args.rank, d)
+                sums = CellSums.for_block(taylor, order)
                 accumulate_(sums, calib_all, y_all, centres, taylor.u, taylor.v, order)
                 t = SharedTaylorMLP(centres, solve_cells(sums, taylor, 1e-2)[0], order).eval()
                 path = os.path.join(tmp, f"lstsq-{d}-{k}-{order}.onnx")
@@ -157,16 +165,18 @@ def main() -> None:
                 proj = partition_projection(block, name, calib, int(q) if q else None)
                 centres_p = partition_kmeans(calib, k, 0, 1, proj)
                 label = f"{name} partition" + (f" q={q}" if q else "")
-                for rank in partition_ranks:
+                for rank, rank_out in partition_ranks:
                     for order in (1, 2):
-                        cfg = TaylorConfig(k=k, order=order, basis="shared", rank=rank, partition=name)
+                        cfg = TaylorConfig(k=k, order=order, basis="shared", rank=rank, rank_out=rank_out,
+                                           partition=name)
                         taylor = shared_block(block, calib, centres_p, cfg, projection=proj)
-                        sums = CellSums.zeros(k, rank * order, rank, d)
+                        sums = CellSums.for_block(taylor, order)
                         accumulate_(sums, calib_all, y_all, centres_p, taylor.u, taylor.v, order, projection=proj)
                         t = SharedTaylorMLP(centres_p, solve_cells(sums, taylor, 1e-2)[0], order, proj).eval()
-                        path = os.path.join(tmp, f"{name}-{q or 'all'}-{d}-{k}-{order}-{rank}.onnx")
+                        ranks = f"{rank}" if rank_out is None else f"{rank}/{rank_out}"
+                        path = os.path.join(tmp, f"{name}-{q or 'all'}-{d}-{k}-{order}-{rank}-{rank_out}.onnx")
                         export_onnx(t, calib[:2], path, {})
-                        models[(f"shared r={rank} order {order} lstsq, {label}", k)] = (path, rel_err(t))
+                        models[(f"shared r={ranks} order {order} lstsq, {label}", k)] = (path, rel_err(t))
         for n in ns:
             for th in threads:
                 timings = {key: [] for key in models}

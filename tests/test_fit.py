@@ -13,19 +13,20 @@ from tmlp.surgery import taylorize_
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig
 
 
-def _block_and_tokens(order, d=12, h=48, n=4000, k=6, rank=5, seed=0):
+def _block_and_tokens(order, d=12, h=48, n=4000, k=6, rank=5, seed=0, rank_out=None):
     torch.manual_seed(seed)
     block = Mlp(d, h).eval()
     rows = torch.randn(n, d) * 2.0
     centres = kmeans(rows, k, seed=0, n_init=1)
-    taylor = shared_block(block, rows, centres, TaylorConfig(k=k, order=order, basis="shared", rank=rank))
+    taylor = shared_block(block, rows, centres, TaylorConfig(k=k, order=order, basis="shared", rank=rank,
+                                                             rank_out=rank_out))
     with torch.no_grad():
         y = block(rows)
     return block, rows, y, centres, taylor
 
 
 def _sums(rows, y, centres, d, order, chunk=2048):
-    sums = CellSums.zeros(len(centres), d.u.shape[1] * order, d.u.shape[1], y.shape[1])
+    sums = CellSums.for_block(d, order)
     accumulate_(sums, rows, y, centres, d.u, d.v, order, chunk=chunk)
     return sums
 
@@ -63,6 +64,21 @@ def test_fitted_residual_satisfies_the_normal_equations(order):
         scale = float(y[m].double().norm() * f[m].double().norm())
         assert float(resid[m].sum(0).norm()) < 1e-4 * float(y[m].double().norm()) * m.sum() ** 0.5
         assert float((resid[m].T @ f[m].double()).T.matmul(taylor.u.double()).norm()) < 1e-5 * scale
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_more_output_directions_fit_the_tokens_better(order):
+    """rank_out > rank: the fitted family contains the rank_out = rank one (U's leading columns are the same), so the
+    ridge-free fit's own-token error can only fall; S_c (and T_c) are [rank_out, rank]."""
+    mse = {}
+    for rank_out in (None, 10):
+        block, rows, y, centres, taylor = _block_and_tokens(order, rank=3, rank_out=rank_out)
+        fitted, kept = solve_cells(_sums(rows, y, centres, taylor, order), taylor, ridge=0.0)
+        assert kept == 0 and fitted.s.shape == (6, rank_out or 3, 3)
+        if order == 2:
+            assert fitted.t.shape == fitted.s.shape
+        mse[rank_out] = _mse(SharedTaylorMLP(centres, fitted, order), rows, y)
+    assert mse[10] < mse[None]
 
 
 def test_streamed_sums_do_not_depend_on_chunking():

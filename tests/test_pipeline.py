@@ -165,10 +165,12 @@ def test_an_fp16_copy_of_a_checkpoint_exports_like_the_original(trained, exporte
 def test_hidden_partition_is_recorded_and_exports_with_parity(trained, tmp_path):
     out = tmp_path / "hidden"
     log = _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "8", "--layers",
-               "0,3", "--partition", "hidden", "--out", str(out)])
-    assert "hidden partition" in log
+               "0,3", "--partition", "hidden", "--rank", "8", "--rank-out", "12", "--out", str(out)])
+    assert "hidden partition" in log and "rank 8 in, 12 out" in log
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["taylor_config"]["_data"]["partition"] == "hidden"
     assert manifest["parity"]["tmlp.onnx"]["top1_agree"] == 1.0
     meta = {p.key: p.value for p in onnx.load(str(out / "tmlp.onnx")).metadata_props}
     assert meta["tmlp.partition"] == "hidden"
+    assert (meta["tmlp.rank"], meta["tmlp.rank_out"]) == ("8", "12")
+    assert manifest["taylor_config"]["_data"]["rank_out"] == 12

@@ -7,6 +7,7 @@ import torch
 
 from tmlp.calibrate import calibrate
 from tmlp.data import to_tensor
+from tmlp.derivatives import SharedDerivatives
 from tmlp.errors import TmlpError
 from tmlp.plan import (BlockOption, candidate_choices, choose, held_out_tokens, option_calibration, option_macs, plan_blocks,
                        relative_error, truncate_rank)
@@ -46,6 +47,15 @@ def test_truncated_rank_is_the_lower_rank_projection(setup):
     assert isinstance(block, SharedTaylorMLP) and block.rank == 4
     with pytest.raises(TmlpError, match="exceeds the calibrated rank"):
         truncate_rank(full.derivatives, 64)
+
+
+def test_truncating_an_asymmetric_calibration_keeps_u_in_proportion():
+    d = SharedDerivatives(value=torch.zeros(5, 20), u=torch.randn(20, 12), v=torch.randn(16, 8),
+                          s=torch.randn(5, 12, 8), t=torch.randn(5, 12, 8))
+    low = truncate_rank(d, 4)
+    assert low.v.shape == (16, 4) and low.u.shape == (20, 6) and low.s.shape == low.t.shape == (5, 6, 4)
+    assert torch.equal(low.s, d.s[:, :6, :4]) and torch.equal(low.u, d.u[:, :6])
+    assert option_macs(BlockOption(10, 4), 16, 20, 1, rank_out=6) == 10 * 16 + 16 * 4 + 6 * 4 + 6 * 20
 
 
 def test_more_centres_and_rank_lower_the_held_out_error(setup):

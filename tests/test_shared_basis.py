@@ -77,11 +77,46 @@ def test_second_order_reduces_the_error_near_centres():
     assert errors[2] < errors[1]
 
 
-@pytest.mark.parametrize("order", [1, 2])
-def test_onnx_graph_and_parity(order, tmp_path):
+def test_full_input_and_output_ranks_equal_dense_when_d_out_exceeds_d_in():
+    """rank = d_in and rank_out = d_out > d_in: U and V span everything, so the shared block is the dense one (one
+    rank could not exceed min(d_in, d_out) = 8 here)."""
+    torch.manual_seed(0)
+    block = Mlp(8, 32, out_features=16).eval()
+    rows = torch.randn(3000, 8) * 1.5
+    centres = kmeans(rows, 6, seed=0, n_init=1)
+    derivs = shared_block(block, rows, centres, TaylorConfig(k=6, basis="shared", rank=8, rank_out=16))
+    assert derivs.u.shape == (16, 16) and derivs.v.shape == (8, 8) and derivs.s.shape == (6, 16, 8)
+    shared = SharedTaylorMLP(centres, derivs, order=1)
+    assert (shared.rank, shared.rank_out) == (8, 16) and "rank_out=16" in repr(shared)
+    dense = TaylorMLP(centres, block_derivatives(block, centres, 1), order=1)
+    x = torch.randn(500, 8)
+    with torch.no_grad():
+        assert torch.allclose(shared(x), dense(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["data", "jacobian"])
+def test_more_output_directions_keep_the_input_ones_and_project_the_jacobians_better(source):
+    """rank_out > rank: V is the same as at rank_out = rank, U gains columns, and U S_c Vᵀ = U Uᵀ J_c V Vᵀ comes
+    closer to each J_c."""
+    block, rows, centres = _setup()
+    dense = block_derivatives(block, centres, 1).jacobian
+    err = {}
+    for r_out in (4, 12):
+        d = shared_block(block, rows, centres, TaylorConfig(k=12, basis="shared", rank=4, rank_out=r_out,
+                                                             basis_source=source))
+        err[r_out] = float((d.u @ d.s @ d.v.T - dense).norm())
+        if r_out == 4:
+            v4 = d.v
+    assert torch.allclose(d.v.abs(), v4.abs(), atol=1e-5)
+    assert err[12] < err[4]
+
+
+@pytest.mark.parametrize("order, rank_out", [(1, None), (2, None), (1, 12), (2, 12)])
+def test_onnx_graph_and_parity(order, rank_out, tmp_path):
     block, rows, centres = _setup(d=32, h=64, k=10)
-    cfg = TaylorConfig(k=10, order=order, basis="shared", rank=8)
+    cfg = TaylorConfig(k=10, order=order, basis="shared", rank=8, rank_out=rank_out)
     taylor = SharedTaylorMLP(centres, shared_block(block, rows, centres, cfg), order=order).eval()
+    assert taylor.s.shape == (10, rank_out or 8, 8)
     path = str(tmp_path / "shared.onnx")
     x = torch.randn(64, 32)
     ops = export_onnx(taylor, x[:2], path, {})
@@ -100,6 +135,26 @@ def test_rank_larger_than_dimensions_is_refused():
     block, rows, centres = _setup(d=8, h=16, k=4)
     with pytest.raises(TmlpError, match="rank 9 must lie in 1..min"):
         shared_block(block, rows, centres, TaylorConfig(k=4, basis="shared", rank=9))
+
+
+@pytest.mark.parametrize("rank, rank_out, message", [(9, 4, "rank 9 must lie in 1..d_in = 8"),
+                                                     (4, 17, "output rank 17 must lie in 1..d_out = 16")])
+def test_ranks_beyond_their_sides_are_refused(rank, rank_out, message):
+    torch.manual_seed(0)
+    block = Mlp(8, 32, out_features=16).eval()
+    rows = torch.randn(500, 8)
+    centres = kmeans(rows, 4, seed=0, n_init=1)
+    with pytest.raises(TmlpError, match=message):
+        shared_block(block, rows, centres, TaylorConfig(k=4, basis="shared", rank=rank, rank_out=rank_out))
+
+
+def test_rank_out_must_be_positive_and_old_configs_read_as_none():
+    with pytest.raises(TmlpError, match="--rank-out must be a positive integer"):
+        TaylorConfig(basis="shared", rank_out=0)
+    old = TaylorConfig().to_dict()
+    del old["_data"]["rank_out"]
+    assert TaylorConfig.from_dict(old).rank_out is None
+    assert TaylorConfig.from_dict(TaylorConfig(rank_out=48).to_dict()).rank_out == 48
 
 
 def test_shared_basis_needs_first_order():

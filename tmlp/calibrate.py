@@ -145,6 +145,8 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
             del config_key["_data"]["partition"]
         if config.partition_rank is None:  # ... and before --partition-rank
             del config_key["_data"]["partition_rank"]
+        if config.rank_out is None:  # ... and before --rank-out
+            del config_key["_data"]["rank_out"]
         digest = cache_key({"key": key, "fqns": fqns, "config": config_key, "n_batches": n_batches})
         path = os.path.join(cache_dir(), "calibration", f"calib-{digest}.pt")
         if os.path.isfile(path):
@@ -187,13 +189,13 @@ def shared_block(block: nn.Module, rows: torch.Tensor, centres: torch.Tensor, co
     block = block.eval()
     assign = nearest_centre(rows, centres, projection, chunk)
     centre_values = block(centres)
-    check_rank(config.rank, rows.shape[1], centre_values.shape[1])
+    check_rank(config.rank, rows.shape[1], centre_values.shape[1], config.rank_out)
     if config.basis_source == "data":
         outputs = torch.cat([block(rows[s:s + chunk]) for s in range(0, len(rows), chunk)])
-        u, v = data_basis(rows, outputs, centres, centre_values, assign, config.rank)
+        u, v = data_basis(rows, outputs, centres, centre_values, assign, config.rank, config.rank_out)
     else:
         weights = torch.bincount(assign, minlength=len(centres)).float() / len(rows)
-        u, v = jacobian_basis(*jacobian_grams(block, centres, weights), config.rank)
+        u, v = jacobian_basis(*jacobian_grams(block, centres, weights), config.rank, config.rank_out)
     return shared_derivatives(block, centres, config.order, u, v)
 
 

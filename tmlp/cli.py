@@ -127,7 +127,12 @@ def write_fp16_copy(src: str, dst: str) -> None:
 @click.option("--basis", type=click.Choice(["shared", "dense"]), default="shared", show_default=True,
               help="shared: J_c ≈ U S_c Vᵀ with rank --rank (the deployable form); dense: a full Jacobian per "
                    "centre (k*d_out*d_in floats: slow and large, the reference).")
-@click.option("--rank", type=int, default=32, show_default=True, help="Rank r of the shared basis.")
+@click.option("--rank", type=int, default=32, show_default=True,
+              help="Rank r of the shared basis (of V, the input side; also of U unless --rank-out is given).")
+@click.option("--rank-out", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Rank of U, the output side of the shared basis, when it should differ from --rank (0: same as "
+                   "--rank). Trained MLPs' outputs often need more directions than their inputs: S_c becomes "
+                   "[rank-out, rank], costing rank-out*(rank+d) per token instead of rank*(rank+d).")
 @click.option("--basis-source", type=click.Choice(["data", "jacobian"]), default="data", show_default=True,
               help="Shared basis from PCA of the block's input/output deviations, or from the stacked Jacobians.")
 @click.option("--fit", type=click.Choice(["auto", "taylor", "lstsq"]), default="auto", show_default=True,
@@ -187,7 +192,8 @@ def write_fp16_copy(src: str, dst: str) -> None:
                    "reads (decomposing newer ops) and records the profile in the manifest.")
 @click.option("--data-root", default=None, help="Where cifar10/100 live [default: $TMLP_DATA or ~/.cache/tmlp/data].")
 @user_errors
-def export(model, k, order, hessian, basis, rank, basis_source, fit, fit_ridge, partition, partition_rank, layers,
+def export(model, k, order, hessian, basis, rank, rank_out, basis_source, fit, fit_ridge, partition, partition_rank,
+           layers,
            dataset, checkpoint,
            pretrained, out_dir, calib_images, eval_images, distill_epochs, distill_lr, distill_basis, distill_schedule,
            max_acc_drop, plan_k, plan_rank, block_k, seed, opset, max_memory_mb, memory_batch, device,
@@ -201,7 +207,8 @@ def export(model, k, order, hessian, basis, rank, basis_source, fit, fit_ridge, 
 
     if k <= 0:
         raise TmlpError(f"--k must be a positive number of expansion points, got {k}")
-    result = run_export(model, k=k, order=order, basis=basis, rank=rank, basis_source=basis_source, fit=fit,
+    result = run_export(model, k=k, order=order, basis=basis, rank=rank, rank_out=rank_out or None,
+                        basis_source=basis_source, fit=fit,
                         fit_ridge=fit_ridge, partition=partition, partition_rank=partition_rank or None,
                         layers=layers,
                         dataset=dataset, checkpoint=checkpoint,

@@ -6,7 +6,7 @@ block's output is *linear* in its per-centre tensors, so the ones that minimise 
 calibration tokens have a closed form, per centre c::
 
     f    = z            (order 1)  or  [z, z²] (order 2),   z = Vᵀ(x − C_c)            features [F]
-    y   ≈ value_c + U W_c f,        W_c = [S_c] or [S_c, ½T_c]                         [r, F]
+    y   ≈ value_c + U W_c f,        W_c = [S_c] or [S_c, ½T_c]                         [r_out, F]
     W_c  = (Σ Uᵀ(y − ȳ)(f − f̄)ᵀ + λ P_c) (Σ (f − f̄)(f − f̄)ᵀ + λ I)⁻¹,   value_c = ȳ − U W_c f̄
 
 (ridge λ = ``ridge`` · trace(Σ (f − f̄)(f − f̄)ᵀ) / F, pulling W_c towards its Taylor value P_c). The output's part
@@ -34,7 +34,7 @@ FITS = ("taylor", "lstsq")
 @dataclass
 class CellSums:
     """Per-centre sums over the tokens of each cell (float64): count ``n`` [k], ``f`` Σf [k, F], ``y`` Σy
-    [k, d_out], ``ff`` Σffᵀ [k, F, F], ``uyf`` Σ(Uᵀy)fᵀ [k, r, F]."""
+    [k, d_out], ``ff`` Σffᵀ [k, F, F], ``uyf`` Σ(Uᵀy)fᵀ [k, r_out, F] (F = r, or 2r at order 2, r the rank of V)."""
 
     n: torch.Tensor
     f: torch.Tensor
@@ -43,10 +43,16 @@ class CellSums:
     uyf: torch.Tensor
 
     @classmethod
-    def zeros(cls, k: int, n_features: int, rank: int, d_out: int) -> "CellSums":
+    def zeros(cls, k: int, n_features: int, rank_out: int, d_out: int) -> "CellSums":
         z = torch.zeros
         return cls(z(k, dtype=torch.float64), z(k, n_features, dtype=torch.float64), z(k, d_out, dtype=torch.float64),
-                   z(k, n_features, n_features, dtype=torch.float64), z(k, rank, n_features, dtype=torch.float64))
+                   z(k, n_features, n_features, dtype=torch.float64), z(k, rank_out, n_features, dtype=torch.float64))
+
+    @classmethod
+    def for_block(cls, derivatives: SharedDerivatives, order: int) -> "CellSums":
+        """Empty sums sized for ``derivatives`` (k centres, V's rank r, U's rank r_out) fitted at ``order``."""
+        return cls.zeros(len(derivatives.value), derivatives.v.shape[1] * order, derivatives.u.shape[1],
+                         derivatives.value.shape[1])
 
 
 def cell_features(x: torch.Tensor, centres: torch.Tensor, v: torch.Tensor, order: int,
@@ -80,7 +86,7 @@ def solve_cells(sums: CellSums, derivatives: SharedDerivatives, ridge: float) ->
     if ridge < 0:
         raise TmlpError(f"--fit-ridge must be >= 0, got {ridge}")
     u = derivatives.u.double()
-    rank = u.shape[1]
+    rank = derivatives.v.shape[1]  # z = Vᵀ(x − C_c) has V's rank; W_c has U's rank rows
     n_features = sums.f.shape[1]
     order = 2 if n_features == 2 * rank else 1
     value, s = derivatives.value.double().clone(), derivatives.s.double().clone()
@@ -97,7 +103,7 @@ def solve_cells(sums: CellSums, derivatives: SharedDerivatives, ridge: float) ->
         cov_yf = sums.uyf[c] - n * torch.outer(u.T @ y_mean, f_mean)
         lam = ridge * float(torch.diagonal(cov_ff).sum()) / n_features
         prior = s[c] if order == 1 else torch.cat([s[c], 0.5 * t[c]], 1)
-        w = torch.linalg.solve(cov_ff + lam * eye, (cov_yf + lam * prior).T).T  # [r, F] (cov_ff symmetric)
+        w = torch.linalg.solve(cov_ff + lam * eye, (cov_yf + lam * prior).T).T  # [r_out, F] (cov_ff symmetric)
         s[c] = w[:, :rank]
         if order == 2:
             t[c] = 2.0 * w[:, rank:]
@@ -120,8 +126,7 @@ def fit_least_squares(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, Sh
                             "Jacobians")
         if order == 2 and d.t is None:
             raise TmlpError("--fit lstsq at order 2 needs second derivatives; calibrate with --order 2")
-        n_features = d.u.shape[1] * (2 if order == 2 else 1)
-        sums[fqn] = CellSums.zeros(len(centres), n_features, d.u.shape[1], d.value.shape[1])
+        sums[fqn] = CellSums.for_block(d, order)
 
     def make_hook(fqn: str) -> Callable:
         centres, d = blocks[fqn]

@@ -172,8 +172,8 @@ def load_model_and_data(model_name: str, checkpoint: str | None = None, pretrain
 
 
 def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shared", rank: int = 32,
-               basis_source: str = "data", fit: str = "auto", fit_ridge: float = 1e-2, partition: str = "input",
-               partition_rank: int | None = 16, layers: str | None = None,
+               rank_out: int | None = None, basis_source: str = "data", fit: str = "auto", fit_ridge: float = 1e-2,
+               partition: str = "input", partition_rank: int | None = 16, layers: str | None = None,
                dataset: str | None = None, checkpoint: str | None = None, out_dir: str | None = None,
                hessian: str = "diag", seed: int = 0, calib_images: int = 5000, eval_images: int = 10000,
                data_root: str | None = None, pretrained: bool = False, opset: int = 20, distill_epochs: int = 0,
@@ -198,8 +198,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     if fit == "auto":  # the least-squares fit needs the shared basis; dense Jacobians keep the Taylor values
         fit = "lstsq" if basis == "shared" else "taylor"
     config = TaylorConfig(k=k, order=order, hessian=hessian, seed=seed, basis=basis, rank=rank,
-                          basis_source=basis_source, fit=fit, fit_ridge=fit_ridge, partition=partition,
-                          partition_rank=partition_rank)
+                          rank_out=rank_out, basis_source=basis_source, fit=fit, fit_ridge=fit_ridge,
+                          partition=partition, partition_rank=partition_rank)
     loaded = load_model_and_data(model_name, checkpoint, pretrained, dataset, data_root, log, progress)
     model, payload, ckpt_path, data, spec, dataset = (loaded.model, loaded.payload, loaded.checkpoint, loaded.data,
                                                       loaded.spec, loaded.dataset)
@@ -225,7 +225,8 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
     if largest_k > available:
         raise TmlpError(f"k = {largest_k} expansion points but the calibration data give only {available} tokens "
                         f"({min(calib_images, len(data.train))} images x {tokens_per_image}); lower --k / --block-k")
-    form = f"shared basis rank {rank} ({basis_source})" if basis == "shared" else "dense Jacobians"
+    ranks = f"rank {rank}" if rank_out is None else f"rank {rank} in, {rank_out} out"
+    form = f"shared basis {ranks} ({basis_source})" if basis == "shared" else "dense Jacobians"
     if fit == "lstsq":
         form += f", least-squares fit (ridge {fit_ridge})"
     if partition != "input" or partition_rank:
@@ -264,8 +265,10 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
             if kk == k and max_rank <= rank:
                 calibrations[kk] = calibration
             else:
-                calibrations[kk] = calibrate(model, fqns, batches, n_batches, replace(config, k=kk, rank=max_rank),
-                                             progress=progress, log=log, key=calib_key)
+                wider = replace(config, k=kk, rank=max_rank,  # U keeps its share of columns (plan.truncate_rank)
+                                rank_out=None if rank_out is None else round(rank_out * max_rank / rank))
+                calibrations[kk] = calibrate(model, fqns, batches, n_batches, wider, progress=progress, log=log,
+                                             key=calib_key)
         probe = to_tensor(val_x[:256], spec)
         tokens = held_out_tokens(model, fqns, [probe[i:i + 64] for i in range(0, len(probe), 64)], seed=seed)
         log(f"planning blocks under --max-acc-drop {max_acc_drop} points: options "
@@ -309,6 +312,7 @@ def run_export(model_name: str, k: int = 100, order: int = 1, basis: str = "shar
                  **({"tmlp.partition_rank": str(partition_rank)} if partition_rank else {}),
                  **({"tmlp.rank": str(rank), "tmlp.basis_source": basis_source, "tmlp.fit": fit}
                     if basis == "shared" else {}),
+                 **({"tmlp.rank_out": str(rank_out)} if basis == "shared" and rank_out else {}),
                  "tmlp.layers": json.dumps(fqns), "tmlp.taylor_config": json.dumps(config.to_dict(), sort_keys=True),
                  "tmlp.distill_epochs": str(distill_epochs),
                  **({"tmlp.block_k": json.dumps(k_override, sort_keys=True)} if k_override else {}),

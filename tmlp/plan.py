@@ -41,14 +41,17 @@ class BlockOption:
 
 
 def truncate_rank(derivatives: SharedDerivatives, rank: int) -> SharedDerivatives:
-    """The rank-``rank`` block contained in a higher-rank shared-basis calibration (first columns of U and V).
+    """The rank-``rank`` block contained in a higher-rank shared-basis calibration (first ``rank`` columns of V, and
+    of U the same share of its columns: a calibration at r = 32, r_out = 48 truncated to 16 keeps 16 and 24).
     Exact for Taylor tensors; for least-squares fitted ones (--fit lstsq) the leading block approximates the rank-r
     fit (the planner measures every candidate it keeps, so its budget holds either way)."""
-    if rank > derivatives.u.shape[1]:
-        raise TmlpError(f"rank {rank} exceeds the calibrated rank {derivatives.u.shape[1]}")
-    return SharedDerivatives(derivatives.value, derivatives.u[:, :rank].contiguous(),
-                             derivatives.v[:, :rank].contiguous(), derivatives.s[:, :rank, :rank].contiguous(),
-                             None if derivatives.t is None else derivatives.t[:, :rank, :rank].contiguous())
+    r_in, r_out = derivatives.v.shape[1], derivatives.u.shape[1]
+    if rank > r_in:
+        raise TmlpError(f"rank {rank} exceeds the calibrated rank {r_in}")
+    keep = min(r_out, max(1, round(rank * r_out / r_in)))
+    return SharedDerivatives(derivatives.value, derivatives.u[:, :keep].contiguous(),
+                             derivatives.v[:, :rank].contiguous(), derivatives.s[:, :keep, :rank].contiguous(),
+                             None if derivatives.t is None else derivatives.t[:, :keep, :rank].contiguous())
 
 
 def option_calibration(calibrations: dict[int, dict[str, BlockCalibration]], fqn: str, option: BlockOption
@@ -66,13 +69,15 @@ def mlp_macs(block: nn.Module, d_in: int, d_out: int) -> int:
     return sum(m.in_features * m.out_features for m in linears) if linears else d_in * d_out
 
 
-def option_macs(option: BlockOption, d_in: int, d_out: int, order: int) -> int:
-    """MACs per token of a Taylor block: distances to k centres, then the first- (and second-) order terms."""
+def option_macs(option: BlockOption, d_in: int, d_out: int, order: int, rank_out: int | None = None) -> int:
+    """MACs per token of a Taylor block: distances to k centres, then the first- (and second-) order terms
+    (``rank_out`` U's rank when it differs from the option's rank)."""
     macs = option.k * d_in
     if option.rank is None:
         return macs + order * d_in * d_out
     r = option.rank
-    return macs + d_in * r + order * r * r + r * d_out
+    r_out = r if rank_out is None else rank_out
+    return macs + d_in * r + order * r_out * r + r_out * d_out
 
 
 @torch.no_grad()
@@ -254,7 +259,7 @@ def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibra
         macs[fqn] = {None: mlp_macs(originals[fqn], d_in, d_out)}
         for opt in options:
             errors[fqn][opt] = relative_error(blocks[fqn, opt], x, y)
-            macs[fqn][opt] = option_macs(opt, d_in, d_out, order)
+            macs[fqn][opt] = option_macs(opt, d_in, d_out, order, getattr(blocks[fqn, opt], "rank_out", None))
             sensitivity[fqn][opt] = logit_kl_with(model, fqn, blocks[fqn, opt], reference, probe)
     plan = Plan(baseline=evaluate(model), max_drop=max_drop, errors=errors, sensitivity=sensitivity, macs=macs)
 

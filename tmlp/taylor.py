@@ -29,7 +29,7 @@ class TaylorConfig:
     (0, 1, 2), ``hessian`` for order 2 ("diag"; "full" is refused with its storage figure), K-means ``seed`` and
     ``n_init``, and ``max_tokens`` input rows kept per block for K-means (bounded memory; default
     max(20000, 20 k)). ``basis`` "dense" stores a full Jacobian per centre; "shared" factors J_c ≈ U S_c Vᵀ with
-    rank ``rank`` and U, V chosen from ``basis_source`` ("data" or "jacobian", see tmlp.basis). ``fit`` "taylor"
+    V of rank ``rank`` and U of rank ``rank_out`` (None: ``rank``), U and V chosen from ``basis_source`` ("data" or "jacobian", see tmlp.basis). ``fit`` "taylor"
     keeps the derivatives at the centres; "lstsq" (shared basis) refits the per-centre tensors to the block's outputs
     over all calibration tokens, ridge ``fit_ridge`` towards the Taylor values (see tmlp.fit). ``partition``
     "input" serves each token from its Euclidean-nearest centre; "hidden" measures the distance through the block's
@@ -45,6 +45,7 @@ class TaylorConfig:
     max_tokens: int | None = None
     basis: str = "dense"
     rank: int = 32
+    rank_out: int | None = None
     basis_source: str = "data"
     fit: str = "taylor"
     fit_ridge: float = 1e-2
@@ -65,6 +66,9 @@ class TaylorConfig:
         if self.basis == "shared" and (self.order == 0 or self.rank < 1):
             raise TmlpError(f"a shared basis needs order 1 or 2 and rank >= 1, got order {self.order}, rank "
                             f"{self.rank}")
+        if self.rank_out is not None and (not isinstance(self.rank_out, int) or self.rank_out < 1):
+            raise TmlpError(f"--rank-out must be a positive integer (or none for the same as --rank), got "
+                            f"{self.rank_out!r}")
         if self.fit not in FITS:
             raise TmlpError(f"fit must be one of {FITS}, got {self.fit!r}")
         if self.fit == "lstsq" and self.basis != "shared":
@@ -92,7 +96,7 @@ class TaylorConfig:
             raise TmlpError(f"cannot read TaylorConfig {d.get('_type')} v{d.get('_version')}; this tmlp reads "
                             f"v{cls.VERSION}: calibrate again")
         names = {f.name for f in fields(cls)}
-        data = {"partition": "input", "partition_rank": None, **d["_data"]}  # defaults of configs written before
+        data = {"partition": "input", "partition_rank": None, "rank_out": None, **d["_data"]}  # defaults of configs written before
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
@@ -201,8 +205,8 @@ class SharedTaylorMLP(_NearestCentre):
 
     Order 1: ``y = a_c + ((S_c (Vᵀ x)) Uᵀ)`` with a_c = F(C_c) − U S_c Vᵀ C_c folded at build time.
     Order 2: ``z = Vᵀ x − (VᵀC)_c``, ``y = F(C_c) + (S_c z + ½ T_c z²) Uᵀ`` (diagonal Hessian in the V coordinates).
-    Buffers: ``v`` [d_in, r], ``ut`` Uᵀ [r, d_out], ``s`` [k, r, r], ``offset`` [k, d_out]; order 2 adds
-    ``half_t`` [k, r, r] and ``centres_v`` [k, r].
+    Buffers (r input rank, r_out output rank): ``v`` [d_in, r], ``ut`` Uᵀ [r_out, d_out], ``s`` [k, r_out, r],
+    ``offset`` [k, d_out]; order 2 adds ``half_t`` [k, r_out, r] and ``centres_v`` [k, r].
     """
 
     def __init__(self, centres: torch.Tensor, derivatives: SharedDerivatives, order: int,
@@ -212,7 +216,7 @@ class SharedTaylorMLP(_NearestCentre):
             raise TmlpError(f"a shared-basis block needs order 1 or 2, got {order}")
         self.order = order
         self.d_out = derivatives.value.shape[1]
-        self.rank = derivatives.u.shape[1]
+        self.rank, self.rank_out = derivatives.v.shape[1], derivatives.u.shape[1]
         u, v, s = derivatives.u.float(), derivatives.v.float(), derivatives.s.float()
         self.register_buffer("v", v.contiguous())
         self.register_buffer("ut", u.T.contiguous())
@@ -240,7 +244,8 @@ class SharedTaylorMLP(_NearestCentre):
         return torch.index_select(self.offset, 0, c) + h @ self.ut
 
     def extra_repr(self) -> str:
-        return (f"k={self.k}, order={self.order}, rank={self.rank}, d_in={self.d_in}, d_out={self.d_out}, "
+        ranks = f"rank={self.rank}" + (f", rank_out={self.rank_out}" if self.rank_out != self.rank else "")
+        return (f"k={self.k}, order={self.order}, {ranks}, d_in={self.d_in}, d_out={self.d_out}, "
                 f"chunks={self.chunks}")
 
 
