@@ -34,7 +34,8 @@ FITS = ("taylor", "lstsq")
 @dataclass
 class CellSums:
     """Per-centre sums over the tokens of each cell (float64): count ``n`` [k], ``f`` Σf [k, F], ``y`` Σy
-    [k, d_out], ``ff`` Σffᵀ [k, F, F], ``uyf`` Σ(Uᵀy)fᵀ [k, r_out, F] (F = r, or 2r at order 2, r the rank of V)."""
+    [k, d_out], ``ff`` Σffᵀ [k, F, F], ``uyf`` Σ(Uᵀy)fᵀ [k, r_out, F] (F = r, or 2r at order 2; r and r_out the
+    ranks of V and U)."""
 
     n: torch.Tensor
     f: torch.Tensor

@@ -29,12 +29,13 @@ class TaylorConfig:
     (0, 1, 2), ``hessian`` for order 2 ("diag"; "full" is refused with its storage figure), K-means ``seed`` and
     ``n_init``, and ``max_tokens`` input rows kept per block for K-means (bounded memory; default
     max(20000, 20 k)). ``basis`` "dense" stores a full Jacobian per centre; "shared" factors J_c ≈ U S_c Vᵀ with
-    V of rank ``rank`` and U of rank ``rank_out`` (None: ``rank``), U and V chosen from ``basis_source`` ("data" or "jacobian", see tmlp.basis). ``fit`` "taylor"
-    keeps the derivatives at the centres; "lstsq" (shared basis) refits the per-centre tensors to the block's outputs
-    over all calibration tokens, ridge ``fit_ridge`` towards the Taylor values (see tmlp.fit). ``partition``
-    "input" serves each token from its Euclidean-nearest centre; "hidden" measures the distance through the block's
-    first Linear layer (K-means on its pre-activations; see tmlp.partition); ``partition_rank`` q finds the cells,
-    and assigns tokens, in the q leading principal directions of those coordinates (None: all d_in)."""
+    V of rank ``rank`` and U of rank ``rank_out`` (None: ``rank``), both chosen from ``basis_source`` ("data" or
+    "jacobian", see tmlp.basis). ``fit`` "taylor" keeps the derivatives at the centres; "lstsq" (shared basis)
+    refits the per-centre tensors to the block's outputs over all calibration tokens, ridge ``fit_ridge`` towards
+    the Taylor values (see tmlp.fit). ``partition`` "input" serves each token from its Euclidean-nearest centre;
+    "hidden" measures the distance through the block's first Linear layer (K-means on its pre-activations; see
+    tmlp.partition); ``partition_rank`` q finds the cells, and assigns tokens, in the q leading principal directions
+    of those coordinates (None: all d_in)."""
 
     VERSION: ClassVar[int] = 1
     k: int = 100
@@ -96,7 +97,8 @@ class TaylorConfig:
             raise TmlpError(f"cannot read TaylorConfig {d.get('_type')} v{d.get('_version')}; this tmlp reads "
                             f"v{cls.VERSION}: calibrate again")
         names = {f.name for f in fields(cls)}
-        data = {"partition": "input", "partition_rank": None, "rank_out": None, **d["_data"]}  # defaults of configs written before
+        # defaults of fields that configs written before them lack
+        data = {"partition": "input", "partition_rank": None, "rank_out": None, **d["_data"]}
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
