@@ -123,7 +123,8 @@ def format_table(result: dict[str, Any]) -> str:
     """The markdown table of a bench result, with a line saying what was measured and where."""
     m = result["machine"]
     cfg = (result.get("taylor_config") or {}).get("_data", {})
-    form = f"shared basis r={cfg.get('rank')} ({cfg.get('basis_source')})" if cfg.get("basis") == "shared" else \
+    ranks = f"{cfg.get('rank')}" + (f"/{cfg['rank_out']}" if cfg.get("rank_out") else "")  # input/output rank
+    form = f"shared basis r={ranks} ({cfg.get('basis_source')})" if cfg.get("basis") == "shared" else \
         "dense Jacobians"
     head = f"k={cfg.get('k')}"
     plan = {f: c for f, c in (result.get("plan") or {}).items() if c}
