@@ -90,7 +90,7 @@ def main() -> None:
             centres = partition_kmeans(sample, args.k, 0, 1, proj)
             taylor = shared_block(block, sample, centres, TaylorConfig(k=args.k, basis="shared", rank=args.rank),
                                   projection=proj)
-            sums = CellSums.zeros(args.k, args.rank, args.rank, y.shape[1])
+            sums = CellSums.for_block(taylor, 1)
             accumulate_(sums, calib, y, centres, taylor.u, taylor.v, 1, projection=proj)
             fitted, _ = solve_cells(sums, taylor, 1e-2)
             with torch.no_grad():

@@ -1,6 +1,6 @@
 """Shared low-rank bases for the Taylor blocks: ``J_c ≈ U S_c Vᵀ`` with U [d_out, r_out] and V [d_in, r] shared by
-all centres of a block (orthonormal columns) and a small S_c [r_out, r] per centre (r_out = r unless asked otherwise:
-the output side of a trained MLP's Jacobians often needs more directions than the input side).
+all centres of a block (orthonormal columns) and a small S_c [r_out, r] per centre (r_out = r unless asked otherwise,
+``--rank-out``).
 
 Two ways of choosing U and V:
 
@@ -25,19 +25,19 @@ def top_eigvecs(gram: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def data_basis(inputs: torch.Tensor, outputs: torch.Tensor, centres: torch.Tensor, centre_values: torch.Tensor,
-               assign: torch.Tensor, r: int, r_out: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               assign: torch.Tensor, r: int, r_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(U [d_out, r_out], V [d_in, r]) from PCA of input deviations x − C_c [n, d_in] and output deviations
-    F(x) − F(C_c) [n, d_out], with ``assign`` [n] the nearest centre of each row (``r_out`` None: r)."""
+    F(x) − F(C_c) [n, d_out], with ``assign`` [n] the nearest centre of each row."""
     dx = (inputs - centres[assign]).double()
     dy = (outputs - centre_values[assign]).double()
-    return top_eigvecs(dy.T @ dy, r if r_out is None else r_out), top_eigvecs(dx.T @ dx, r)
+    return top_eigvecs(dy.T @ dy, r_out), top_eigvecs(dx.T @ dx, r)
 
 
-def jacobian_basis(jacobian_gram_out: torch.Tensor, jacobian_gram_in: torch.Tensor, r: int, r_out: int | None = None
+def jacobian_basis(jacobian_gram_out: torch.Tensor, jacobian_gram_in: torch.Tensor, r: int, r_out: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(U [d_out, r_out], V [d_in, r]) from the accumulated Grams Σ_c w_c J_c J_cᵀ [d_out, d_out] and
-    Σ_c w_c J_cᵀ J_c [d_in, d_in] (``r_out`` None: r)."""
-    return top_eigvecs(jacobian_gram_out, r if r_out is None else r_out), top_eigvecs(jacobian_gram_in, r)
+    Σ_c w_c J_cᵀ J_c [d_in, d_in]."""
+    return top_eigvecs(jacobian_gram_out, r_out), top_eigvecs(jacobian_gram_in, r)
 
 
 def check_rank(r: int, d_in: int, d_out: int, r_out: int | None = None) -> None:

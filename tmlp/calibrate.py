@@ -190,12 +190,13 @@ def shared_block(block: nn.Module, rows: torch.Tensor, centres: torch.Tensor, co
     assign = nearest_centre(rows, centres, projection, chunk)
     centre_values = block(centres)
     check_rank(config.rank, rows.shape[1], centre_values.shape[1], config.rank_out)
+    rank_out = config.rank if config.rank_out is None else config.rank_out
     if config.basis_source == "data":
         outputs = torch.cat([block(rows[s:s + chunk]) for s in range(0, len(rows), chunk)])
-        u, v = data_basis(rows, outputs, centres, centre_values, assign, config.rank, config.rank_out)
+        u, v = data_basis(rows, outputs, centres, centre_values, assign, config.rank, rank_out)
     else:
         weights = torch.bincount(assign, minlength=len(centres)).float() / len(rows)
-        u, v = jacobian_basis(*jacobian_grams(block, centres, weights), config.rank, config.rank_out)
+        u, v = jacobian_basis(*jacobian_grams(block, centres, weights), config.rank, rank_out)
     return shared_derivatives(block, centres, config.order, u, v)
 
 
