@@ -2,8 +2,8 @@
 
 Grid: d in {192, 384, 768} (hidden 4d), k in {10, 100, 1000}, N in {1, 197, 8x197} tokens, 1 and 2 threads.
 Variants: fp32 MLP, int8 MLP (quantize_dynamic), dense Taylor order 1, shared basis r=32 order 1 and order 2, each
-shared one also with its per-centre tensors least-squares fitted to the block's outputs (``--fit lstsq``, tmlp.fit),
-and least-squares variants on the cells of each of ``--partitions`` (tmlp.partition: ``hidden`` K-means on the
+shared one also with its per-centre tensors least-squares fitted to the block's outputs (``--fit lstsq``, tmlp.taylor.fit),
+and least-squares variants on the cells of each of ``--partitions`` (tmlp.taylor.partition: ``hidden`` K-means on the
 first layer's pre-activations; ``:q`` in its q leading principal directions, ``--partition-rank q``, which shrinks
 the nearest-centre MatMul) at the ranks of ``--partition-ranks`` (``r`` or ``r/r_out``: V of rank r, U of rank
 r_out, ``--rank-out``).
@@ -34,15 +34,14 @@ import numpy as np
 import torch
 from timm.layers import Mlp
 
-from tmlp.calibrate import kmeans, partition_kmeans, shared_block
+from tmlp.calibration import kmeans, partition_kmeans, shared_block
 from tmlp.data import to_tensor
-from tmlp.derivatives import block_derivatives
-from tmlp.export.onnx_export import export_onnx
-from tmlp.export.quantize import quantize_int8_dynamic
-from tmlp.fit import CellSums, accumulate_, solve_cells
-from tmlp.partition import partition_projection
+from tmlp.taylor import (
+    CellSums, SharedTaylorMLP, TaylorConfig, TaylorMLP, accumulate_, block_derivatives, partition_projection,
+    solve_cells,
+)
+from tmlp.export import export_onnx, quantize_int8_dynamic
 from tmlp.runtime import run
-from tmlp.taylor import SharedTaylorMLP, TaylorConfig, TaylorMLP
 
 
 def block_and_tokens(d: int, n_calib: int, n_test: int, checkpoint: str | None, fqn: str, seed: int = 0):
@@ -64,8 +63,8 @@ def block_and_tokens(d: int, n_calib: int, n_test: int, checkpoint: str | None, 
 def trained_block(checkpoint: str | None, fqn: str, n_calib: int, n_test: int):
     """Block ``fqn`` of a trained DeiT-Small (``checkpoint``, or the embedded digits default) with its real inputs:
     calibration tokens from the training split, held-out tokens from the validation split."""
-    from tmlp.calibrate import collect_inputs
-    from tmlp.pipeline import load_model_and_data
+    from tmlp.calibration import collect_inputs
+    from tmlp.stages import load_model_and_data
 
     loaded = load_model_and_data("deit_small", checkpoint, progress=False)
     model, data, spec = loaded.model.eval(), loaded.data, loaded.spec

@@ -17,8 +17,8 @@ from dataclasses import replace
 
 import torch
 
-from tmlp.calibrate import calibrate
-from tmlp.pipeline import load_model_and_data, tensor_batches
+from tmlp.calibration import calibrate
+from tmlp.stages import load_model_and_data, tensor_batches
 from tmlp.surgery import select_blocks, taylorize_
 from tmlp.taylor import TaylorConfig
 from tmlp.train import evaluate

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import torch
 
-from tmlp.export.onnx_export import export_onnx
+from tmlp.export import export_onnx
 from tmlp.models import create_model
 from tmlp.runtime import run
 from tmlp.surgery import taylorize_

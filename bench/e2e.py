@@ -19,13 +19,13 @@ import tempfile
 import numpy as np
 import torch
 
-from tmlp.bench import run_bench
+from tmlp.measure import run_bench
 
 
 def synthetic_224(folder: str, k: int, rank: int) -> str:
     """Export a random-weight DeiT-Small at 224x224 with its T-MLP into ``folder``; returns the run folder."""
     from tmlp.models import create_model, save_checkpoint
-    from tmlp.pipeline import run_export
+    import tmlp
 
     rng = np.random.default_rng(0)
     data = os.path.join(folder, "random224.npz")
@@ -35,7 +35,8 @@ def synthetic_224(folder: str, k: int, rank: int) -> str:
     ckpt = os.path.join(folder, "deit_small_224_random.pt")
     save_checkpoint(ckpt, create_model("deit_small", config), "deit_small", config, {"dataset": f"npz:{data}"})
     out = os.path.join(folder, "deit_small-224")
-    run_export("deit_small", k=k, rank=rank, checkpoint=ckpt, out_dir=out, calib_images=64, eval_images=16)
+    tmlp.run_export(tmlp.ExportSpec("deit_small", source=tmlp.SourceSpec(checkpoint=ckpt, calib_images=64, eval_images=16),
+                                    calibration=tmlp.TaylorConfig(k=k, rank=rank), out_dir=out))
     os.unlink(os.path.join(out, "val.npz"))  # random labels: time only
     return out
 

@@ -16,13 +16,11 @@ import tempfile
 import numpy as np
 import torch
 
-from tmlp.calibrate import kmeans
-from tmlp.derivatives import block_derivatives
-from tmlp.export.onnx_export import export_onnx
-from tmlp.export.quantize import quantize_int8_dynamic
+from tmlp.calibration import kmeans
+from tmlp.taylor import TaylorMLP, block_derivatives
+from tmlp.export import export_onnx, quantize_int8_dynamic
 from tmlp.models import create_model
 from tmlp.runtime import run
-from tmlp.taylor import TaylorMLP
 
 
 def latency(path: str, shape: tuple[int, ...], runs: int, warmup: int = 10) -> dict:

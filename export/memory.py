@@ -8,11 +8,16 @@ batch dimension fixed. Initializers and Constant outputs are the static part (we
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
+
+if TYPE_CHECKING:
+    import torch
 
 MIB = 1024 * 1024
 
@@ -124,3 +129,35 @@ def estimate_memory(model: str | onnx.ModelProto, batch: int = 1, top: int = 5) 
                       for n, s in start.items()), key=lambda t: -t[1])[:top]
     return MemoryEstimate(batch=batch, weights_bytes=initializer_bytes(proto), peak_activation_bytes=int(live.max()),
                           peak_node=peak_node, largest=largest, unknown_shapes=unknown)
+
+
+def fit_memory(model: "torch.nn.Module", fqns: list[str], example: "torch.Tensor", budget_mb: float, batch: int,
+               opset: int, max_ir: int | None, log=print) -> dict:
+    """Choose how many row chunks the blocks ``fqns`` of ``model`` evaluate in (tmlp.export.chunking) so that the
+    exported graph's estimated memory (weights + peak live activations at ``batch``) fits ``budget_mb`` MiB; wraps
+    the blocks in place and returns the choice with its estimates."""
+    from tmlp.errors import TmlpError
+    from tmlp.export.chunking import chunk_rows_
+    from tmlp.export.onnx_export import export_onnx
+
+    tried = []
+    with tempfile.TemporaryDirectory(prefix="tmlp-memory-") as tmp:
+        chunks = 1
+        while True:
+            chunk_rows_(model, fqns, chunks)
+            path = os.path.join(tmp, f"chunks{chunks}.onnx")
+            export_onnx(model, example, path, {}, opset=opset, max_ir_version=max_ir)
+            est = estimate_memory(path, batch)
+            tried.append({"chunks": chunks, "weights_mib": est.weights_bytes / MIB,
+                          "peak_activations_mib": est.peak_activation_bytes / MIB, "total_mib": est.total_bytes / MIB})
+            log(f"memory estimate with the Taylor blocks in {chunks} chunk(s): {est.summary()}")
+            if est.total_bytes <= budget_mb * MIB:
+                return {"budget_mib": budget_mb, "batch": batch, "chunks": chunks, "estimates": tried}
+            if est.weights_bytes > budget_mb * MIB:
+                raise TmlpError(f"the weights alone take {est.weights_bytes / MIB:.1f} MiB, over --max-memory "
+                                f"{budget_mb} MiB; lower --k / --rank or use --basis shared")
+            if not fqns or chunks >= 256:
+                raise TmlpError(f"cannot fit --max-memory {budget_mb} MiB at batch {batch}: {est.summary()} even with "
+                                f"{chunks} chunk(s); the largest tensor is {est.largest[0][0]} "
+                                f"({est.largest[0][1] / MIB:.1f} MiB); raise the budget or lower --memory-batch")
+            chunks *= 2

@@ -54,6 +54,27 @@ DYNAMO_MIN_OPSET = 18
 LARGE_BYTES = 2**31 - 2**24  # protobuf's 2 GiB limit, less a margin for the graph itself
 
 
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # per-node Python stack with the build machine's absolute paths
+
+
+def drop_stack_traces(proto: onnx.ModelProto) -> None:
+    """Remove torch.onnx's per-node stack traces (they hold the exporting machine's file paths, so the same export
+    from two clones would differ in its bytes); the module scopes of each node stay."""
+    def nodes(graph: onnx.GraphProto):
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from nodes(sub)
+    for node in [*nodes(proto.graph), *(n for f in proto.functions for n in f.node)]:
+        kept = [(p.key, p.value) for p in node.metadata_props if p.key != STACK_TRACE_KEY]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            for key, value in kept:
+                entry = node.metadata_props.add()
+                entry.key, entry.value = key, value
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, metadata: dict[str, str],
                 opset: int = DEFAULT_OPSET, verbose: bool = False, max_ir_version: int | None = None) -> Counter:
     """Export ``model`` ([B, ...] -> [B, ...], batch dimension dynamic) to ``path`` with metadata at exactly
@@ -81,6 +102,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, metada
                 raise TmlpError(f"opset {opset} needs ONNX IR version {needed}, above the device's {max_ir_version}; "
                                 "lower --opset")
             proto.ir_version = max(needed, max_ir_version)
+        drop_stack_traces(proto)
         set_metadata(proto, metadata)
         proto.producer_name, proto.producer_version = "tmlp", metadata.get("tmlp.version", "")
         onnx.save_model(proto, tmp)
@@ -109,6 +131,8 @@ def _export_large(model: torch.nn.Module, example: torch.Tensor, path: str, meta
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
                                         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                         dynamic_shapes=({0: batch},), optimize=True, verbose=False)
+            for node in program.model.graph.all_nodes():
+                node.metadata_props.pop(STACK_TRACE_KEY, None)
             program.model.metadata_props.clear()
             program.model.metadata_props.update({k: str(metadata[k]) for k in sorted(metadata)})
             program.model.producer_name, program.model.producer_version = "tmlp", metadata.get("tmlp.version", "")

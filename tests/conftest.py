@@ -77,7 +77,7 @@ def trained_tiny_vit(trained_tiny_vit_path):
     return load_checkpoint(trained_tiny_vit_path)[0]
 
 
-# Issue 5's catalogue of bad inputs: each of these tests feeds one and asserts a one-line error naming the problem
+# The catalogue of bad inputs: each of these tests feeds one and asserts a one-line error naming the problem
 # and the fix, a non-zero exit or exception, and nothing written. `python -m pytest -m bad_input` runs them all;
 # `--collect-only -q -m bad_input` counts them (the README gives the count).
 BAD_INPUT_TESTS = (

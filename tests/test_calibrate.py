@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from tmlp.calibrate import cache_dir, calibrate, collect_inputs, kmeans
+from tmlp.calibration.calibrate import calibrate, collect_inputs, kmeans
+from tmlp.io import cache_path
 from tmlp.errors import TmlpError
 from tmlp.taylor import TaylorConfig
 
@@ -41,7 +42,7 @@ def test_results_are_cached_by_their_inputs(tiny_vit, digit_batches):
     config = TaylorConfig(k=8, order=1, max_tokens=500)
     key = {"checkpoint": "abc", "dataset": "digits"}
     first = calibrate(tiny_vit, ["blocks.1.mlp"], lambda: iter(digit_batches), 4, config, key=key, progress=False)
-    files = os.listdir(os.path.join(cache_dir(), "calibration"))
+    files = os.listdir(cache_path("calibration"))
     assert len(files) >= 1
     calls = []
     second = calibrate(tiny_vit, ["blocks.1.mlp"], lambda: calls.append(1) or iter(digit_batches), 4, config, key=key,

@@ -4,7 +4,7 @@ import torch
 from timm.layers import Mlp
 from torch.func import jacrev, vmap
 
-from tmlp.derivatives import block_derivatives, func_derivatives, gelu_derivatives, mlp_derivatives
+from tmlp.taylor.derivatives import block_derivatives, func_derivatives, gelu_derivatives, mlp_derivatives
 from tmlp.errors import TmlpError
 from tmlp.models import VGGHead
 

@@ -128,7 +128,7 @@ def test_argmin_outputs_and_dump_round_trip(small_tmlp, tmp_path):
 
 
 def test_emulated_raspberry_pi_4_computes_what_the_host_does(small_tmlp):
-    """The CI check of issue 4: build the arm64 Python (cached), run runtime/run.py under qemu-aarch64 with the
+    """The emulated-board check: build the arm64 Python (cached), run runtime/run.py under qemu-aarch64 with the
     Cortex-A72, and compare with the host."""
     result = CliRunner().invoke(main, ["devices", "check", "rpi4", small_tmlp, "--n", "8"])
     assert result.exit_code == 0, result.output

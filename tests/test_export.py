@@ -81,7 +81,8 @@ def test_vgg16_classifier_head_becomes_a_dense_taylor_block(tmp_path, digits):
     model = create_model("vgg16", {"in_chans": 1, "hidden": 64}).eval()
     spec = digits.preprocessing((32, 32))
     x = to_tensor(digits.train.x[:128], spec)
-    taylorize_(model, TaylorConfig(k=8, order=1), batches=lambda: iter([x[:64], x[64:]]), n_batches=2,
+    taylorize_(model, TaylorConfig(k=8, order=1, basis="dense", partition_rank=None),
+               batches=lambda: iter([x[:64], x[64:]]), n_batches=2,
                progress=False)
     assert isinstance(model.classifier, TaylorMLP) and model.classifier.jacobian.shape == (8, 10, 512)
     path = str(tmp_path / "vgg.onnx")

@@ -5,10 +5,11 @@ import pytest
 import torch
 from timm.layers import Mlp
 
-from tmlp.calibrate import calibrate, kmeans, shared_block
+from tmlp.calibration.calibrate import calibrate, kmeans, shared_block
 from tmlp.errors import TmlpError
 from tmlp.export.onnx_export import export_onnx
-from tmlp.fit import CellSums, accumulate_, cell_features, fit_least_squares, solve_cells
+from tmlp.calibration.calibrate import fit_least_squares
+from tmlp.taylor.fit import CellSums, accumulate_, cell_features, solve_cells
 from tmlp.surgery import taylorize_
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig
 
@@ -19,7 +20,7 @@ def _block_and_tokens(order, d=12, h=48, n=4000, k=6, rank=5, seed=0, rank_out=N
     rows = torch.randn(n, d) * 2.0
     centres = kmeans(rows, k, seed=0, n_init=1)
     taylor = shared_block(block, rows, centres, TaylorConfig(k=k, order=order, basis="shared", rank=rank,
-                                                             rank_out=rank_out))
+                                                             rank_out=rank_out, partition_rank=None))
     with torch.no_grad():
         y = block(rows)
     return block, rows, y, centres, taylor
@@ -84,8 +85,11 @@ def test_more_output_directions_fit_the_tokens_better(order):
 def test_streamed_sums_do_not_depend_on_chunking():
     _, rows, y, centres, taylor = _block_and_tokens(1)
     a, b = _sums(rows, y, centres, taylor, 1, chunk=4096), _sums(rows, y, centres, taylor, 1, chunk=333)
+    # the features are float32 matmuls whose rounding depends on the chunk's size on some BLAS builds (seen on an
+    # AMD EPYC): sums of ~650 of them agree to float32 precision, not float64's
     for name in ("n", "f", "y", "ff", "uyf"):
-        assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-9, atol=1e-8)
+        a_, b_ = getattr(a, name), getattr(b, name)
+        assert torch.allclose(a_, b_, rtol=1e-5, atol=1e-5 * float(a_.abs().max())), name
 
 
 def test_large_ridge_returns_the_taylor_slopes():

@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tmlp.derivatives import block_derivatives, shared_derivatives
+from tmlp.taylor.derivatives import block_derivatives, shared_derivatives
 from tmlp.taylor import SharedTaylorMLP, TaylorMLP, build_taylor_block
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)

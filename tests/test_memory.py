@@ -59,23 +59,23 @@ def dense_model(digits, digits_spec):
 
 @pytest.mark.parametrize("chunks", [2, 3, 4])
 def test_chunked_taylor_blocks_are_exact_for_every_batch(dense_model, chunks, tmp_path):
+    from tmlp.export.chunking import chunk_rows_
     from tmlp.export.onnx_export import export_onnx
     from tmlp.taylor import TaylorMLP
 
     model, x = dense_model
-    blocks = [m for m in model.modules() if isinstance(m, TaylorMLP)]
+    fqns = [f for f, m in model.named_modules() if isinstance(m, TaylorMLP)]
     with torch.no_grad():
         ref = model(x)
-        for b in blocks:
-            b.chunks = chunks
+        wrappers = chunk_rows_(model, fqns, chunks)
         chunked = model(x)
     path = str(tmp_path / "c.onnx")
     try:
         export_onnx(model, x[:2], path, {})
         est_chunked = estimate_memory(path, 16)
     finally:
-        for b in blocks:
-            b.chunks = 1
+        for w in wrappers:
+            w.chunks = 1
     torch.testing.assert_close(chunked, ref, atol=1e-5, rtol=1e-5)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     for n in (1, 2, 3, 5, 17, 40):  # every remainder of n tokens-rows by the chunk count

@@ -10,12 +10,10 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from tmlp.calibrate import kmeans, shared_block
+from tmlp.calibration.calibrate import kmeans, shared_block
 from tmlp.errors import TmlpError
 from tmlp.export.onnx_export import export_onnx
-from tmlp.calibrate import BlockCalibration
-from tmlp.derivatives import SharedDerivatives
-from tmlp.partition import (assignment_tensors, centres_from_projected, hidden_factor, nearest_centre,
+from tmlp.taylor.partition import (assignment_tensors, centres_from_projected, hidden_factor, nearest_centre,
                             partition_projection, project)
 from tmlp.surgery import taylorize_
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig
@@ -82,28 +80,17 @@ def test_unusable_partitions_are_refused_with_the_fix(block, partition, rank, ma
         partition_projection(block, partition, torch.randn(30, 12), rank)
 
 
-def test_config_checks_the_partition_and_reads_configs_written_before_it():
+def test_config_checks_the_partition_and_refuses_configs_without_it():
     with pytest.raises(TmlpError, match="partition must be one of"):
         TaylorConfig(partition="voronoi")
     with pytest.raises(TmlpError, match="--partition-rank must be a positive integer"):
         TaylorConfig(partition_rank=0)
     old = TaylorConfig(k=7).to_dict()
     del old["_data"]["partition"], old["_data"]["partition_rank"]
-    assert TaylorConfig.from_dict(old).partition == "input"
-    assert TaylorConfig.from_dict(old).partition_rank is None
+    with pytest.raises(TmlpError, match="partition', 'partition_rank'\] missing or unknown"):
+        TaylorConfig.from_dict(old)
     new = TaylorConfig.from_dict(TaylorConfig(partition="hidden", partition_rank=16).to_dict())
     assert (new.partition, new.partition_rank) == ("hidden", 16)
-
-
-def test_calibrations_stored_with_a_metric_read_as_its_cholesky_projection():
-    block = Mlp(12, 48)
-    metric = block.fc1.weight.detach().T @ block.fc1.weight.detach()
-    derivs = SharedDerivatives(value=torch.zeros(3, 12), u=torch.zeros(12, 2), v=torch.zeros(12, 2),
-                               s=torch.zeros(3, 2, 2))
-    old = {**BlockCalibration("b", torch.zeros(3, 12), derivs, 30).to_dict(), "metric": metric}
-    del old["projection"]
-    projection = BlockCalibration.from_dict("b", old).projection
-    assert torch.allclose(projection @ projection.T, metric, atol=1e-4)
 
 
 @pytest.mark.parametrize("rank", [None, 4])

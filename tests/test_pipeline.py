@@ -1,6 +1,7 @@
 """The whole pipeline through the CLI on a tiny model: train -> export -> bench -> runtime/run.py, and resuming."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -50,6 +51,39 @@ def test_resume_with_other_settings_is_refused(trained):
     assert result.exit_code == 2 and "other settings" in result.stderr
 
 
+TINY = ["--model", "test_vit", "--dataset", "digits", "--img-size", "16", "--patch-size", "4", "--optimizer", "adamw",
+        "--lr", "1e-3", "--batch_size", "32", "--augment", "none", "--eval-every", "1"]
+
+
+def test_init_starts_a_new_run_from_a_checkpoint(trained, tmp_path):
+    out = _ok(["train", *TINY, "--epoch", "1", "--lr", "2e-4", "--init", str(trained / "best.pt"),
+               "--path", str(tmp_path / "new")])
+    assert "starting from the weights" in out
+    first = json.loads(open(tmp_path / "new" / "train_log.jsonl").readline())
+    assert first["val_acc"] > 0.75  # from trained weights, not from scratch (scratch after 1 epoch: ~0.2)
+
+
+def test_init_of_another_architecture_is_refused(trained, tmp_path):
+    result = CliRunner().invoke(main, ["train", *TINY, "--img-size", "32", "--init", str(trained / "best.pt"),
+                                       "--path", str(tmp_path / "new")])
+    assert result.exit_code == 2 and "--init" in result.stderr and "img_size" in result.stderr
+    assert not (tmp_path / "new" / "last.pt").exists()
+
+
+def test_a_run_snapshot_continues_the_run_on_another_machine(trained, tmp_path):
+    snapshot = tmp_path / "snapshot_fp16.pt"
+    out = _ok(["models", "fp16-copy", str(trained / "last.pt"), str(snapshot)])
+    assert "run snapshot" in out
+    out = _ok(["train", *TINY, "--epoch", "8", "--init", str(snapshot), "--path", str(tmp_path / "moved")])
+    assert "continuing the run snapshot" in out and "epoch 8" in out
+    rows = [json.loads(line) for line in open(tmp_path / "moved" / "train_log.jsonl")]
+    assert [r["epoch"] for r in rows] == list(range(1, 9))  # the old log carried over, one epoch added
+    assert rows[-1]["val_acc"] > 0.75 and (tmp_path / "moved" / "best.pt").exists()
+    # a snapshot exports like any checkpoint
+    from tmlp.models import load_checkpoint
+    assert load_checkpoint(snapshot)[1]["preprocessing"]["input_size"] == [16, 16]
+
+
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
@@ -91,10 +125,15 @@ def test_bench_compares_three_models(exported):
     assert os.path.isfile(out / "bench.md")
 
 
-def test_runtime_runs_the_exported_model_as_a_plain_file(exported):
+def test_runtime_runs_alone_in_an_empty_folder(exported, tmp_path):
+    """As on a board: run.py, tmlp.onnx and val.npz copied into an empty folder, run there in isolated mode."""
     out, _ = exported
-    proc = subprocess.run([sys.executable, "-I", RUN_PY, str(out / "tmlp.onnx"), "--data", str(out / "val.npz"),
-                           "--runs", "5", "--warmup", "1", "--batch", "4"], capture_output=True, text=True)
+    board = tmp_path / "board"
+    board.mkdir()
+    for src in (RUN_PY, out / "tmlp.onnx", out / "val.npz"):
+        shutil.copy(src, board)
+    proc = subprocess.run([sys.executable, "-I", "run.py", "tmlp.onnx", "--data", "val.npz", "--runs", "5",
+                           "--warmup", "1", "--batch", "4"], capture_output=True, text=True, cwd=board)
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout and "tmlp.k = 16" in proc.stdout
 
@@ -108,6 +147,14 @@ def test_second_export_reuses_the_calibration_cache(trained, exported, tmp_path)
                str(out)])
     assert "calibration cache hit" in log and "calibration cache hit" not in first_log
     assert not (out / "tmlp.int8.onnx").exists()
+    # reproducible bytes: no temporary names, times or machine paths inside (torch.onnx's per-node stack traces
+    # are dropped; the module scopes stay)
+    for name in ("original.onnx", "tmlp.onnx"):
+        assert (out / name).read_bytes() == (exported[0] / name).read_bytes(), name
+    nodes = onnx.load(str(out / "tmlp.onnx")).graph.node
+    keys = {p.key for n in nodes for p in n.metadata_props}
+    assert "pkg.torch.onnx.stack_trace" not in keys and "namespace" in keys
+    assert any("tmlp.taylor.SharedTaylorMLP" in p.value for n in nodes for p in n.metadata_props)
     a = np.load(exported[0] / "val.npz")["x"]
     assert np.array_equal(a, np.load(out / "val.npz")["x"])
 

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from tmlp.calibrate import calibrate
+from tmlp.calibration.calibrate import calibrate
 from tmlp.data import to_tensor
-from tmlp.derivatives import SharedDerivatives
+from tmlp.taylor.derivatives import SharedDerivatives
 from tmlp.errors import TmlpError
 from tmlp.plan import (BlockOption, candidate_choices, choose, held_out_tokens, option_calibration, option_macs, plan_blocks,
                        relative_error, truncate_rank)

@@ -107,7 +107,7 @@ def test_a_model_past_2_gib_goes_to_one_external_data_file_and_runs(tmp_path):
     import onnxruntime as ort
     import torch
 
-    from tmlp.derivatives import BlockDerivatives
+    from tmlp.taylor.derivatives import BlockDerivatives
     from tmlp.export.onnx_export import export_onnx, external_data_files
     from tmlp.runtime import run as runtime_run
     from tmlp.taylor import TaylorMLP

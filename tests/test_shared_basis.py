@@ -4,8 +4,8 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from tmlp.calibrate import kmeans, shared_block
-from tmlp.derivatives import block_derivatives, shared_derivatives
+from tmlp.calibration.calibrate import kmeans, shared_block
+from tmlp.taylor.derivatives import block_derivatives, shared_derivatives
 from tmlp.errors import TmlpError
 from tmlp.export.onnx_export import export_onnx, op_counts
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig, TaylorMLP
@@ -148,12 +148,13 @@ def test_ranks_beyond_their_sides_are_refused(rank, rank_out, message):
         shared_block(block, rows, centres, TaylorConfig(k=4, basis="shared", rank=rank, rank_out=rank_out))
 
 
-def test_rank_out_must_be_positive_and_old_configs_read_as_none():
+def test_rank_out_must_be_positive_and_configs_without_it_are_refused():
     with pytest.raises(TmlpError, match="--rank-out must be a positive integer"):
         TaylorConfig(basis="shared", rank_out=0)
     old = TaylorConfig().to_dict()
     del old["_data"]["rank_out"]
-    assert TaylorConfig.from_dict(old).rank_out is None
+    with pytest.raises(TmlpError, match=r"fields \['rank_out'\] missing or unknown: calibrate again"):
+        TaylorConfig.from_dict(old)
     assert TaylorConfig.from_dict(TaylorConfig(rank_out=48).to_dict()).rank_out == 48
 
 

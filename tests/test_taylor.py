@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from tmlp.calibrate import BlockCalibration, nearest_centre_bruteforce
-from tmlp.derivatives import block_derivatives
+from tmlp.calibration.calibrate import BlockCalibration, nearest_centre_bruteforce
+from tmlp.taylor.derivatives import block_derivatives
 from tmlp.errors import TmlpError
 from tmlp.surgery import select_blocks, taylorize_
-from tmlp.taylor import TaylorConfig, TaylorMLP
+from tmlp.taylor import SharedTaylorMLP, TaylorConfig, TaylorMLP
 
 
 def test_order1_is_exact_on_a_linear_block():
@@ -65,7 +65,7 @@ def test_keeps_leading_dimensions():
 
 
 @pytest.mark.parametrize("kwargs, message", [({"k": 0}, "positive integer"), ({"k": -3}, "positive integer"),
-                                             ({"order": 3}, "0, 1 or 2"), ({"hessian": "dense"}, "'diag' or 'full'")])
+                                             ({"order": 3}, "0, 1 or 2"), ({"hessian": "dense"}, "hessian must be one of")])
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(TmlpError, match=message):
         TaylorConfig(**kwargs)
@@ -78,12 +78,15 @@ def test_config_round_trips_and_refuses_other_versions():
         TaylorConfig.from_dict({**cfg.to_dict(), "_version": 99})
 
 
-def test_taylorize_replaces_every_vit_mlp_and_keeps_outputs_close(tiny_vit, digit_batches):
+@pytest.mark.parametrize("config, kind", [(TaylorConfig(k=32), SharedTaylorMLP),
+                                          (TaylorConfig(k=32, basis="dense", partition_rank=None), TaylorMLP)])
+def test_taylorize_replaces_every_vit_mlp_and_keeps_outputs_close(tiny_vit, digit_batches, config, kind):
+    """The default config (the CLI's: shared basis, least-squares fit) and the dense reference form."""
     reference = [tiny_vit(x) for x in digit_batches]
-    cal = taylorize_(tiny_vit, TaylorConfig(k=32, order=1), batches=lambda: iter(digit_batches),
-                     n_batches=len(digit_batches), progress=False)
+    cal = taylorize_(tiny_vit, config, batches=lambda: iter(digit_batches), n_batches=len(digit_batches),
+                     progress=False)
     assert sorted(cal) == [f"blocks.{i}.mlp" for i in range(6)]
-    assert all(isinstance(tiny_vit.blocks[i].mlp, TaylorMLP) for i in range(6))
+    assert all(isinstance(tiny_vit.blocks[i].mlp, kind) for i in range(6))
     with torch.no_grad():
         out = torch.cat([tiny_vit(x) for x in digit_batches])
     ref = torch.cat(reference).detach()
@@ -92,7 +95,7 @@ def test_taylorize_replaces_every_vit_mlp_and_keeps_outputs_close(tiny_vit, digi
 
 
 def test_taylorize_with_filter_and_per_block_configs(tiny_vit, digit_batches):
-    config = {"blocks.0.mlp": TaylorConfig(k=4, order=0), "_default": TaylorConfig(k=8, order=1)}
+    config = {"blocks.0.mlp": TaylorConfig(k=4, order=0, basis="dense"), "_default": TaylorConfig(k=8, order=1)}
     taylorize_(tiny_vit, config, filter_fn=lambda m, fqn: fqn in ("blocks.0.mlp", "blocks.5.mlp"),
                batches=lambda: iter(digit_batches), n_batches=4, progress=False)
     assert tiny_vit.blocks[0].mlp.k == 4 and tiny_vit.blocks[0].mlp.order == 0

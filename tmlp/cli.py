@@ -78,10 +78,17 @@ def main() -> None:
               "~/.cache/tmlp/data].")
 @click.option("--download/--no-download", default=False, help="Download cifar10/100 if missing.")
 @click.option("--fp16-copy", default=None, help="Also write the best checkpoint in fp16 to this path (for the repo).")
+@click.option("--init", "init_from", default=None, help="Start from this checkpoint's weights (same model and "
+              "config; fp16 copies too) with a fresh optimizer and schedule; a run snapshot (`tmlp models fp16-copy "
+              "RUN/last.pt`) made with the same options continues its run where it stood.")
+@click.option("--label-smoothing", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
+              help="Label smoothing of the cross-entropy loss.")
+@click.option("--drop-path", "drop_path_rate", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+              help="Stochastic depth rate for timm ViTs [default: the model's, 0].")
 @user_errors
 def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimizer, warmup_epochs, clip_grad, augment,
           precision, val_fraction, patience, eval_every, img_size, patch_size, device, num_workers, threads, seed,
-          data_root, download, fp16_copy) -> None:
+          data_root, download, fp16_copy, init_from, label_smoothing, drop_path_rate) -> None:
     """Train a model from scratch, keeping the best checkpoint on a held-out validation split.
 
     Checkpoints (last.pt every epoch and every 5 minutes, best.pt on each improvement) make the run resumable:
@@ -90,16 +97,17 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
     from tmlp.train import TrainConfig, train as run_train
 
     adam = optimizer == "adamw"
-    model_config = {k: v for k, v in {"img_size": img_size, "patch_size": patch_size}.items() if v is not None}
+    model_config = {k: v for k, v in {"img_size": img_size, "patch_size": patch_size,
+                                      "drop_path_rate": drop_path_rate}.items() if v is not None}
     cfg = TrainConfig(model=model, dataset=dataset, model_config=model_config, epochs=epochs,
                       lr=lr if lr is not None else (5e-4 if adam else 0.05), batch_size=batch_size,
                       weight_decay=weight_decay if weight_decay is not None else (0.05 if adam else 1e-4),
                       optimizer=optimizer, warmup_epochs=warmup_epochs if warmup_epochs is not None else
                       (1.0 if adam else 0.0), clip_grad=clip_grad, augment=augment, precision=precision, val_fraction=val_fraction,
                       patience=patience, eval_every=eval_every, seed=seed, num_workers=num_workers, device=device,
-                      threads=threads, data_root=data_root, download=download)
+                      threads=threads, data_root=data_root, download=download, label_smoothing=label_smoothing)
     out_dir = out_dir or os.path.join("runs", f"train-{model}-{dataset.replace(':', '-').replace('/', '_')}")
-    summary = run_train(cfg, out_dir)
+    summary = run_train(cfg, out_dir, init_from=init_from)
     click.echo(f"best validation accuracy {100 * summary['best_acc']:.2f}% at epoch {summary['best_epoch']}; "
                f"checkpoint {summary['checkpoint']}")
     if fp16_copy:
@@ -117,108 +125,113 @@ def write_fp16_copy(src: str, dst: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def spec_option(*decls: str, field: str, help: str, **kwargs):
+    """A click option for spec field ``section.field``: its value reaches ExportSpec.from_flags as
+    ``section__field``, its default is the spec's (None here means "not given"), and --help shows that default."""
+    from tmlp.spec import default_of
+
+    default = default_of(field)
+    shown = "none" if default is None else default
+    return click.option(*decls, field.replace(".", "__"), default=None, help=f"{help}  [default: {shown}]", **kwargs)
+
+
+def _none_if_zero(ctx, param, value):
+    return None if value == 0 else value
+
+
 @main.command()
 @click.option("--model", required=True, help="deit_small, deit_tiny, vgg16 or a timm model name.")
-@click.option("--k", type=int, default=100, show_default=True, help="Expansion points (K-means centres) per block.")
-@click.option("--order", type=click.IntRange(0, 2), default=1, show_default=True,
-              help="Taylor order: 0 (value), 1 (value + Jacobian), 2 (+ diagonal Hessian).")
-@click.option("--hessian", type=click.Choice(["diag", "full"]), default="diag", show_default=True,
-              help="Second-order term; 'full' is refused with its storage figure.")
-@click.option("--basis", type=click.Choice(["shared", "dense"]), default="shared", show_default=True,
-              help="shared: J_c ≈ U S_c Vᵀ with rank --rank (the deployable form); dense: a full Jacobian per "
-                   "centre (k*d_out*d_in floats: slow and large, the reference).")
-@click.option("--rank", type=int, default=32, show_default=True,
-              help="Rank r of the shared basis (of V, the input side; also of U unless --rank-out is given).")
-@click.option("--rank-out", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Rank of U, the output side of the shared basis, when it should differ from --rank (0: same as "
-                   "--rank). S_c becomes [rank-out, rank]. On the CIFAR DeiT-Small's blocks.5.mlp, 32 in / 48 out "
-                   "gave block error 0.149 at 10.7x the fp32 MLP's speed, 32/32 gave 0.158 at 14.5x "
-                   "(bench/block.py); the whole model did not gain from it.")
-@click.option("--basis-source", type=click.Choice(["data", "jacobian"]), default="data", show_default=True,
-              help="Shared basis from PCA of the block's input/output deviations, or from the stacked Jacobians.")
-@click.option("--fit", type=click.Choice(["auto", "taylor", "lstsq"]), default="auto", show_default=True,
-              help="Per-centre tensors: 'taylor' the derivatives at each centre; 'lstsq' (shared basis) refit to the "
-                   "block's outputs over every calibration token, one more pass over the data (same graph, same "
-                   "speed; CIFAR DeiT-Small, all 12 blocks: 57.86 -> 59.64% before distillation); 'auto' is lstsq "
-                   "for --basis shared and taylor for dense.")
-@click.option("--fit-ridge", type=float, default=1e-2, show_default=True,
-              help="Ridge of --fit lstsq towards the Taylor values, relative to the features' variance.")
-@click.option("--partition", type=click.Choice(["input", "hidden"]), default="input", show_default=True,
-              help="Which centre serves a token: 'input' the nearest in the block's input space; 'hidden' the "
-                   "nearest after the block's first Linear layer (K-means on its pre-activations, so cells follow "
-                   "where the activation bends; same graph, same speed).")
-@click.option("--partition-rank", type=click.IntRange(min=0), default=16, show_default=True,
-              help="Find the cells, and assign tokens, in this many leading principal directions of the partition's "
-                   "coordinates (0: all input dimensions). Shrinks the nearest-centre MatMul, the largest cost of a "
-                   "shared-basis block, from d*k to q*(d+k) multiply-adds per token; on the CIFAR DeiT-Small q=16 "
-                   "cells fit as well as full ones (bench/fit.py).")
-@click.option("--layers", default="all", show_default=True,
-              help="Blocks to replace: 'all', indices (0,1,2) or module names (blocks.0.mlp,blocks.5.mlp).")
-@click.option("--dataset", default=None, help="Calibration/validation data [default: the checkpoint's data set].")
-@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False),
-              help="A checkpoint from `tmlp train`. Without it, the embedded default (the model trained on digits "
-                   "once, then cached) is used.")
-@click.option("--pretrained", is_flag=True, help="Use timm's pretrained weights (needs network access).")
+@spec_option("--k", field="calibration.k", type=int, help="Expansion points (K-means centres) per block.")
+@spec_option("--order", field="calibration.order", type=click.IntRange(0, 2),
+             help="Taylor order: 0 (value), 1 (value + Jacobian), 2 (+ diagonal Hessian).")
+@spec_option("--hessian", field="calibration.hessian", type=click.Choice(["diag", "full"]),
+             help="Second-order term; 'full' is refused with its storage figure.")
+@spec_option("--basis", field="calibration.basis", type=click.Choice(["shared", "dense"]),
+             help="shared: J_c ≈ U S_c Vᵀ with rank --rank (the deployable form); dense: a full Jacobian per centre "
+                  "(k*d_out*d_in floats: slow and large, the reference).")
+@spec_option("--rank", field="calibration.rank", type=int,
+             help="Rank r of the shared basis (of V, the input side; also of U unless --rank-out is given).")
+@spec_option("--rank-out", field="calibration.rank_out", type=click.IntRange(min=0), callback=_none_if_zero,
+             help="Rank of U, the output side of the shared basis, when it should differ from --rank (0: same as "
+                  "--rank). S_c becomes [rank-out, rank]. On the CIFAR DeiT-Small's blocks.5.mlp, 32 in / 48 out gave "
+                  "block error 0.149 at 10.7x the fp32 MLP's speed, 32/32 gave 0.158 at 14.5x (bench/block.py); the "
+                  "whole model did not gain from it.")
+@spec_option("--basis-source", field="calibration.basis_source", type=click.Choice(["data", "jacobian"]),
+             help="Shared basis from PCA of the block's input/output deviations, or from the stacked Jacobians.")
+@spec_option("--fit", field="calibration.fit", type=click.Choice(["auto", "taylor", "lstsq"]),
+             help="Per-centre tensors: 'taylor' the derivatives at each centre; 'lstsq' (shared basis) refit to the "
+                  "block's outputs over every calibration token, one more pass over the data (same graph, same "
+                  "speed; CIFAR DeiT-Small, all 12 blocks: 57.86 -> 59.64% before distillation); 'auto' is lstsq "
+                  "for --basis shared and taylor for dense.")
+@spec_option("--fit-ridge", field="calibration.fit_ridge", type=float,
+             help="Ridge of --fit lstsq towards the Taylor values, relative to the features' variance.")
+@spec_option("--partition", field="calibration.partition", type=click.Choice(["input", "hidden"]),
+             help="Which centre serves a token: 'input' the nearest in the block's input space; 'hidden' the nearest "
+                  "after the block's first Linear layer (K-means on its pre-activations, so cells follow where the "
+                  "activation bends; same graph, same speed).")
+@spec_option("--partition-rank", field="calibration.partition_rank", type=click.IntRange(min=0),
+             callback=_none_if_zero,
+             help="Find the cells, and assign tokens, in this many leading principal directions of the partition's "
+                  "coordinates (0: all input dimensions). Shrinks the nearest-centre MatMul, the largest cost of a "
+                  "shared-basis block, from d*k to q*(d+k) multiply-adds per token; on the CIFAR DeiT-Small q=16 "
+                  "cells fit as well as full ones (bench/fit_error.py).")
+@spec_option("--seed", field="calibration.seed", type=int, help="K-means seed.")
+@spec_option("--layers", field="blocks.layers",
+             help="Blocks to replace: 'all', indices (0,1,2) or module names (blocks.0.mlp,blocks.5.mlp).")
+@spec_option("--block-k", field="blocks.block_k",
+             help="Per-block k overriding --k, e.g. 0=400 (block index, as --layers) or blocks.0.mlp=400: more "
+                  "centres where one block carries most of the error.")
+@spec_option("--dataset", field="source.dataset", help="Calibration/validation data (none: the checkpoint's).")
+@spec_option("--checkpoint", field="source.checkpoint", type=click.Path(dir_okay=False),
+             help="A checkpoint from `tmlp train`. Without it, the embedded default (the model trained on digits "
+                  "once, then cached) is used.")
+@click.option("--pretrained", "source__pretrained", is_flag=True, default=None,
+              help="Use timm's pretrained weights (needs network access).")
+@spec_option("--calib-images", field="source.calib_images", type=int,
+             help="Training images streamed through the model for calibration.")
+@spec_option("--eval-images", field="source.eval_images", type=int,
+             help="Validation images written to val.npz for accuracy measurements.")
+@spec_option("--data-root", field="source.data_root", help="Where cifar10/100 live (none: $TMLP_DATA or "
+             "~/.cache/tmlp/data).")
+@spec_option("--distill-epochs", field="distill.epochs", type=int,
+             help="Fine-tune the Taylor parameters on the calibration images by logit distillation from the "
+                  "original model; prints the accuracy before and after.")
+@spec_option("--distill-lr", field="distill.lr", type=float,
+             help="AdamW learning rate of distillation (digits, k=10, 3 epochs: 1e-3 gave 87.7 -> 91.4%, 1e-4 88.6%).")
+@click.option("--distill-basis", "distill__train_basis", is_flag=True, default=None,
+              help="Also train the shared bases U and V.")
+@spec_option("--distill-schedule", field="distill.schedule", type=click.Choice(["constant", "cosine"]),
+             help="Distillation learning rate: constant, or cosine-decayed to 0 (CIFAR DeiT-Small, all 12 blocks "
+                  "lstsq, 3 epochs: 60.66% constant, 60.44% cosine with shuffled batches; within run-to-run noise).")
+@spec_option("--max-acc-drop", field="plan.max_acc_drop", type=float,
+             help="Accuracy budget in points: choose per block whether to replace it and with which k and rank "
+                  "(cheapest option under one error threshold, searched on the validation split); prints the plan.")
+@spec_option("--plan-k", field="plan.k_choices",
+             help="k values the plan may use, e.g. 25,50,100 (none: k/4, k/2, k).")
+@spec_option("--plan-rank", field="plan.rank_choices",
+             help="Ranks the plan may use, e.g. 8,16,32 (none: rank/4, rank/2, rank; shared basis only).")
+@spec_option("--opset", field="target.opset", type=int, help="ONNX opset.")
+@spec_option("--max-memory", field="target.max_memory_mb", type=float,
+             help="Memory budget in MiB for weights + peak live activations (estimated from the graph); the Taylor "
+                  "blocks evaluate tokens in chunks until the T-MLP model fits.")
+@spec_option("--memory-batch", field="target.memory_batch", type=int, help="Batch size --max-memory plans for.")
+@spec_option("--device", field="target.device",
+             help="Target board profile (tmlp devices list): caps the opset and IR version to what its onnxruntime "
+                  "reads (decomposing newer ops) and records the profile in the manifest.")
 @click.option("--out", "out_dir", default=None, help="Run folder [default: runs/<model>-<dataset>].")
-@click.option("--calib-images", type=int, default=5000, show_default=True,
-              help="Training images streamed through the model for calibration.")
-@click.option("--eval-images", type=int, default=10000, show_default=True,
-              help="Validation images written to val.npz for accuracy measurements.")
-@click.option("--distill-epochs", type=int, default=0, show_default=True,
-              help="Fine-tune the Taylor parameters on the calibration images by logit distillation from the "
-                   "original model; prints the accuracy before and after.")
-@click.option("--distill-lr", type=float, default=1e-3, show_default=True,
-              help="AdamW learning rate of distillation (digits, k=10, 3 epochs: 1e-3 gave 87.7 -> 91.4%, 1e-4 88.6%).")
-@click.option("--distill-basis", is_flag=True, help="Also train the shared bases U and V.")
-@click.option("--distill-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
-              help="Distillation learning rate: constant, or cosine-decayed to 0 (CIFAR DeiT-Small, all 12 blocks "
-                   "lstsq, 3 epochs: 60.66% constant, 60.44% cosine with shuffled batches; within run-to-run noise).")
-@click.option("--max-acc-drop", type=float, default=None,
-              help="Accuracy budget in points: choose per block whether to replace it and with which k and rank "
-                   "(cheapest option under one error threshold, searched on the validation split); prints the plan.")
-@click.option("--plan-k", default=None, help="k values the plan may use, e.g. 25,50,100 [default: k/4, k/2, k].")
-@click.option("--plan-rank", default=None,
-              help="Ranks the plan may use, e.g. 8,16,32 [default: rank/4, rank/2, rank; shared basis only].")
-@click.option("--block-k", default=None,
-              help="Per-block k overriding --k, e.g. 0=400 (block index, as --layers) or blocks.0.mlp=400: more "
-                   "centres where one block carries most of the error.")
-@click.option("--seed", type=int, default=0, show_default=True, help="K-means seed.")
-@click.option("--opset", type=int, default=20, show_default=True, help="ONNX opset.")
-@click.option("--max-memory", "max_memory_mb", type=float, default=None,
-              help="Memory budget in MiB for weights + peak live activations (estimated from the graph); the Taylor "
-                   "blocks evaluate tokens in chunks until the T-MLP model fits.")
-@click.option("--memory-batch", type=int, default=1, show_default=True, help="Batch size --max-memory plans for.")
-@click.option("--device", "device", default=None,
-              help="Target board profile (tmlp devices list): caps the opset and IR version to what its onnxruntime "
-                   "reads (decomposing newer ops) and records the profile in the manifest.")
-@click.option("--data-root", default=None, help="Where cifar10/100 live [default: $TMLP_DATA or ~/.cache/tmlp/data].")
 @user_errors
-def export(model, k, order, hessian, basis, rank, rank_out, basis_source, fit, fit_ridge, partition, partition_rank,
-           layers,
-           dataset, checkpoint,
-           pretrained, out_dir, calib_images, eval_images, distill_epochs, distill_lr, distill_basis, distill_schedule,
-           max_acc_drop, plan_k, plan_rank, block_k, seed, opset, max_memory_mb, memory_batch, device,
-           data_root) -> None:
+def export(model: str, **flags) -> None:
     """Calibrate the T-MLP blocks and write original.onnx, tmlp.onnx, val.npz and manifest.json.
 
     Each replaced block becomes ArgMin over centre distances, Gather of the per-centre tensors and MatMul. Every
     export runs onnx.checker (full_check) and an onnxruntime vs PyTorch parity check on real inputs.
     """
     from tmlp.pipeline import run_export
+    from tmlp.spec import ExportSpec, parse_int_list
 
-    if k <= 0:
-        raise TmlpError(f"--k must be a positive number of expansion points, got {k}")
-    result = run_export(model, k=k, order=order, basis=basis, rank=rank, rank_out=rank_out or None,
-                        basis_source=basis_source, fit=fit,
-                        fit_ridge=fit_ridge, partition=partition, partition_rank=partition_rank or None,
-                        layers=layers,
-                        dataset=dataset, checkpoint=checkpoint,
-                        out_dir=out_dir, hessian=hessian, seed=seed, calib_images=calib_images,
-                        eval_images=eval_images, data_root=data_root, pretrained=pretrained, opset=opset,
-                        distill_epochs=distill_epochs, distill_lr=distill_lr, distill_basis=distill_basis,
-                        distill_schedule=distill_schedule,
-                        max_acc_drop=max_acc_drop, plan_k=plan_k, plan_rank=plan_rank, block_k=block_k, device=device,
-                        max_memory_mb=max_memory_mb, memory_batch=memory_batch)
+    for key, flag in (("plan__k_choices", "--plan-k"), ("plan__rank_choices", "--plan-rank")):
+        flags[key] = parse_int_list(flags[key], flag)
+    result = run_export(ExportSpec.from_flags(model, flags))
     click.echo(f"done in {result.summary['export_seconds']:.0f} s: {result.out_dir}/ holds "
                f"{', '.join(sorted(os.path.basename(p) for p in result.files.values()))} and manifest.json; next: "
                f"tmlp bench --provider cpu --run {result.out_dir}")
@@ -246,7 +259,7 @@ def bench(provider, run_dir, threads, warmup, runs, batch, repeats, compare, rep
     go to bench.json and bench.md in the run folder. `tmlp bench --compare a.json b.json` prints device reports side
     by side instead.
     """
-    from tmlp.bench import compare_reports, find_run, load_report, run_bench
+    from tmlp.measure import compare_reports, find_run, load_report, run_bench
 
     if reports and not compare:
         raise TmlpError(f"unexpected argument {reports[0]!r}; to compare device reports use --compare a.json b.json")
@@ -296,8 +309,9 @@ def models_list() -> None:
 
     for name in sorted(MODELS):
         entry = MODELS[name]
-        click.echo(f"{name:12s} {entry.description}; T-MLP replaces {entry.mlp_pattern}")
-    click.echo("Any timm model name (timm.list_models()) works too.")
+        click.echo(f"{name:12s} {entry.description}")
+    click.echo("Any timm model name (timm.list_models()) works too; `tmlp models show NAME` lists the blocks T-MLP "
+              "replaces.")
 
 
 @models.command("fp16-copy")
@@ -306,7 +320,16 @@ def models_list() -> None:
 @user_errors
 def models_fp16_copy(src, dst) -> None:
     """Write an fp16 copy of checkpoint SRC to DST (for committing a model; `tmlp export --checkpoint DST` reads it
-    back as fp32). Works on a checkpoint of a run still training (its best.pt)."""
+    back as fp32). Works on a checkpoint of a run still training (its best.pt). SRC may also be a run's last.pt: DST
+    then carries the run's schedule position and log too, and `tmlp train --init DST` with the same options
+    continues that run on another machine (with a fresh optimizer state)."""
+    if os.path.basename(src) == "last.pt":
+        from tmlp.train import write_run_snapshot
+
+        state = write_run_snapshot(os.path.dirname(src) or ".", dst)
+        click.echo(f"run snapshot: {dst} ({os.path.getsize(dst) / 1e6:.1f} MB) at epoch {state['epoch'] + 1}, "
+                   f"batch {state['batch']}")
+        return
     write_fp16_copy(src, dst)
 
 

@@ -18,6 +18,8 @@ import torch
 from tmlp.errors import TmlpError
 from tmlp.runtime.run import preprocess
 
+__all__ = ["DataSet", "ImageSplit", "augment_batch", "default_root", "load_dataset", "to_tensor"]
+
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "npz:PATH", "imagefolder:PATH")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tmlp.errors import TmlpError
+from tmlp.io import cache_path
 
 DEBIAN_MIRROR = os.environ.get("TMLP_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 DEBIAN_SUITE = "bookworm"
@@ -77,8 +78,7 @@ class ArmPython:
 
 
 def default_root() -> str:
-    cache = os.environ.get("TMLP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tmlp"))
-    return os.path.join(cache, "arm64-python")
+    return cache_path("arm64-python")
 
 
 def ensure_arm_python(root: str | None = None, log: Callable[[str], None] = print) -> ArmPython:

@@ -3,12 +3,16 @@ complete, so that no partial file ever stands under a final name."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from typing import Any, Iterator
 
 from tmlp.errors import TmlpError
+
+__all__ = ["atomic_path", "cache_path", "cache_root", "check_can_write", "ensure_writable_dir", "file_sha256",
+           "save_torch", "write_json", "write_text"]
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> str:
@@ -55,6 +59,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` atomically and reproducibly: through a file object, so that the zip records inside are not
+    named after the random temporary file (the same object gives the same bytes, hence the same sha256)."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as sorted, indented JSON, atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
@@ -65,3 +78,22 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_root() -> str:
+    """Where tmlp caches trained defaults, calibrations and tools: $TMLP_CACHE, else ~/.cache/tmlp."""
+    return os.environ.get("TMLP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tmlp"))
+
+
+def cache_path(*parts: str) -> str:
+    """A path inside the cache: ``cache_path("calibration", "calib-<hash>.pt")``."""
+    return os.path.join(cache_root(), *parts)

@@ -6,7 +6,6 @@ name is passed to ``timm.create_model``.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -15,7 +14,10 @@ import torch
 from torch import nn
 
 from tmlp.errors import TmlpError
-from tmlp.io import atomic_path
+from tmlp.io import save_torch
+
+__all__ = ["MODELS", "ModelEntry", "VGG", "VGGHead", "create_model", "input_size", "load_checkpoint", "model_names",
+           "read_checkpoint", "resolve_config", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "tmlp-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -23,12 +25,11 @@ CHECKPOINT_VERSION = 1
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: its builder, default keyword arguments and which blocks T-MLP replaces."""
+    """A registered model: its builder, default keyword arguments and the keyword arguments it accepts."""
 
     builder: Callable[..., nn.Module]
     defaults: dict[str, Any]
     description: str
-    mlp_pattern: str  # fqn pattern of the replaceable blocks, for --help and the default filter
     allowed: tuple[str, ...] = field(default=())
 
 
@@ -108,15 +109,13 @@ VIT_KWARGS = ("img_size", "patch_size", "in_chans", "num_classes", "drop_path_ra
 MODELS: dict[str, ModelEntry] = {
     "deit_small": ModelEntry(_timm("deit_small_patch16_224"),
                              {"img_size": 224, "patch_size": 16, "in_chans": 3, "num_classes": 1000},
-                             "DeiT-Small (timm deit_small_patch16_224): embed 384, depth 12, 6 heads",
-                             "blocks.*.mlp", VIT_KWARGS),
+                             "DeiT-Small (timm deit_small_patch16_224): embed 384, depth 12, 6 heads", VIT_KWARGS),
     "deit_tiny": ModelEntry(_timm("deit_tiny_patch16_224"),
                             {"img_size": 224, "patch_size": 16, "in_chans": 3, "num_classes": 1000},
-                            "DeiT-Tiny (timm deit_tiny_patch16_224): embed 192, depth 12, 3 heads",
-                            "blocks.*.mlp", VIT_KWARGS),
+                            "DeiT-Tiny (timm deit_tiny_patch16_224): embed 192, depth 12, 3 heads", VIT_KWARGS),
     "vgg16": ModelEntry(_vgg16, {"img_size": 32, "in_chans": 3, "num_classes": 10, "hidden": 4096},
                         "VGG-16 with batch norm for CIFAR (32x32), classifier MLP 512 -> 4096 -> 4096 -> classes",
-                        "classifier", ("img_size", "in_chans", "num_classes", "hidden", "drop")),
+                        ("img_size", "in_chans", "num_classes", "hidden", "drop")),
 }
 
 
@@ -161,24 +160,9 @@ def input_size(name: str, config: dict[str, Any]) -> tuple[int, int, int]:
     return int(config.get("in_chans", 3)), int(h), int(w)
 
 
-def default_mlp_filter(name: str) -> Callable[[nn.Module, str], bool]:
-    """filter_fn(module, fqn) selecting the blocks T-MLP replaces by default in model ``name``."""
-    if name == "vgg16":
-        return lambda module, fqn: fqn == "classifier"
-    return lambda module, fqn: fqn.startswith("blocks.") and fqn.endswith(".mlp") and fqn.count(".") == 2
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, name: str, config: dict[str, Any],
                     extra: dict[str, Any] | None = None, half: bool = False) -> None:
     """Write a checkpoint holding the model name, its config and weights (fp16 with ``half``), atomically."""
@@ -186,8 +170,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, name: str, config
              for k, v in model.state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": name, "config": config,
                "state_dict": state, **(extra or {})}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_torch(payload, path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -22,11 +22,15 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from tmlp.calibrate import BlockCalibration
-from tmlp.derivatives import SharedDerivatives
+from tmlp.calibration.calibrate import BlockCalibration
+from tmlp.calibration.record import stream_blocks
+from tmlp.taylor.derivatives import SharedDerivatives
 from tmlp.errors import TmlpError
 from tmlp.surgery import replace_module
 from tmlp.taylor import build_taylor_block
+
+__all__ = ["BlockOption", "Plan", "candidate_choices", "choose", "held_out_tokens", "logit_kl", "logit_kl_with",
+           "mlp_macs", "option_calibration", "option_macs", "plan_blocks", "relative_error", "truncate_rank"]
 
 
 @dataclass(frozen=True, order=True)
@@ -86,21 +90,7 @@ def held_out_tokens(model: nn.Module, fqns: list[str], batches: Iterable[torch.T
     """Inputs [n, d_in] and outputs [n, d_out] of each block on ``batches`` (model inputs), at most ``max_tokens``
     rows per block sampled uniformly."""
     seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {f: [] for f in fqns}
-
-    def hook(fqn):
-        def record(module, args, output):
-            seen[fqn].append((args[0].reshape(-1, args[0].shape[-1]).float(),
-                              output.reshape(-1, output.shape[-1]).float()))
-        return record
-
-    handles = [model.get_submodule(f).register_forward_hook(hook(f)) for f in fqns]
-    try:
-        model.eval()
-        for x in batches:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    stream_blocks(model, fqns, batches, lambda fqn, x, y: seen[fqn].append((x.float(), y.float())))
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for fqn, parts in seen.items():

@@ -11,9 +11,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from tmlp.calibrate import BlockCalibration, calibrate
+from tmlp.calibration.calibrate import BlockCalibration, calibrate
 from tmlp.errors import TmlpError
 from tmlp.taylor import TaylorConfig, build_taylor_block
+
+__all__ = ["config_for", "default_filter", "replace_module", "select_blocks", "taylorize_"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -67,7 +69,7 @@ def taylorize_(model: nn.Module, config: TaylorConfig | dict[str, TaylorConfig],
                progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, BlockCalibration]:
     """Replace the selected blocks of ``model`` by TaylorMLP modules, in place; returns the calibration used.
 
-    Either pass ``calibration`` (from ``tmlp.calibrate.calibrate``) or ``batches`` (a callable yielding model inputs
+    Either pass ``calibration`` (from ``tmlp.calibration.calibrate.calibrate``) or ``batches`` (a callable yielding model inputs
     [B, C, H, W]) to calibrate here. Blocks are calibrated on the original model, before any replacement.
     """
     fqns = select_blocks(model, filter_fn, layers)

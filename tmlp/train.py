@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 
 from tmlp.data import ImageSplit, augment_batch, load_dataset, to_tensor
 from tmlp.errors import TmlpError
-from tmlp.io import atomic_path, ensure_writable_dir
+from tmlp.io import ensure_writable_dir, save_torch
 from tmlp.models import create_model, input_size, read_checkpoint, resolve_config, save_checkpoint
+
+__all__ = ["Run", "TrainConfig", "batches", "evaluate", "load_initial_weights", "train", "write_run_snapshot"]
 
 
 @dataclass
@@ -136,9 +138,40 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
 
 
-def train(cfg: TrainConfig, out_dir: str, progress: bool = True, log=print) -> dict[str, Any]:
-    """Train ``cfg.model`` on ``cfg.dataset`` into ``out_dir`` (resuming from ``out_dir/last.pt`` if present and
-    made by the same config); returns a summary with the best validation accuracy and the checkpoint path."""
+@dataclass
+class Run:
+    """A training run in ``out_dir``: the model, its optimizer, the data and the position in the schedule."""
+
+    cfg: TrainConfig
+    out_dir: str
+    model: nn.Module
+    model_config: dict[str, Any]
+    data: Any  # tmlp.data.Dataset
+    spec: dict[str, Any]
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    init_from: str | None = None  # the checkpoint whose weights started the run (recorded in best.pt)
+    state: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "batch": 0, "best_acc": -1.0,
+                                                           "best_epoch": -1, "stale": 0, "seconds": 0.0})
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return (len(self.data.train) + self.cfg.batch_size - 1) // self.cfg.batch_size
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {"train_config": asdict(self.cfg), "model_config": self.model_config}
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+    def save_last(self) -> None:
+        save_torch({"identity": self.identity, "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "state": self.state}, self.path("last.pt"))
+
+
+def build_run(cfg: TrainConfig, out_dir: str) -> Run:
+    """Data, model and optimizer of ``cfg`` (the model freshly initialised from ``cfg.seed``)."""
     ensure_writable_dir(out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -151,98 +184,167 @@ def train(cfg: TrainConfig, out_dir: str, progress: bool = True, log=print) -> d
     chans, h, w = input_size(cfg.model, mcfg)
     if chans != data.channels:
         raise TmlpError(f"model takes {chans} input channels, {cfg.dataset} has {data.channels}; set in_chans")
-    spec = data.preprocessing((h, w))
-    augment = data.augment if cfg.augment == "auto" else cfg.augment
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, mcfg).to(device)
-    optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = (len(data.train) + cfg.batch_size - 1) // cfg.batch_size
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    state = {"epoch": 0, "batch": 0, "best_acc": -1.0, "best_epoch": -1, "stale": 0, "seconds": 0.0}
-    identity = {"train_config": asdict(cfg), "model_config": mcfg}
-    last_path, best_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "best.pt")
-    log_path = os.path.join(out_dir, "train_log.jsonl")
+    return Run(cfg, out_dir, model, mcfg, data, data.preprocessing((h, w)), device, make_optimizer(model, cfg))
+
+
+def restore(run: Run, log=print) -> None:
+    """Resume ``run`` from its ``last.pt``, or start it from ``run.init_from`` (a run snapshot of the same options
+    continues where it stood), or leave it fresh."""
+    cfg, last_path = run.cfg, run.path("last.pt")
     if os.path.isfile(last_path):
         resumed = torch.load(last_path, map_location="cpu", weights_only=False)
-        same = {k: v for k, v in resumed["identity"]["train_config"].items() if k not in RESUMABLE_CHANGES}
-        mine = {k: v for k, v in identity["train_config"].items() if k not in RESUMABLE_CHANGES}
-        if same != mine:
-            diff = sorted(k for k in mine if mine[k] != same.get(k))
-            raise TmlpError(f"{out_dir} holds a run with other settings ({', '.join(diff)}); resume with the same "
-                            "options or choose another --path")
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        state = resumed["state"]
-        log(f"resuming {out_dir} at epoch {state['epoch'] + 1}, batch {state['batch']} "
-            f"(best val {100 * state['best_acc']:.2f}% at epoch {state['best_epoch'] + 1})")
-
-    def save_last() -> None:
-        with atomic_path(last_path) as tmp:
-            torch.save({"identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "state": state}, tmp)
-
-    summary_extra = {"dataset": cfg.dataset, "preprocessing": spec, "train_config": asdict(cfg)}
-    last_save = time.time()
-    while state["epoch"] < cfg.epochs and state["stale"] < cfg.patience:
-        epoch = state["epoch"]
-        model.train()
-        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-        bar = tqdm(batches(data.train, spec, cfg.batch_size, order.numpy(), state["batch"], cfg.num_workers),
-                   total=steps_per_epoch, initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, leave=False)
-        t0 = epoch_start = time.time()
-        loss_sum, seen = 0.0, 0
-        for x, y in bar:
-            step = epoch * steps_per_epoch + state["batch"]
-            gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-            x = augment_batch(x, augment, gen).to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, total_steps, warmup_steps)
-            with autocast(device, cfg.precision):
-                loss = criterion(model(x), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            if not math.isfinite(loss.item()):
-                raise TmlpError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr or add "
-                                "--clip-grad 1.0")
-            loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
-            state["batch"] += 1
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            if time.time() - last_save > 60 * cfg.checkpoint_minutes:
-                state["seconds"] += time.time() - t0
-                t0 = time.time()
-                save_last()
-                last_save = time.time()
-        state["seconds"] += time.time() - t0
-        train_seconds = time.time() - epoch_start
-        acc = evaluate(model, data.val, spec, device, precision=cfg.precision, num_workers=cfg.num_workers)
-        improved = acc > state["best_acc"]
-        if improved:
-            state.update(best_acc=acc, best_epoch=epoch, stale=0)
-            save_checkpoint(best_path, model, cfg.model, mcfg,
-                            {**summary_extra, "epoch": epoch + 1, "val_acc": acc})
+        same, mine = resumed["identity"]["train_config"], run.identity["train_config"]
+        if not same_run(same, mine):
+            diff = sorted(k for k in mine if mine[k] != same.get(k) and k not in RESUMABLE_CHANGES)
+            raise TmlpError(f"{run.out_dir} holds a run with other settings ({', '.join(diff)}); resume with the "
+                            "same options or choose another --path")
+        run.model.load_state_dict(resumed["model"])
+        run.optimizer.load_state_dict(resumed["optimizer"])
+        run.state = resumed["state"]
+        log(f"resuming {run.out_dir} at epoch {run.state['epoch'] + 1}, batch {run.state['batch']} "
+            f"(best val {100 * run.state['best_acc']:.2f}% at epoch {run.state['best_epoch'] + 1})")
+    elif run.init_from:
+        carried = load_initial_weights(run.model, run.init_from, cfg.model, run.model_config).get("train_run")
+        if carried and same_run(carried["train_config"], run.identity["train_config"]):
+            # the position carries over; best.pt (not carried) starts again in this folder
+            run.state = {**carried["state"], "best_acc": -1.0, "best_epoch": -1, "stale": 0}
+            with open(run.path("train_log.jsonl"), "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in carried["log"])
+            log(f"continuing the run snapshot {run.init_from} at epoch {run.state['epoch'] + 1}, batch "
+                f"{run.state['batch']} (fresh optimizer state)")
         else:
-            state["stale"] += 1
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "val_acc": acc,
-               "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 1),
-               "images_per_s": round(seen / max(1e-9, train_seconds), 1)}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        state.update(epoch=epoch + 1, batch=0)
-        save_last()
-        last_save = time.time()
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or epoch == 0:
-            log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, val acc {100 * acc:.2f}% "
-                f"(best {100 * state['best_acc']:.2f}% at epoch {state['best_epoch'] + 1})")
-    if state["stale"] >= cfg.patience:
+            log(f"starting from the weights of {run.init_from} (fresh optimizer and schedule)")
+
+
+def train_epoch(run: Run, progress: bool) -> tuple[float, int]:
+    """Train from the current position to the end of the epoch, saving ``last.pt`` every few minutes; returns (mean
+    training loss, images seen)."""
+    cfg, state, epoch = run.cfg, run.state, run.state["epoch"]
+    steps, total_steps = run.steps_per_epoch, cfg.epochs * run.steps_per_epoch
+    warmup_steps = int(round(cfg.warmup_epochs * steps))
+    augment = run.data.augment if cfg.augment == "auto" else cfg.augment
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    run.model.train()
+    order = torch.randperm(len(run.data.train), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    bar = tqdm(batches(run.data.train, run.spec, cfg.batch_size, order.numpy(), state["batch"], cfg.num_workers),
+               total=steps, initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+               leave=False)
+    t0 = last_save = time.time()
+    loss_sum, seen = 0.0, 0
+    for x, y in bar:
+        step = epoch * steps + state["batch"]
+        x = augment_batch(x, augment, torch.Generator().manual_seed(cfg.seed * 7919 + step)).to(run.device)
+        for group in run.optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, total_steps, warmup_steps)
+        with autocast(run.device, cfg.precision):
+            loss = criterion(run.model(x), y.to(run.device))
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+        run.optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise TmlpError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr or add "
+                            "--clip-grad 1.0")
+        loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
+        state["batch"] += 1
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+        if time.time() - last_save > 60 * cfg.checkpoint_minutes:
+            state["seconds"] += time.time() - t0
+            t0 = last_save = time.time()
+            run.save_last()
+    state["seconds"] += time.time() - t0
+    return loss_sum / max(1, seen), seen
+
+
+def end_epoch(run: Run, train_loss: float, seen: int, train_seconds: float, log=print) -> None:
+    """Validate, keep ``best.pt`` on improvement, append the log row, save ``last.pt``."""
+    cfg, state, epoch = run.cfg, run.state, run.state["epoch"]
+    acc = evaluate(run.model, run.data.val, run.spec, run.device, precision=cfg.precision,
+                   num_workers=cfg.num_workers)
+    if acc > state["best_acc"]:
+        state.update(best_acc=acc, best_epoch=epoch, stale=0)
+        save_checkpoint(run.path("best.pt"), run.model, cfg.model, run.model_config,
+                        {"dataset": cfg.dataset, "preprocessing": run.spec, "train_config": asdict(cfg),
+                         "epoch": epoch + 1, "val_acc": acc,
+                         **({"init_from": run.init_from} if run.init_from else {})})
+    else:
+        state["stale"] += 1
+    row = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": acc, "lr": run.optimizer.param_groups[0]["lr"],
+           "train_seconds": round(train_seconds, 1), "images_per_s": round(seen / max(1e-9, train_seconds), 1)}
+    with open(run.path("train_log.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    state.update(epoch=epoch + 1, batch=0)
+    run.save_last()
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or epoch == 0:
+        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val acc {100 * acc:.2f}% "
+            f"(best {100 * state['best_acc']:.2f}% at epoch {state['best_epoch'] + 1})")
+
+
+def train(cfg: TrainConfig, out_dir: str, progress: bool = True, log=print,
+          init_from: str | None = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.dataset`` into ``out_dir`` (resuming from ``out_dir/last.pt`` if present and
+    made by the same config; else starting from the weights of checkpoint ``init_from`` if given); returns a summary
+    with the best validation accuracy and the checkpoint path."""
+    run = build_run(cfg, out_dir)
+    run.init_from = init_from
+    restore(run, log)
+    while run.state["epoch"] < cfg.epochs and run.state["stale"] < cfg.patience:
+        start = time.time()
+        train_loss, seen = train_epoch(run, progress)
+        end_epoch(run, train_loss, seen, time.time() - start, log)
+    if run.state["stale"] >= cfg.patience:
         log(f"early stop: no better validation accuracy for {cfg.patience} epochs")
-    return {"best_acc": state["best_acc"], "best_epoch": state["best_epoch"] + 1, "checkpoint": best_path,
-            "epochs_run": state["epoch"], "train_seconds": state["seconds"]}
+    return {"best_acc": run.state["best_acc"], "best_epoch": run.state["best_epoch"] + 1,
+            "checkpoint": run.path("best.pt"), "epochs_run": run.state["epoch"], "train_seconds": run.state["seconds"]}
+
+
+# Model options that only regularise training: a run may start from weights trained with other values.
+REGULARISATION_KEYS = ("drop_path_rate", "drop_rate", "drop")
+
+
+def load_initial_weights(model: nn.Module, path: str, name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Load the weights of checkpoint ``path`` (fp16 or fp32) into ``model`` and return the checkpoint; it must hold
+    the same model with the same architecture config (regularisation options aside)."""
+    payload = read_checkpoint(path)
+
+    def arch(c: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in c.items() if k not in REGULARISATION_KEYS}
+    if payload["model"] != name or arch(payload["config"]) != arch(config):
+        raise TmlpError(f"--init {path} holds a {payload['model']} with config {arch(payload['config'])}, not a {name} "
+                        f"with {arch(config)}; pass the matching --model/--img-size/--patch-size or another checkpoint")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    model.load_state_dict(state)
+    return payload
+
+
+def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two train configs describe the same run (options that may change on resumption aside)."""
+    # (an "init_from" entry says where a run started, not what it trains)
+    keep = lambda c: {k: v for k, v in c.items() if k not in RESUMABLE_CHANGES | {"init_from"}}  # noqa: E731
+    return keep(a) == keep(b)
+
+
+def write_run_snapshot(out_dir: str, dst: str) -> dict[str, Any]:
+    """Write the weights of a run's ``last.pt`` in fp16 to ``dst`` with its schedule position and log: a file small
+    enough to commit from which ``tmlp train --init dst`` (same options) continues the run on another machine, with a
+    fresh optimizer state. Returns the carried state."""
+    resumed = torch.load(os.path.join(out_dir, "last.pt"), map_location="cpu", weights_only=False)
+    ident = resumed["identity"]
+    cfg = ident["train_config"]
+    log_path = os.path.join(out_dir, "train_log.jsonl")
+    rows = [json.loads(line) for line in open(log_path)] if os.path.isfile(log_path) else []
+    model = create_model(cfg["model"], ident["model_config"])
+    model.load_state_dict(resumed["model"])
+    best_path = os.path.join(out_dir, "best.pt")
+    preprocessing = read_checkpoint(best_path).get("preprocessing") if os.path.isfile(best_path) else None
+    run = {"train_config": cfg, "state": resumed["state"], "log": rows}
+    save_checkpoint(dst, model, cfg["model"], ident["model_config"],
+                    {"dataset": cfg["dataset"], "preprocessing": preprocessing, "train_config": cfg,
+                     "epoch": resumed["state"]["epoch"], "train_run": run}, half=True)
+    return resumed["state"]
 
 
 # Options that may change between an interrupted run and its resumption without changing what is trained.

@@ -15,7 +15,6 @@ import torch
 
 from tmlp.errors import TmlpError
 
-BASIS_SOURCES = ("data", "jacobian")
 
 
 def top_eigvecs(gram: torch.Tensor, r: int) -> torch.Tensor:

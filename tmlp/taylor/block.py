@@ -3,108 +3,24 @@
 For inputs x [N, d_in], centres C [k, d_in]::
 
     c    = argmin_i (1/2 ||C_i||^2 - x . C_i)          (= argmin_i ||x - C_i||; ||x||^2 is the same for every i)
-                                                        (in a partition: ||(x - C_i) P||, tmlp.partition)
+                                                        (in a partition: ||(x - C_i) P||, tmlp.taylor.partition)
     y    = a_c                                          order 0  (a = F(C))
     y    = a_c + J_c x                                  order 1  (a = F(C) - J C, folded at calibration)
     y    = a_c + J_c x + 1/2 H_c (x - C_c)^2            order 2, diagonal Hessian
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar
-
 import torch
 from torch import nn
 
-from tmlp.basis import BASIS_SOURCES
-from tmlp.derivatives import BlockDerivatives, SharedDerivatives
 from tmlp.errors import TmlpError
-from tmlp.fit import FITS
-from tmlp.partition import PARTITIONS, assignment_tensors
-
-
-@dataclass
-class TaylorConfig:
-    """How to replace one block. ``k`` expansion points (K-means centres of the block's inputs), Taylor ``order``
-    (0, 1, 2), ``hessian`` for order 2 ("diag"; "full" is refused with its storage figure), K-means ``seed`` and
-    ``n_init``, and ``max_tokens`` input rows kept per block for K-means (bounded memory; default
-    max(20000, 20 k)). ``basis`` "dense" stores a full Jacobian per centre; "shared" factors J_c ≈ U S_c Vᵀ with
-    V of rank ``rank`` and U of rank ``rank_out`` (None: ``rank``), both chosen from ``basis_source`` ("data" or
-    "jacobian", see tmlp.basis). ``fit`` "taylor" keeps the derivatives at the centres; "lstsq" (shared basis)
-    refits the per-centre tensors to the block's outputs over all calibration tokens, ridge ``fit_ridge`` towards
-    the Taylor values (see tmlp.fit). ``partition`` "input" serves each token from its Euclidean-nearest centre;
-    "hidden" measures the distance through the block's first Linear layer (K-means on its pre-activations; see
-    tmlp.partition); ``partition_rank`` q finds the cells, and assigns tokens, in the q leading principal directions
-    of those coordinates (None: all d_in)."""
-
-    VERSION: ClassVar[int] = 1
-    k: int = 100
-    order: int = 1
-    hessian: str = "diag"
-    seed: int = 0
-    n_init: int = 1
-    max_tokens: int | None = None
-    basis: str = "dense"
-    rank: int = 32
-    rank_out: int | None = None
-    basis_source: str = "data"
-    fit: str = "taylor"
-    fit_ridge: float = 1e-2
-    partition: str = "input"
-    partition_rank: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or self.k <= 0:
-            raise TmlpError(f"k (number of expansion points) must be a positive integer, got {self.k!r}")
-        if self.order not in (0, 1, 2):
-            raise TmlpError(f"Taylor order must be 0, 1 or 2, got {self.order!r}; use 2 for the diagonal Hessian")
-        if self.hessian not in ("diag", "full"):
-            raise TmlpError(f"hessian must be 'diag' or 'full', got {self.hessian!r}")
-        if self.basis not in ("dense", "shared"):
-            raise TmlpError(f"basis must be 'dense' or 'shared', got {self.basis!r}")
-        if self.basis_source not in BASIS_SOURCES:
-            raise TmlpError(f"basis source must be one of {BASIS_SOURCES}, got {self.basis_source!r}")
-        if self.basis == "shared" and (self.order == 0 or self.rank < 1):
-            raise TmlpError(f"a shared basis needs order 1 or 2 and rank >= 1, got order {self.order}, rank "
-                            f"{self.rank}")
-        if self.rank_out is not None and (not isinstance(self.rank_out, int) or self.rank_out < 1):
-            raise TmlpError(f"--rank-out must be a positive integer (or none for the same as --rank), got "
-                            f"{self.rank_out!r}")
-        if self.fit not in FITS:
-            raise TmlpError(f"fit must be one of {FITS}, got {self.fit!r}")
-        if self.fit == "lstsq" and self.basis != "shared":
-            raise TmlpError("--fit lstsq fits shared-basis blocks; use --basis shared, or --fit taylor with dense "
-                            "Jacobians")
-        if self.partition not in PARTITIONS:
-            raise TmlpError(f"partition must be one of {PARTITIONS}, got {self.partition!r}")
-        if self.partition_rank is not None and (not isinstance(self.partition_rank, int) or self.partition_rank < 1):
-            raise TmlpError(f"--partition-rank must be a positive integer (or none for all input dimensions), got "
-                            f"{self.partition_rank!r}")
-        if self.fit_ridge < 0:
-            raise TmlpError(f"--fit-ridge must be >= 0, got {self.fit_ridge}")
-        if self.max_tokens is None:
-            self.max_tokens = max(20000, 20 * self.k)
-        if self.n_init < 1 or self.max_tokens < self.k:
-            raise TmlpError(f"n_init must be >= 1 and max_tokens >= k ({self.k}), got {self.n_init}, "
-                            f"{self.max_tokens}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"_type": "TaylorConfig", "_version": self.VERSION, "_data": asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TaylorConfig":
-        if d.get("_type") != "TaylorConfig" or d.get("_version") != cls.VERSION:
-            raise TmlpError(f"cannot read TaylorConfig {d.get('_type')} v{d.get('_version')}; this tmlp reads "
-                            f"v{cls.VERSION}: calibrate again")
-        names = {f.name for f in fields(cls)}
-        # defaults of fields that configs written before them lack
-        data = {"partition": "input", "partition_rank": None, "rank_out": None, **d["_data"]}
-        return cls(**{k: v for k, v in data.items() if k in names})
+from tmlp.taylor.derivatives import BlockDerivatives, SharedDerivatives
+from tmlp.taylor.partition import assignment_tensors
 
 
 class _NearestCentre(nn.Module):
     """Holds the centres [k, d_in] and assigns each row of x [N, d_in] to its nearest one, in the coordinates x P of
-    the partition's projection P [d_in, q] when given (tmlp.partition): buffers ``assign_projection`` P (q < d_in
+    the partition's projection P [d_in, q] when given (tmlp.taylor.partition): buffers ``assign_projection`` P (q < d_in
     only) and ``assign_weight`` W (C P [k, q], or C P Pᵀ [k, d_in] when q = d_in)."""
 
     def __init__(self, centres: torch.Tensor, projection: torch.Tensor | None = None):
@@ -118,7 +34,6 @@ class _NearestCentre(nn.Module):
         if projection is not None:
             self.register_buffer("assign_weight", weight.contiguous())
         self.register_buffer("half_sq_norm", half_sq_norm)
-        self.chunks = 1  # evaluate the rows in this many chunks (bounds the gathered per-centre tensors' memory)
 
     @property
     def k(self) -> int:
@@ -134,22 +49,9 @@ class _NearestCentre(nn.Module):
         return torch.argmin(self.half_sq_norm - x @ weight.T, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d_in] -> [..., d_out]; rows in ``chunks`` pieces (ONNX: Slice per piece, then Concat)."""
+        """x [..., d_in] -> [..., d_out]: the rows of x through ``rows``."""
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.d_in)
-        if self.chunks > 1:  # slices with bounds computed from N at run time: exact for every N (some may be empty)
-            size = (x.shape[0] + self.chunks - 1) // self.chunks
-            outs: list[torch.Tensor] = []
-            for i in range(self.chunks):
-                part = x[i * size:(i + 1) * size]
-                if outs:  # a data dependency on the previous chunk (adds 0): without it onnxruntime runs every
-                    # chunk's Gather first and holds all the gathered tensors at once, which chunking exists to avoid
-                    part = part + 0.0 * outs[-1][:1, :1].sum()
-                outs.append(self.rows(part))
-            y = torch.cat(outs, dim=0)
-        else:
-            y = self.rows(x)
-        return y.reshape(*lead, self.d_out)
+        return self.rows(x.reshape(-1, self.d_in)).reshape(*lead, self.d_out)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -199,7 +101,7 @@ class TaylorMLP(_NearestCentre):
         return y
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, order={self.order}, d_in={self.d_in}, d_out={self.d_out}, chunks={self.chunks}"
+        return f"k={self.k}, order={self.order}, d_in={self.d_in}, d_out={self.d_out}"
 
 
 class SharedTaylorMLP(_NearestCentre):
@@ -247,14 +149,13 @@ class SharedTaylorMLP(_NearestCentre):
 
     def extra_repr(self) -> str:
         ranks = f"rank={self.rank}" + (f", rank_out={self.rank_out}" if self.rank_out != self.rank else "")
-        return (f"k={self.k}, order={self.order}, {ranks}, d_in={self.d_in}, d_out={self.d_out}, "
-                f"chunks={self.chunks}")
+        return f"k={self.k}, order={self.order}, {ranks}, d_in={self.d_in}, d_out={self.d_out}"
 
 
 def build_taylor_block(centres: torch.Tensor, derivatives: BlockDerivatives | SharedDerivatives, order: int,
                        projection: torch.Tensor | None = None) -> TaylorMLP | SharedTaylorMLP:
     """The Taylor module that matches the kind of per-centre tensors calibration produced (cells in x·``projection``,
-    tmlp.partition)."""
+    tmlp.taylor.partition)."""
     if isinstance(derivatives, SharedDerivatives):
         return SharedTaylorMLP(centres, derivatives, order, projection)
     return TaylorMLP(centres, derivatives, order, projection)

@@ -16,11 +16,11 @@ Partitions (``--partition``):
 - ``hidden``: P = L with L Lᵀ = W₁ᵀW₁ (Cholesky), W₁ [h, d_in] the block's first Linear layer: K-means on its
   pre-activations (‖x L‖ = ‖W₁ x‖). A token's cell then follows which hidden units are on or off, i.e. where the
   GELU/ReLU bends, which is where a first-order model fails; at equal k this lowers the held-out error of the best
-  affine map per cell (bench/fit.py).
+  affine map per cell (bench/fit_error.py).
 
 ``--partition-rank q`` keeps the q leading principal directions of those coordinates (PCA of x P over the
 calibration tokens), so cells are found, and tokens assigned, in q dimensions. On the CIFAR DeiT-Small the cells
-of q = 8..64 fit as well as the full ones (bench/fit.py) and the assignment, the largest cost of a shared-basis
+of q = 8..64 fit as well as the full ones (bench/fit_error.py) and the assignment, the largest cost of a shared-basis
 block, shrinks by the factor above.
 
 Centres (expansion points) stay in input space: C = Z P⁻¹ for the K-means centres Z when P is square, and the mean
@@ -31,10 +31,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tmlp.basis import top_eigvecs
+from tmlp.taylor.basis import top_eigvecs
 from tmlp.errors import TmlpError
+from tmlp.spec import PARTITIONS
 
-PARTITIONS = ("input", "hidden")
 
 
 def first_linear(block: nn.Module, d_in: int) -> nn.Linear:
@@ -123,8 +123,3 @@ def nearest_centre(x: torch.Tensor, centres: torch.Tensor, projection: torch.Ten
         rows = rows.float() if proj is None else rows.float() @ proj
         return bias - rows @ weight.T
     return torch.cat([torch.argmin(scores(x[s:s + chunk]), dim=1) for s in range(0, max(len(x), 1), chunk)])
-
-
-def metric_to_projection(metric: torch.Tensor | None) -> torch.Tensor | None:
-    """P = L (Cholesky, L Lᵀ = M) for a metric M [d, d] stored by calibrations made before projections."""
-    return None if metric is None else torch.linalg.cholesky(metric.double()).float()

@@ -14,6 +14,9 @@ from tmlp.errors import TmlpError
 from tmlp.io import write_json, write_text
 from tmlp.runtime import run as runtime_run
 
+__all__ = ["compare_reports", "find_run", "format_table", "load_report", "measure_in_subprocess", "median_of",
+           "run_bench"]
+
 # (label, file in the run folder, the file it is quantized from if missing, what is quantized)
 VARIANTS = (("fp32 original", "original.onnx", None, None),
             ("int8 original (ORT dynamic)", "original.int8.onnx", "original.onnx", "matmul"),

@@ -18,17 +18,13 @@ only the numbers in ``value``, ``s`` and ``t`` change. Cells with fewer than F +
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
-from tmlp.derivatives import SharedDerivatives
+from tmlp.taylor.derivatives import SharedDerivatives
 from tmlp.errors import TmlpError
-from tmlp.partition import nearest_centre
+from tmlp.taylor.partition import nearest_centre
 
-FITS = ("taylor", "lstsq")
 
 
 @dataclass
@@ -68,7 +64,7 @@ def cell_features(x: torch.Tensor, centres: torch.Tensor, v: torch.Tensor, order
 def accumulate_(sums: CellSums, x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, u: torch.Tensor,
                 v: torch.Tensor, order: int, chunk: int = 2048, projection: torch.Tensor | None = None) -> None:
     """Add the tokens x [N, d_in] with block outputs y [N, d_out] to ``sums`` in place (cells in
-    x·``projection``, tmlp.partition)."""
+    x·``projection``, tmlp.taylor.partition)."""
     u64 = u.double()
     for s in range(0, len(x), chunk):
         xs, ys = x[s:s + chunk].float(), y[s:s + chunk].float()
@@ -110,48 +106,3 @@ def solve_cells(sums: CellSums, derivatives: SharedDerivatives, ridge: float) ->
             t[c] = 2.0 * w[:, rank:]
         value[c] = y_mean - u @ (w @ f_mean)
     return replace(derivatives, value=value.float(), s=s.float(), t=None if t is None else t.float()), kept
-
-
-@torch.no_grad()
-def fit_least_squares(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, SharedDerivatives]],
-                      batches: Iterable[torch.Tensor], n_batches: int, order: int, ridge: float = 1e-2,
-                      progress: bool = True, log: Callable[[str], None] | None = None,
-                      projections: dict[str, torch.Tensor | None] | None = None) -> dict[str, SharedDerivatives]:
-    """Refit the per-centre tensors of each block ``{fqn: (centres [k, d_in], Taylor derivatives)}`` of ``model``
-    (the original, unmodified) to the block's outputs over ``batches`` (model inputs); one pass over the data.
-    ``projections`` {fqn: P or None} gives each block's partition (tmlp.partition; default Euclidean in x)."""
-    sums: dict[str, CellSums] = {}
-    for fqn, (centres, d) in blocks.items():
-        if not isinstance(d, SharedDerivatives):
-            raise TmlpError("--fit lstsq fits shared-basis blocks; use --basis shared, or --fit taylor with dense "
-                            "Jacobians")
-        if order == 2 and d.t is None:
-            raise TmlpError("--fit lstsq at order 2 needs second derivatives; calibrate with --order 2")
-        sums[fqn] = CellSums.for_block(d, order)
-
-    def make_hook(fqn: str) -> Callable:
-        centres, d = blocks[fqn]
-        centres, u, v = centres.float(), d.u.float(), d.v.float()
-        projection = (projections or {}).get(fqn)
-
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            accumulate_(sums[fqn], x, output.detach().reshape(-1, output.shape[-1]), centres, u, v, order,
-                        projection=projection)
-        return hook
-
-    handles = [model.get_submodule(f).register_forward_hook(make_hook(f)) for f in blocks]
-    try:
-        model.eval()
-        for x in tqdm(batches, total=n_batches, desc="calibrate: least-squares fit", disable=not progress,
-                      leave=False):
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    result = {}
-    for fqn, (_centres, d) in blocks.items():
-        result[fqn], kept = solve_cells(sums[fqn], d, ridge)
-        if kept and log:
-            log(f"  {fqn}: {kept} of {len(sums[fqn].n)} cells had too few tokens to fit and keep their Taylor values")
-    return result

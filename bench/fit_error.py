@@ -2,15 +2,15 @@
 
 For every MLP of a trained DeiT-Small: K-means (k centres) and the shared basis (rank r, ``data``) from 20,000
 tokens sampled uniformly from 2,000 training images; per-centre tensors either the Taylor ones (derivatives at the
-centres) or least-squares fitted to the block's outputs on all of those images' tokens (tmlp.fit, ridge 1e-2). The
+centres) or least-squares fitted to the block's outputs on all of those images' tokens (tmlp.taylor.fit, ridge 1e-2). The
 relative output error ‖y_T − y‖/‖y‖ is measured on 5,000 held-out tokens of 1,000 validation images. ``floor`` is
 the best any first-order model on the same cells can do: a full affine map per cell, least squares on the same
 tokens (d_in + 1 unknowns per output and cell, ridge 1e-2), i.e. what no basis, rank or fitting of the deployable
 form can beat at that k. ``--partitions input,hidden`` repeats all of it with the cells of each partition
-(tmlp.partition: ``hidden`` clusters the first layer's pre-activations), so the floor of each is measured too;
+(tmlp.taylor.partition: ``hidden`` clusters the first layer's pre-activations), so the floor of each is measured too;
 ``hidden:16`` finds the cells in the 16 leading principal directions of that partition (``--partition-rank 16``).
 
-    python bench/fit.py [--checkpoint bench/deit_small_cifar10_fp16.pt] [--k 100] [--rank 32]
+    python bench/fit_error.py [--checkpoint bench/deit_small_cifar10_fp16.pt] [--k 100] [--rank 32]
                         [--partitions input,hidden,hidden:16] [--out bench/results/fit]
 """
 from __future__ import annotations
@@ -23,13 +23,13 @@ import time
 import numpy as np
 import torch
 
-from tmlp.calibrate import collect_inputs, partition_kmeans, shared_block
+from tmlp.calibration import collect_inputs, partition_kmeans, shared_block
 from tmlp.data import to_tensor
-from tmlp.fit import CellSums, accumulate_, solve_cells
-from tmlp.partition import nearest_centre, partition_projection
-from tmlp.pipeline import load_model_and_data
+from tmlp.taylor import (
+    CellSums, SharedTaylorMLP, TaylorConfig, accumulate_, nearest_centre, partition_projection, solve_cells,
+)
+from tmlp.stages import load_model_and_data
 from tmlp.surgery import select_blocks
-from tmlp.taylor import SharedTaylorMLP, TaylorConfig
 
 
 def rel_err(pred: torch.Tensor, ref: torch.Tensor) -> float:
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--train-images", type=int, default=2000)
-    parser.add_argument("--partitions", default="input", help="comma-separated, from tmlp.partition.PARTITIONS, each optionally :q (--partition-rank q)")
+    parser.add_argument("--partitions", default="input", help="comma-separated, from tmlp.taylor.partition.PARTITIONS, each optionally :q (--partition-rank q)")
     parser.add_argument("--out", default="bench/results/fit")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Ways of choosing the shared basis (U, V), and ranks, compared on a trained model: per block and whole model.
 
-    python bench/basis.py --checkpoint bench/deit_small_cifar10_fp16.pt [--k 100] [--ranks 8,16,32,64]
+    python bench/basis_sources.py --checkpoint bench/deit_small_cifar10_fp16.pt [--k 100] [--ranks 8,16,32,64]
 
 For each basis source (``data``: PCA of the blocks' input/output deviations; ``jacobian``: dominant subspaces of the
 stacked Jacobians; see tmlp/basis.py) every block is calibrated once at the largest rank and truncated to the
@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
-from tmlp.calibrate import calibrate
+from tmlp.calibration import calibrate
 from tmlp.data import to_tensor
-from tmlp.pipeline import load_model_and_data, tensor_batches
+from tmlp.stages import load_model_and_data, tensor_batches
 from tmlp.plan import held_out_tokens, logit_kl_with, relative_error, truncate_rank
 from tmlp.surgery import replace_module, select_blocks
 from tmlp.taylor import TaylorConfig, build_taylor_block

@@ -1,6 +1,6 @@
 """The static memory estimate (tmlp.export.memory) against peak RSS measured by runtime/run.py.
 
-    python bench/memory.py runs/dense-k10/tmlp.onnx:16 runs/dense-mem/tmlp.onnx:16 runs/deit_small-digits/original.onnx:64
+    python bench/memory_estimate.py runs/dense-k10/tmlp.onnx:16 runs/dense-mem/tmlp.onnx:16 runs/deit_small-digits/original.onnx:64
 
 Each argument is MODEL.onnx:BATCH. For each, the estimate (weights + peak live activations at that batch) is
 compared with what runtime/run.py measures in fresh processes, arena on and off: the peak RSS above the process
@@ -13,8 +13,8 @@ import argparse
 import json
 import os
 
-from tmlp.bench import measure_in_subprocess
-from tmlp.export.memory import MIB, estimate_memory
+from tmlp.measure import measure_in_subprocess
+from tmlp.export import MIB, estimate_memory
 from tmlp.io import write_json, write_text
 
 

@@ -17,15 +17,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tmlp.basis import check_rank, data_basis, jacobian_basis
-from tmlp.derivatives import (BlockDerivatives, SharedDerivatives, block_derivatives, jacobian_grams,
+from tmlp.taylor.basis import check_rank, data_basis, jacobian_basis
+from tmlp.taylor.derivatives import (BlockDerivatives, SharedDerivatives, block_derivatives, jacobian_grams,
                               refuse_full_hessian, shared_derivatives)
 from tmlp.errors import TmlpError
-from tmlp.fit import fit_least_squares
-from tmlp.io import atomic_path
-from tmlp.partition import (centres_from_projected, metric_to_projection, nearest_centre, partition_projection,
+from tmlp.taylor.fit import CellSums, accumulate_, solve_cells
+from tmlp.calibration.record import get_module, stream_blocks
+from tmlp.io import cache_path, save_torch
+from tmlp.taylor.partition import (centres_from_projected, nearest_centre, partition_projection,
                             project)
-from tmlp.taylor import TaylorConfig
+from tmlp.spec import TaylorConfig
 
 KMEANS_FULL_LIMIT = 100_000  # above this many rows, mini-batch K-means
 
@@ -33,7 +34,7 @@ KMEANS_FULL_LIMIT = 100_000  # above this many rows, mini-batch K-means
 @dataclass
 class BlockCalibration:
     """What calibration produced for one block: centres [k, d_in], the per-centre tensors, and the partition's
-    projection P [d_in, q] of the nearest-centre assignment (None: Euclidean in x; tmlp.partition)."""
+    projection P [d_in, q] of the nearest-centre assignment (None: Euclidean in x; tmlp.taylor.partition)."""
 
     fqn: str
     centres: torch.Tensor
@@ -49,21 +50,7 @@ class BlockCalibration:
     @classmethod
     def from_dict(cls, fqn: str, d: dict) -> "BlockCalibration":
         kind = SharedDerivatives if d["kind"] == "shared" else BlockDerivatives
-        projection = d["projection"] if "projection" in d else metric_to_projection(d.get("metric"))  # older: M
-        return cls(fqn, d["centres"], kind(**d["derivatives"]), d["n_tokens"], projection)
-
-
-def cache_dir() -> str:
-    """$TMLP_CACHE, else ~/.cache/tmlp."""
-    return os.environ.get("TMLP_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tmlp"))
-
-
-def get_module(model: nn.Module, fqn: str) -> nn.Module:
-    try:
-        return model.get_submodule(fqn)
-    except AttributeError:
-        raise TmlpError(f"the model has no block {fqn!r}; list its blocks with `tmlp models show` or fix --layers") \
-            from None
+        return cls(fqn, d["centres"], kind(**d["derivatives"]), d["n_tokens"], d["projection"])
 
 
 @torch.no_grad()
@@ -75,25 +62,16 @@ def collect_inputs(model: nn.Module, fqns: list[str], batches: Iterable[torch.Te
     rng = torch.Generator().manual_seed(seed)
     kept: dict[str, list[torch.Tensor]] = {f: [] for f in fqns}
 
-    def make_hook(fqn: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:  # records only: must return None
-            rows = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if not torch.isfinite(rows).all():
-                raise TmlpError(f"block {fqn} received NaN or Inf activations; check the checkpoint and the "
-                                "input preprocessing")
-            if rows.shape[0] > per_batch:
-                rows = rows[torch.randperm(rows.shape[0], generator=rng)[:per_batch]]
-            kept[fqn].append(rows.clone())
-        return hook
+    def record(fqn: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        rows = x.float()
+        if not torch.isfinite(rows).all():
+            raise TmlpError(f"block {fqn} received NaN or Inf activations; check the checkpoint and the "
+                            "input preprocessing")
+        if rows.shape[0] > per_batch:
+            rows = rows[torch.randperm(rows.shape[0], generator=rng)[:per_batch]]
+        kept[fqn].append(rows.clone())
 
-    handles = [get_module(model, f).register_forward_pre_hook(make_hook(f)) for f in fqns]
-    try:
-        model.eval()
-        for x in tqdm(batches, total=n_batches, desc="calibrate: collect inputs", disable=not progress, leave=False):
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    stream_blocks(model, fqns, batches, record, n_batches, "calibrate: collect inputs", progress)
     return {f: torch.cat(rows)[:max_tokens] for f, rows in kept.items()}
 
 
@@ -117,7 +95,7 @@ def kmeans(rows: torch.Tensor, k: int, seed: int, n_init: int) -> torch.Tensor:
 def partition_kmeans(rows: torch.Tensor, k: int, seed: int, n_init: int, projection: torch.Tensor | None = None
                      ) -> torch.Tensor:
     """Input-space centres [k, d_in] of K-means on the rows [n, d_in] in the partition's coordinates x·``projection``
-    (tmlp.partition)."""
+    (tmlp.taylor.partition)."""
     return centres_from_projected(kmeans(project(rows, projection), k, seed, n_init), rows, projection)
 
 
@@ -131,7 +109,7 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
     """Centres and per-centre tensors for each block in ``fqns``.
 
     ``batches()`` yields model inputs [B, C, H, W]. With ``key`` (a dict naming the model weights and data), the
-    result is cached in ``cache_dir()/calib-<hash>.pt`` and reused when every input is the same.
+    result is cached in ``cache_path('calibration', 'calib-<hash>.pt')`` and reused when every input is the same.
     """
     if config.order == 2 and config.hessian == "full":  # refuse before streaming any data
         linears = [m for m in get_module(model, fqns[0]).modules() if isinstance(m, nn.Linear)]
@@ -140,15 +118,8 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
         get_module(model, f)
     path = None
     if key is not None:
-        config_key = config.to_dict()
-        if config.partition == "input":  # keeps the keys of calibrations made before --partition existed
-            del config_key["_data"]["partition"]
-        if config.partition_rank is None:  # ... and before --partition-rank
-            del config_key["_data"]["partition_rank"]
-        if config.rank_out is None:  # ... and before --rank-out
-            del config_key["_data"]["rank_out"]
-        digest = cache_key({"key": key, "fqns": fqns, "config": config_key, "n_batches": n_batches})
-        path = os.path.join(cache_dir(), "calibration", f"calib-{digest}.pt")
+        digest = cache_key({"key": key, "fqns": fqns, "config": config.to_dict(), "n_batches": n_batches})
+        path = cache_path("calibration", f"calib-{digest}.pt")
         if os.path.isfile(path):
             try:
                 stored = torch.load(path, map_location="cpu", weights_only=False)
@@ -176,8 +147,39 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
                                    projections={f: r.projection for f, r in result.items()})
         result = {f: replace(r, derivatives=fitted[f]) for f, r in result.items()}
     if path is not None:
-        with atomic_path(path) as tmp:
-            torch.save({f: r.to_dict() for f, r in result.items()}, tmp)
+        save_torch({f: r.to_dict() for f, r in result.items()}, path)
+    return result
+
+
+@torch.no_grad()
+def fit_least_squares(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, SharedDerivatives]],
+                      batches: Iterable[torch.Tensor], n_batches: int, order: int, ridge: float = 1e-2,
+                      progress: bool = True, log: Callable[[str], None] | None = None,
+                      projections: dict[str, torch.Tensor | None] | None = None) -> dict[str, SharedDerivatives]:
+    """Refit the per-centre tensors of each block ``{fqn: (centres [k, d_in], Taylor derivatives)}`` of ``model``
+    (the original, unmodified) to the block's outputs over ``batches`` (model inputs); one pass over the data.
+    ``projections`` {fqn: P or None} gives each block's partition (tmlp.taylor.partition; default Euclidean in x)."""
+    sums: dict[str, CellSums] = {}
+    for fqn, (centres, d) in blocks.items():
+        if not isinstance(d, SharedDerivatives):
+            raise TmlpError("--fit lstsq fits shared-basis blocks; use --basis shared, or --fit taylor with dense "
+                            "Jacobians")
+        if order == 2 and d.t is None:
+            raise TmlpError("--fit lstsq at order 2 needs second derivatives; calibrate with --order 2")
+        sums[fqn] = CellSums.for_block(d, order)
+
+    prepared = {f: (c.float(), d.u.float(), d.v.float(), (projections or {}).get(f)) for f, (c, d) in blocks.items()}
+
+    def record(fqn: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        centres, u, v, projection = prepared[fqn]
+        accumulate_(sums[fqn], x, y, centres, u, v, order, projection=projection)
+
+    stream_blocks(model, list(blocks), batches, record, n_batches, "calibrate: least-squares fit", progress)
+    result = {}
+    for fqn, (_centres, d) in blocks.items():
+        result[fqn], kept = solve_cells(sums[fqn], d, ridge)
+        if kept and log:
+            log(f"  {fqn}: {kept} of {len(sums[fqn].n)} cells had too few tokens to fit and keep their Taylor values")
     return result
 
 
@@ -185,12 +187,12 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
 def shared_block(block: nn.Module, rows: torch.Tensor, centres: torch.Tensor, config: TaylorConfig,
                  chunk: int = 4096, projection: torch.Tensor | None = None) -> SharedDerivatives:
     """Choose U, V for ``block`` (config.basis_source) from its sampled input ``rows`` [n, d_in] and ``centres``
-    (cells in x·``projection``, tmlp.partition), then project the per-centre derivatives on them."""
+    (cells in x·``projection``, tmlp.taylor.partition), then project the per-centre derivatives on them."""
     block = block.eval()
     assign = nearest_centre(rows, centres, projection, chunk)
     centre_values = block(centres)
     check_rank(config.rank, rows.shape[1], centre_values.shape[1], config.rank_out)
-    rank_out = config.rank if config.rank_out is None else config.rank_out
+    rank_out = config.output_rank
     if config.basis_source == "data":
         outputs = torch.cat([block(rows[s:s + chunk]) for s in range(0, len(rows), chunk)])
         u, v = data_basis(rows, outputs, centres, centre_values, assign, config.rank, rank_out)

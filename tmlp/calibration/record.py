@@ -1,0 +1,51 @@
+"""Recording what the blocks of a model see: the one hook loop that calibration, the least-squares fit, the planner
+and the token count share."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tmlp.errors import TmlpError
+
+Recorder = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
+def get_module(model: nn.Module, fqn: str) -> nn.Module:
+    """Submodule ``fqn`` of ``model``, or a one-line error naming the fix."""
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        raise TmlpError(f"the model has no block {fqn!r}; list its blocks with `tmlp models show` or fix --layers") \
+            from None
+
+
+@torch.no_grad()
+def stream_blocks(model: nn.Module, fqns: list[str], batches: Iterable[torch.Tensor], record: Recorder,
+                  n_batches: int | None = None, desc: str = "", progress: bool = False) -> None:
+    """Run ``model`` (in eval mode) over ``batches`` (model inputs [B, C, H, W]) and call ``record(fqn, x, y)`` for
+    every block in ``fqns`` with the rows of its input x [n, d_in] and output y [n, d_out], in execution order. A
+    recorder only reads: the hooks return None, so no block's output changes."""
+    def hook(fqn: str) -> Callable:
+        def on_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach()
+            record(fqn, x.reshape(-1, x.shape[-1]), output.detach().reshape(-1, output.shape[-1]))
+        return on_forward
+
+    handles = [get_module(model, f).register_forward_hook(hook(f)) for f in fqns]
+    try:
+        model.eval()
+        for x in tqdm(batches, total=n_batches, desc=desc, disable=not progress, leave=False):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def tokens_per_image(model: nn.Module, fqn: str, example: torch.Tensor) -> int:
+    """How many rows block ``fqn`` sees for one image ``example`` [1, C, H, W]."""
+    seen: list[int] = []
+    stream_blocks(model, [fqn], [example], lambda f, x, y: seen.append(x.shape[0]))
+    return seen[0]

@@ -1,0 +1,298 @@
+"""The export spec: every choice an export makes, frozen, versioned, validated once, and the only place defaults live.
+
+``ExportSpec`` has one section per stage::
+
+    ExportSpec(model="deit_small",
+               source=SourceSpec(checkpoint=None, dataset=None, calib_images=5000, eval_images=10000),
+               blocks=BlocksSpec(layers="all", block_k={}),
+               calibration=TaylorConfig(k=100, order=1, basis="shared", rank=32, fit="auto", partition_rank=16, ...),
+               plan=PlanSpec(max_acc_drop=None),
+               distill=DistillSpec(epochs=0),
+               target=TargetSpec(device=None, opset=20, max_memory_mb=None),
+               out_dir=None)
+
+The CLI builds it from its flags (``ExportSpec.from_flags``), Python users build it directly, and the manifest
+stores ``to_dict()``; ``from_dict`` refuses a spec of another version instead of filling in defaults. This module
+imports no torch, so ``tmlp --help`` stays fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+from tmlp.errors import TmlpError
+
+BASES = ("shared", "dense")
+BASIS_SOURCES = ("data", "jacobian")
+FITS = ("auto", "taylor", "lstsq")
+PARTITIONS = ("input", "hidden")
+HESSIANS = ("diag", "full")
+DISTILL_SCHEDULES = ("constant", "cosine")
+
+
+def _positive_int(value: Any, what: str, fix: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TmlpError(f"{what} must be a positive integer, got {value!r}{fix}")
+
+
+def _one_of(value: Any, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise TmlpError(f"{what} must be one of {choices}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TaylorConfig:
+    """How to replace one block (the calibration section of the spec; ``taylorize_`` takes it per block).
+
+    ``k`` expansion points (K-means centres of the block's inputs); Taylor ``order`` 0, 1 or 2 (``hessian`` "diag";
+    "full" is refused with its storage figure); K-means ``seed``, ``n_init`` and ``max_tokens`` rows kept per block
+    (None: max(20000, 20 k)). ``basis`` "shared" factors J_c ≈ U S_c Vᵀ with V of rank ``rank`` and U of rank
+    ``rank_out`` (None: ``rank``), chosen from ``basis_source`` ("data" or "jacobian"); "dense" stores a Jacobian per
+    centre. ``fit`` "lstsq" refits the per-centre tensors to the block's outputs (ridge ``fit_ridge`` towards the
+    Taylor values), "taylor" keeps the derivatives, "auto" is lstsq for the shared basis and taylor for dense.
+    ``partition`` "input" serves a token from its nearest centre, "hidden" measures the distance through the block's
+    first Linear layer; ``partition_rank`` q finds cells and assigns tokens in q principal directions (None: all)."""
+
+    VERSION: ClassVar[int] = 1
+    k: int = 100
+    order: int = 1
+    hessian: str = "diag"
+    seed: int = 0
+    n_init: int = 1
+    max_tokens: int | None = None
+    basis: str = "shared"
+    rank: int = 32
+    rank_out: int | None = None
+    basis_source: str = "data"
+    fit: str = "auto"
+    fit_ridge: float = 1e-2
+    partition: str = "input"
+    partition_rank: int | None = 16
+
+    def __post_init__(self) -> None:
+        _positive_int(self.k, "--k", " (expansion points per block)")
+        if self.order not in (0, 1, 2):
+            raise TmlpError(f"Taylor order must be 0, 1 or 2, got {self.order!r}; use 2 for the diagonal Hessian")
+        _one_of(self.hessian, HESSIANS, "hessian")
+        _one_of(self.basis, BASES, "basis")
+        _one_of(self.basis_source, BASIS_SOURCES, "basis source")
+        _one_of(self.fit, FITS, "fit")
+        _one_of(self.partition, PARTITIONS, "partition")
+        if self.basis == "shared" and (self.order == 0 or self.rank < 1):
+            raise TmlpError(f"a shared basis needs order 1 or 2 and rank >= 1, got order {self.order}, rank "
+                            f"{self.rank}; order 0 (no Jacobian to share) takes --basis dense")
+        if self.rank_out is not None:
+            _positive_int(self.rank_out, "--rank-out", " (or none for the same as --rank)")
+        if self.partition_rank is not None:
+            _positive_int(self.partition_rank, "--partition-rank", " (or none for all input dimensions)")
+        if self.fit == "auto":  # the least-squares fit needs the shared basis; dense Jacobians keep the Taylor values
+            object.__setattr__(self, "fit", "lstsq" if self.basis == "shared" else "taylor")
+        if self.fit == "lstsq" and self.basis != "shared":
+            raise TmlpError("--fit lstsq fits shared-basis blocks; use --basis shared, or --fit taylor with dense "
+                            "Jacobians")
+        if self.fit_ridge < 0:
+            raise TmlpError(f"--fit-ridge must be >= 0, got {self.fit_ridge}")
+        if self.max_tokens is None:
+            object.__setattr__(self, "max_tokens", max(20000, 20 * self.k))
+        if self.n_init < 1 or self.max_tokens < self.k:
+            raise TmlpError(f"n_init must be >= 1 and max_tokens >= k ({self.k}), got {self.n_init}, "
+                            f"{self.max_tokens}")
+
+    @property
+    def output_rank(self) -> int:
+        """The rank of U: ``rank_out``, or ``rank`` when no separate output rank is given."""
+        return self.rank if self.rank_out is None else self.rank_out
+
+    def replace(self, **changes: Any) -> "TaylorConfig":
+        """A copy with ``changes``; ``max_tokens`` is derived again from the new k unless given."""
+        if "k" in changes and "max_tokens" not in changes:
+            changes["max_tokens"] = None
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """One line for logs: 'shared basis rank 32 (data), least-squares fit (ridge 0.01), ...'."""
+        ranks = f"rank {self.rank}" if self.rank_out is None else f"rank {self.rank} in, {self.rank_out} out"
+        form = f"shared basis {ranks} ({self.basis_source})" if self.basis == "shared" else "dense Jacobians"
+        if self.fit == "lstsq":
+            form += f", least-squares fit (ridge {self.fit_ridge})"
+        if self.partition != "input" or self.partition_rank:
+            form += f", {self.partition} partition" + (
+                f" in {self.partition_rank} principal directions" if self.partition_rank else "")
+        return form
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"_type": "TaylorConfig", "_version": self.VERSION, "_data": asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaylorConfig":
+        return cls(**_versioned_data(d, cls, "calibrate again"))
+
+
+def _versioned_data(d: dict[str, Any], cls: type, fix: str) -> dict[str, Any]:
+    """The ``_data`` of a ``{"_type", "_version", "_data"}`` dict written by ``cls``, checked: same type, same
+    version, exactly ``cls``'s fields."""
+    if not isinstance(d, dict) or d.get("_type") != cls.__name__ or d.get("_version") != cls.VERSION:
+        got = (d.get("_type"), d.get("_version")) if isinstance(d, dict) else type(d).__name__
+        raise TmlpError(f"cannot read {cls.__name__} {got}; this tmlp reads {cls.__name__} v{cls.VERSION}: {fix}")
+    names = {f.name for f in fields(cls)}
+    data = d.get("_data", {})
+    if set(data) != names:
+        odd = sorted(set(data) ^ names)
+        raise TmlpError(f"{cls.__name__} v{cls.VERSION} with fields {odd} missing or unknown: {fix}")
+    return data
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the model and its data come from. No ``checkpoint`` and not ``pretrained``: the embedded default (the
+    model trained on digits once and cached). ``dataset`` None: the checkpoint's own data set."""
+
+    checkpoint: str | None = None
+    pretrained: bool = False
+    dataset: str | None = None
+    data_root: str | None = None
+    calib_images: int = 5000  # training images streamed through the model for calibration
+    eval_images: int = 10000  # validation images for accuracy, written to val.npz
+
+    def __post_init__(self) -> None:
+        _positive_int(self.calib_images, "--calib-images")
+        _positive_int(self.eval_images, "--eval-images")
+
+
+@dataclass(frozen=True)
+class BlocksSpec:
+    """Which blocks to replace: ``layers`` "all", block indices "0,3" or module names; ``block_k`` a per-block k
+    ("0=400,blocks.5.mlp=200"), resolved against the model's blocks by the select stage."""
+
+    layers: str = "all"
+    block_k: str | None = None
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """Per-block choice of replacing or not, k and rank, under ``max_acc_drop`` points of accuracy (None: replace
+    every selected block as the calibration section says). ``k_choices``/``rank_choices`` None: {x/4, x/2, x}."""
+
+    max_acc_drop: float | None = None
+    k_choices: tuple[int, ...] | None = None
+    rank_choices: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_acc_drop is not None and self.max_acc_drop < 0:
+            raise TmlpError(f"--max-acc-drop must be >= 0 points, got {self.max_acc_drop}")
+        for what, values in (("--plan-k", self.k_choices), ("--plan-rank", self.rank_choices)):
+            if values is not None and (not values or min(values) < 1):
+                raise TmlpError(f"{what} takes comma-separated positive integers like 25,50,100, got {values!r}")
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    """Logit distillation of the Taylor parameters from the original model (``epochs`` 0: none)."""
+
+    epochs: int = 0
+    lr: float = 1e-3
+    train_basis: bool = False
+    schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.lr <= 0:
+            raise TmlpError(f"--distill-epochs must be >= 0 and --distill-lr > 0, got {self.epochs}, {self.lr}")
+        _one_of(self.schedule, DISTILL_SCHEDULES, "distillation schedule")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What the ONNX files must fit: a board profile (``device``, caps opset and IR version), the ``opset``, and a
+    memory budget in MiB at ``memory_batch`` images (None: no budget)."""
+
+    device: str | None = None
+    opset: int = 20
+    max_memory_mb: float | None = None
+    memory_batch: int = 1
+
+    def __post_init__(self) -> None:
+        _positive_int(self.opset, "--opset")
+        if self.max_memory_mb is not None and self.max_memory_mb <= 0:
+            raise TmlpError(f"--max-memory must be > 0 MiB, got {self.max_memory_mb}")
+        _positive_int(self.memory_batch, "--memory-batch")
+
+
+SECTIONS: dict[str, type] = {"source": SourceSpec, "blocks": BlocksSpec, "calibration": TaylorConfig,
+                             "plan": PlanSpec, "distill": DistillSpec, "target": TargetSpec}
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """One export, complete: the model name, a section per stage, and the output folder (None:
+    runs/<model>-<dataset>)."""
+
+    VERSION: ClassVar[int] = 1
+    model: str
+    source: SourceSpec = field(default_factory=SourceSpec)
+    blocks: BlocksSpec = field(default_factory=BlocksSpec)
+    calibration: TaylorConfig = field(default_factory=TaylorConfig)
+    plan: PlanSpec = field(default_factory=PlanSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
+    target: TargetSpec = field(default_factory=TargetSpec)
+    out_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise TmlpError(f"--model must name a model, got {self.model!r}")
+        for name, cls in SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise TmlpError(f"ExportSpec.{name} must be a {cls.__name__}, got {type(getattr(self, name))}")
+
+    @classmethod
+    def from_flags(cls, model: str, flags: dict[str, Any]) -> "ExportSpec":
+        """The spec from CLI flags named ``section__field`` (``out_dir`` alone); None means "not given": the
+        field keeps its default here, the only place defaults live."""
+        given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        out_dir = flags.pop("out_dir", None)
+        for key, value in flags.items():
+            section, _, name = key.partition("__")
+            if section not in SECTIONS or not name:
+                raise KeyError(f"flag {key!r} names no spec field")
+            if value is not None:
+                given[section][name] = value
+        return cls(model=model, out_dir=out_dir, **{s: SECTIONS[s](**v) for s, v in given.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"model": self.model, "out_dir": self.out_dir}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            data[name] = section.to_dict() if isinstance(section, TaylorConfig) else asdict(section)
+        return {"_type": "ExportSpec", "_version": self.VERSION, "_data": data}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExportSpec":
+        fix = "export again with this tmlp (tmlp export), or install the tmlp version that wrote it"
+        data = dict(_versioned_data(d, cls, fix))
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            raw = data.pop(name)
+            if section_cls is TaylorConfig:
+                sections[name] = TaylorConfig.from_dict(raw)
+            else:
+                sections[name] = section_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        return cls(**data, **sections)
+
+
+def default_of(path: str) -> Any:
+    """The default of spec field ``section.field`` (for --help texts)."""
+    section, _, name = path.partition(".")
+    return {f.name: f.default for f in fields(SECTIONS[section])}[name]
+
+
+def parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+    """'25,50,100' -> (25, 50, 100); None stays None."""
+    if text is None:
+        return None
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise TmlpError(f"{flag} takes comma-separated positive integers like 25,50,100, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise TmlpError(f"{flag} takes comma-separated positive integers like 25,50,100, got {text!r}")
+    return values
