@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny timm ViT (``test_vit``: embed 64, 6 blocks), digits batches, and a temporary cache."""
+"""Shared fixtures: a tiny timm ViT (``test_vit``: embed 64, 6 blocks), digits batches, and a temporary cache.
+
+The tests mirror the package: tests/taylor/ checks tmlp/taylor/, tests/calibration/ tmlp/calibration/, tests/export/
+export/, tests/runtime/ runtime/, and tests/test_<module>.py tmlp/<module>.py; test_structure, test_readme,
+test_reliability and test_fuzz check the whole."""
 from __future__ import annotations
 
 import os

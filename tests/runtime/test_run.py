@@ -11,7 +11,7 @@ import torch
 
 from tmlp.runtime import run
 
-RUN_PY = os.path.join(os.path.dirname(__file__), "..", "runtime", "run.py")
+RUN_PY = os.path.join(os.path.dirname(__file__), "..", "..", "runtime", "run.py")
 ALLOWED = {"numpy", "onnxruntime", "onnx", "__future__"}
 
 
@@ -195,7 +195,7 @@ def test_interleaved_bench_times_models_in_turns_on_real_images(small_model, tmp
     path, _data, _net = small_model
     other = os.path.join(os.path.dirname(path), "m2.onnx")
     shutil.copy(path, other)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = str(tmp_path / "inter")
     proc = subprocess.run([sys.executable, os.path.join(root, "bench", "interleaved.py"), path, other, "--vs", other,
                            "--rounds", "3", "--runs", "2", "--warmup", "1", "--out", out],
