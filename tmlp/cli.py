@@ -203,6 +203,14 @@ def _none_if_zero(ctx, param, value):
 @spec_option("--distill-schedule", field="distill.schedule", type=click.Choice(["constant", "cosine"]),
              help="Distillation learning rate: constant, or cosine-decayed to 0 (CIFAR DeiT-Small, all 12 blocks "
                   "lstsq, 3 epochs: 60.66% constant, 60.44% cosine with shuffled batches; within run-to-run noise).")
+@spec_option("--distill-images", field="distill.images", type=int,
+             help="Training images distillation or fine-tuning streams through per epoch (none: --calib-images).")
+@click.option("--finetune", "distill__finetune", is_flag=True, default=None,
+              help="Train every weight of the network with the Taylor blocks in place (not only the Taylor tensors), "
+                   "for --distill-epochs epochs: KL to the original's logits + 0.5 x cross-entropy to the labels, "
+                   "--distill-lr for the Taylor tensors, --finetune-lr for the rest.")
+@spec_option("--finetune-lr", field="distill.finetune_lr", type=float,
+             help="AdamW learning rate of the non-Taylor weights under --finetune.")
 @spec_option("--max-acc-drop", field="plan.max_acc_drop", type=float,
              help="Accuracy budget in points: choose per block whether to replace it and with which k and rank "
                   "(cheapest option under one error threshold, searched on the validation split); prints the plan.")

@@ -188,17 +188,32 @@ class PlanSpec:
 
 @dataclass(frozen=True)
 class DistillSpec:
-    """Logit distillation of the Taylor parameters from the original model (``epochs`` 0: none)."""
+    """Training after calibration (``epochs`` 0: none) over ``images`` training images (None: the calibration
+    images). By default logit distillation of the Taylor parameters alone at ``lr``; with ``finetune`` every weight of
+    the network is trained with the Taylor blocks in place (``lr`` for the Taylor tensors, ``finetune_lr`` for the
+    rest; loss KL to the original's logits + ``label_weight`` × cross-entropy to the labels; tmlp.finetune)."""
 
     epochs: int = 0
     lr: float = 1e-3
     train_basis: bool = False
     schedule: str = "constant"
+    images: int | None = None
+    finetune: bool = False
+    finetune_lr: float = 2e-5
+    label_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.lr <= 0:
             raise TmlpError(f"--distill-epochs must be >= 0 and --distill-lr > 0, got {self.epochs}, {self.lr}")
         _one_of(self.schedule, DISTILL_SCHEDULES, "distillation schedule")
+        if self.images is not None:
+            _positive_int(self.images, "--distill-images", " (or none for the calibration images)")
+        if self.finetune_lr < 0 or self.label_weight < 0:
+            raise TmlpError(f"--finetune-lr and the label weight must be >= 0, got {self.finetune_lr}, "
+                            f"{self.label_weight}")
+        if self.finetune and (self.schedule != "constant" or self.train_basis):
+            raise TmlpError("--finetune trains at a constant rate with the bases fixed; drop --distill-schedule "
+                            "cosine and --distill-basis, or drop --finetune")
 
 
 @dataclass(frozen=True)
@@ -227,7 +242,7 @@ class ExportSpec:
     """One export, complete: the model name, a section per stage, and the output folder (None:
     runs/<model>-<dataset>)."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     model: str
     source: SourceSpec = field(default_factory=SourceSpec)
     blocks: BlocksSpec = field(default_factory=BlocksSpec)

@@ -21,8 +21,9 @@ from tmlp.calibration.calibrate import BlockCalibration, calibrate
 from tmlp.calibration.record import tokens_per_image
 from tmlp.data import DataSet, load_dataset, to_tensor
 from tmlp.distill import distill_
+from tmlp.finetune import finetune_
 from tmlp.errors import TmlpError
-from tmlp.io import atomic_path, cache_path, file_sha256, write_json
+from tmlp.io import atomic_path, cache_path, ensure_writable_dir, file_sha256, write_json
 from tmlp.models import create_model, input_size, load_checkpoint, model_names, resolve_config
 from tmlp.plan import BlockOption, Plan, held_out_tokens, option_calibration, plan_blocks
 from tmlp.spec import ExportSpec, PlanSpec, TaylorConfig
@@ -32,7 +33,7 @@ from tmlp.train import TrainConfig, evaluate, is_trained, train
 __all__ = ["Built", "Loaded", "ResolvedTarget", "Selection", "build", "calibrate_selection", "clear_run_folder",
            "common_metadata", "distil", "embedded_default_checkpoint", "export_verified", "load",
            "load_model_and_data", "parse_block_k", "parse_layers", "plan_options", "plan_stage", "resolve_target",
-           "select", "tensor_batches", "tmlp_metadata", "versions", "write_manifest", "write_val_images"]
+           "select", "tensor_batches", "tmlp_metadata", "versions", "write_manifest", "write_val_images", "Exported", "export_models", "summarize"]
 
 Log = Callable[[str], None]
 
@@ -78,6 +79,17 @@ class Loaded:
     def batches(self, split: str, limit: int, batch_size: int = 64):
         """(gen, n_batches): ``gen()`` yields model inputs of the first ``limit`` images of ``split``."""
         return tensor_batches(self.data, self.spec, split, limit, batch_size)
+
+    def labelled_batches(self, split: str, limit: int, batch_size: int = 64):
+        """(gen, n_batches): ``gen()`` yields (model inputs, labels) of the first ``limit`` images of ``split``."""
+        part = getattr(self.data, split)
+        n = min(limit, len(part))
+
+        def gen():
+            for s in range(0, n, batch_size):
+                index = np.arange(s, min(n, s + batch_size))
+                yield to_tensor(part.images(index), self.spec), torch.from_numpy(part.y[index]).long()
+        return gen, (n + batch_size - 1) // batch_size
 
 
 def tensor_batches(data: DataSet, spec: dict[str, Any], split: str, limit: int, batch_size: int = 64):
@@ -319,21 +331,34 @@ def build(loaded: Loaded, selection: Selection, calibration: dict[str, BlockCali
 
 
 def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, progress: bool = True) -> Built:
-    """Stage 6: logit distillation of the Taylor parameters (``spec.distill``; nothing when epochs is 0)."""
+    """Stage 6: logit distillation of the Taylor parameters, or with ``finetune`` of the whole model
+    (``spec.distill``; nothing when epochs is 0)."""
     d = spec.distill
     if d.epochs == 0:
         return built
     t0 = time.time()
-    batches, n_batches = loaded.batches("train", spec.source.calib_images)
-    losses = distill_(built.model, loaded.model, batches, n_batches, d.epochs, d.lr, d.train_basis,
-                      progress=progress, schedule=d.schedule)
+    images = d.images or spec.source.calib_images
+    if d.finetune:
+        batches, n_batches = loaded.labelled_batches("train", images)
+        losses = finetune_(built.model, loaded.model, batches, n_batches, d.epochs, d.lr, d.finetune_lr,
+                           d.label_weight, progress=progress)
+        what = (f"fine-tuning of the whole model ({d.epochs} epoch(s) over {min(images, len(loaded.data.train))} "
+                f"images, KL + {d.label_weight} x cross-entropy, lr {d.lr} Taylor / {d.finetune_lr} rest)")
+    else:
+        batches, n_batches = loaded.batches("train", images)
+        losses = distill_(built.model, loaded.model, batches, n_batches, d.epochs, d.lr, d.train_basis,
+                          progress=progress, schedule=d.schedule)
+        what = f"distillation ({d.epochs} epoch(s), logit KL, lr {d.lr} {d.schedule})"
     before = built.accuracy
     after = evaluate(built.model, loaded.data.val, loaded.spec, torch.device("cpu"), limit=built.n_val)
-    log(f"distillation ({d.epochs} epoch(s), logit KL, lr {d.lr} {d.schedule}): T-MLP accuracy {100 * before:.2f}% "
-        f"-> {100 * after:.2f}% (original {100 * built.accuracy_original:.2f}%)")
+    log(f"{what}: T-MLP accuracy {100 * before:.2f}% -> {100 * after:.2f}% "
+        f"(original {100 * built.accuracy_original:.2f}%)")
     record = {"epochs": d.epochs, "lr": d.lr, "schedule": d.schedule, "train_basis": d.train_basis,
-              "kl_per_epoch": losses, "accuracy_before": before, "accuracy_after": after,
-              "seconds": round(time.time() - t0, 1)}
+              "finetune": d.finetune, "images": min(images, len(loaded.data.train)),
+              "kl_per_epoch" if not d.finetune else "loss_per_epoch": losses, "accuracy_before": before,
+              "accuracy_after": after, "seconds": round(time.time() - t0, 1)}
+    if d.finetune:
+        record.update(finetune_lr=d.finetune_lr, label_weight=d.label_weight)
     return Built(built.model, built.accuracy_original, after, built.n_val, record)
 
 
@@ -394,6 +419,62 @@ def export_verified(net: torch.nn.Module, path: str, metadata: dict[str, str], e
     log(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, {time.time() - t0:.0f} s); onnx.checker "
         f"full_check passed; onnxruntime vs PyTorch: {check}")
     return {"ops": ops, "parity": check, "files": [path, *external_data_files(path)]}
+
+
+@dataclass
+class Exported:
+    """What export_models wrote: {file name: path}, the parity of each ONNX file against PyTorch, the memory fit
+    (None without a budget) and the number of validation images in val.npz."""
+
+    files: dict[str, str]
+    parity: dict[str, dict[str, Any]]
+    memory: dict[str, Any] | None
+
+
+def export_models(loaded: Loaded, selection: Selection, built: Built, spec: ExportSpec, target: "ResolvedTarget",
+                  plan: Plan | None, out_dir: str, log: Log = print) -> Exported:
+    """Fit the memory budget (if any), then export, check and verify original.onnx and tmlp.onnx and write
+    val.npz into ``out_dir`` (emptied of an earlier export's files first)."""
+    val_x = loaded.data.val.images(np.arange(built.n_val))
+    example, parity_inputs = to_tensor(val_x[:2], loaded.spec), to_tensor(val_x[:64], loaded.spec)
+    common = common_metadata(loaded, spec.model, target.profile.name if target.profile else None)
+    meta_tmlp = tmlp_metadata(common, spec.calibration, selection.fqns, spec, selection.block_k, plan)
+    memory = None
+    if spec.target.max_memory_mb is not None:
+        from tmlp.export.memory import fit_memory
+
+        memory = fit_memory(built.model, selection.fqns, example, spec.target.max_memory_mb, spec.target.memory_batch,
+                            target.opset, target.max_ir, log)
+        meta_tmlp["tmlp.chunks"] = str(memory["chunks"])
+    ensure_writable_dir(out_dir)
+    clear_run_folder(out_dir)
+    files, parity = {}, {}
+    for name, net, meta in (("original.onnx", loaded.model, {**common, "tmlp.kind": "original"}),
+                            ("tmlp.onnx", built.model, meta_tmlp)):
+        done = export_verified(net, os.path.join(out_dir, name), meta, example, parity_inputs, target, log)
+        if name == "tmlp.onnx":
+            ops = done["ops"]
+            log(f"  Taylor blocks in the graph: ArgMin x{ops.get('ArgMin', 0)}, Gather x{ops.get('Gather', 0)}, "
+                f"MatMul x{ops.get('MatMul', 0)}")
+        files.update({os.path.basename(p): p for p in done["files"]})
+        parity[name] = vars(done["parity"])
+    files["val.npz"] = write_val_images(out_dir, val_x, loaded.data.val.y[:built.n_val])
+    return Exported(files, parity, memory)
+
+
+def summarize(spec: ExportSpec, loaded: Loaded, selection: Selection, built: Built, target: "ResolvedTarget",
+              plan: Plan | None, exported: Exported, timings: dict[str, float]) -> dict[str, Any]:
+    """The manifest's summary of an export (besides the files' sizes and hashes)."""
+    return {"spec": spec.to_dict(), "model": spec.model, "model_config": loaded.payload["config"],
+            "dataset": loaded.dataset, "checkpoint": loaded.checkpoint, "checkpoint_sha256": loaded.source_sha256,
+            "taylor_config": spec.calibration.to_dict(), "layers": selection.fqns, "block_k": selection.block_k,
+            "preprocessing": loaded.spec, "pytorch_val_accuracy": {"original": built.accuracy_original,
+                                                                   "tmlp": built.accuracy},
+            "n_val": built.n_val, "calibration_seconds": timings["calibration_seconds"],
+            "distillation": built.distillation, "layer_plan": None if plan is None else plan.to_dict(),
+            "device": None if target.profile is None else target.profile.to_dict(), "opset": target.opset,
+            "memory": exported.memory, "parity": exported.parity, "versions": versions(),
+            "export_seconds": timings["export_seconds"]}
 
 
 @dataclass

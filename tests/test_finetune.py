@@ -1,0 +1,92 @@
+"""Whole-model Taylor-aware fine-tuning (tmlp/finetune.py) and its place in the export (--finetune)."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tmlp.cli import main
+from tmlp.distill import taylor_blocks
+from tmlp.errors import TmlpError
+from tmlp.finetune import finetune_
+from tmlp.spec import DistillSpec
+from tmlp.surgery import taylorize_
+from tmlp.taylor import TaylorConfig
+
+
+def _labelled(digits, digits_spec, n=256):
+    from tmlp.data import to_tensor
+
+    x = to_tensor(digits.train.x[:n], digits_spec)
+    y = torch.from_numpy(digits.train.y[:n]).long()
+    return [(x[i:i + 64], y[i:i + 64]) for i in range(0, n, 64)]
+
+
+@torch.no_grad()
+def _objective(student, teacher, batches, label_weight=0.5):
+    """The fine-tuning loss, KL to the teacher + label_weight x cross-entropy, over ``batches``."""
+    from tmlp.distill import kl_to_teacher
+
+    total = sum(float(kl_to_teacher(student(x), teacher(x)) + label_weight *
+                      torch.nn.functional.cross_entropy(student(x), y)) * len(x) for x, y in batches)
+    return total / sum(len(x) for x, _ in batches)
+
+
+def test_finetune_trains_every_weight_and_lowers_its_loss(trained_tiny_vit, digits, digits_spec):
+    teacher = trained_tiny_vit.eval()
+    student = copy.deepcopy(teacher)
+    batches = _labelled(digits, digits_spec)
+    taylorize_(student, TaylorConfig(k=4), batches=lambda: (x for x, _ in batches), n_batches=len(batches),
+               progress=False)
+    attn_before = student.blocks[0].attn.qkv.weight.detach().clone()
+    s_before = taylor_blocks(student)[0].s.clone()
+    before = _objective(student, teacher, batches)
+    losses = finetune_(student, teacher, lambda: iter(batches), len(batches), epochs=3, progress=False)
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert not torch.equal(student.blocks[0].attn.qkv.weight, attn_before)  # the rest of the network adapted
+    assert not torch.equal(taylor_blocks(student)[0].s, s_before)  # and the Taylor tensors
+    assert _objective(student, teacher, batches) < before
+    block = taylor_blocks(student)[0]
+    assert "s" in block._buffers and not block._parameters  # back to buffers: exports as before
+    assert all(p.requires_grad for p in student.parameters())  # as taylorize_ left them
+
+
+def test_finetune_needs_taylor_blocks_and_sane_rates(trained_tiny_vit):
+    with pytest.raises(TmlpError, match="no Taylor blocks"):
+        finetune_(trained_tiny_vit, trained_tiny_vit, lambda: iter([]), 0, epochs=1)
+    with pytest.raises(TmlpError, match="--finetune trains at a constant rate"):
+        DistillSpec(epochs=1, finetune=True, schedule="cosine")
+    with pytest.raises(TmlpError, match="--distill-images must be a positive integer"):
+        DistillSpec(images=0)
+
+
+def _export(checkpoint, out, *extra):
+    return CliRunner().invoke(main, ["export", "--model", "test_vit", "--checkpoint", checkpoint, "--k", "8",
+                                     "--calib-images", "256", "--eval-images", "128", "--out", str(out), *extra])
+
+
+def test_export_with_finetune_records_it_and_keeps_parity(trained_tiny_vit_path, tmp_path):
+    out = tmp_path / "ft"
+    result = _export(trained_tiny_vit_path, out, "--distill-epochs", "1", "--finetune", "--distill-images", "128")
+    assert result.exit_code == 0, result.output
+    assert "fine-tuning of the whole model (1 epoch(s) over 128 images" in result.output
+    manifest = json.load(open(out / "manifest.json"))
+    record = manifest["distillation"]
+    assert record["finetune"] and record["images"] == 128 and len(record["loss_per_epoch"]) == 1
+    assert manifest["pytorch_val_accuracy"]["tmlp"] == record["accuracy_after"]
+    assert manifest["spec"]["_data"]["distill"]["finetune"] is True
+    assert manifest["parity"]["tmlp.onnx"]["max_abs"] < 1e-3  # the fine-tuned weights are what was exported
+
+
+def test_a_failed_finetune_writes_nothing(trained_tiny_vit_path, tmp_path, monkeypatch):
+    import tmlp.stages
+
+    def diverge(*args, **kwargs):
+        raise TmlpError("fine-tuning diverged (loss nan); lower --finetune-lr")
+    monkeypatch.setattr(tmlp.stages, "finetune_", diverge)
+    out = tmp_path / "ft"
+    result = _export(trained_tiny_vit_path, out, "--distill-epochs", "1", "--finetune")
+    assert result.exit_code == 2 and "diverged" in result.output
+    assert not out.exists() or os.listdir(out) == []

@@ -1,0 +1,43 @@
+"""The export spec: the one place defaults live, validated once, versioned, round-tripped through the manifest."""
+import pytest
+
+from tmlp.errors import TmlpError
+from tmlp.spec import DistillSpec, ExportSpec, TaylorConfig, default_of
+
+
+def test_flags_not_given_keep_the_spec_defaults():
+    flags = {"calibration__k": None, "calibration__rank": None, "distill__epochs": None, "out_dir": None}
+    assert ExportSpec.from_flags("deit_small", flags) == ExportSpec("deit_small")
+    spec = ExportSpec.from_flags("deit_small", {"calibration__k": 90, "distill__finetune": True,
+                                                "distill__epochs": 1})
+    assert spec.calibration == TaylorConfig(k=90) and spec.distill == DistillSpec(epochs=1, finetune=True)
+
+
+def test_python_defaults_are_the_cli_defaults():
+    """TaylorConfig() is what `tmlp export` builds without flags: the deployable shared-basis form."""
+    cfg = TaylorConfig()
+    assert (cfg.k, cfg.basis, cfg.rank, cfg.fit, cfg.partition_rank) == (100, "shared", 32, "lstsq", 16)
+    assert TaylorConfig(basis="dense", partition_rank=None).fit == "taylor"  # 'auto' resolved where it is made
+    assert default_of("calibration.k") == 100 and default_of("distill.finetune_lr") == 2e-5
+
+
+def test_spec_round_trips_and_refuses_other_versions_or_fields():
+    spec = ExportSpec("vgg16", calibration=TaylorConfig(k=50), distill=DistillSpec(epochs=2, images=1000))
+    assert ExportSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(TmlpError, match="this tmlp reads ExportSpec v2: export again"):
+        ExportSpec.from_dict({**spec.to_dict(), "_version": 1})
+    data = spec.to_dict()
+    data["_data"] = {**data["_data"], "surprise": 1}
+    with pytest.raises(TmlpError, match=r"fields \['surprise'\] missing or unknown"):
+        ExportSpec.from_dict(data)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ExportSpec(""), "--model must name a model"),
+    (lambda: ExportSpec("deit_small", calibration=DistillSpec()), "must be a TaylorConfig"),
+    (lambda: TaylorConfig(k=0), "--k must be a positive integer"),
+    (lambda: DistillSpec(epochs=-1), "--distill-epochs must be >= 0"),
+])
+def test_values_are_validated_where_the_spec_is_made(make, message):
+    with pytest.raises(TmlpError, match=message):
+        make()

@@ -1,0 +1,74 @@
+"""Whole-model Taylor-aware fine-tuning: every weight of the network trained with the Taylor blocks in place.
+
+Distillation (tmlp.distill) trains only the Taylor blocks' per-centre tensors. Fine-tuning also trains every other
+weight — attention, norms, the remaining MLPs, the head — so the rest of the network adapts to the Taylor blocks,
+the way quantization-aware training adapts a network to int8. Each token keeps its hard nearest-centre assignment
+(the centres stay fixed); the loss is KL(original ‖ T-MLP) of the logits plus ``ce_weight`` × the cross-entropy to
+the labels. AdamW with two learning rates (``lr_taylor`` for the per-centre tensors, ``lr_model`` for the rest),
+constant, gradient norm clipped. The model runs in eval mode (dropout off, batch-norm statistics fixed).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tmlp.distill import TRAINABLE, _to_buffers, _to_parameters, kl_to_teacher, taylor_blocks
+from tmlp.errors import TmlpError
+
+__all__ = ["finetune_"]
+
+Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batches: int, epochs: int,
+              lr_taylor: float = 1e-3, lr_model: float = 2e-5, ce_weight: float = 0.5, clip_grad: float = 1.0,
+              progress: bool = True) -> list[float]:
+    """Fine-tune all of ``student`` (a model with Taylor blocks) in place against ``teacher`` (the original) over
+    ``batches()`` — (inputs [B, C, H, W], labels [B]) pairs, called once per epoch — for ``epochs`` passes of
+    ``n_batches`` steps; returns the mean loss of each epoch."""
+    if epochs < 0 or lr_taylor <= 0 or lr_model < 0 or ce_weight < 0:
+        raise TmlpError(f"--finetune-epochs must be >= 0, the learning rates > 0 (the model's >= 0) and the label "
+                        f"weight >= 0, got {epochs}, {lr_taylor}, {lr_model}, {ce_weight}")
+    blocks = taylor_blocks(student)
+    if not blocks:
+        raise TmlpError("the model has no Taylor blocks to fine-tune with; run taylorize_ first")
+    if epochs == 0:
+        return []
+    was_trainable = {p: p.requires_grad for p in student.parameters()}
+    rest = [p for p in student.parameters()]
+    for p in rest:
+        p.requires_grad_(lr_model > 0)
+    taylor = [p for block in blocks for p in _to_parameters(block, TRAINABLE[type(block)])]
+    groups = [{"params": taylor, "lr": lr_taylor}] + ([{"params": rest, "lr": lr_model}] if lr_model > 0 else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    teacher.eval()
+    student.eval()
+    losses = []
+    try:
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            bar = tqdm(batches(), total=n_batches, desc=f"fine-tune epoch {epoch + 1}/{epochs}",
+                       disable=not progress, leave=False)
+            for x, y in bar:
+                with torch.no_grad():
+                    target = teacher(x)
+                logits = student(x)
+                loss = kl_to_teacher(logits, target) + ce_weight * nn.functional.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(taylor + (rest if lr_model > 0 else []), clip_grad)
+                optimizer.step()
+                if not torch.isfinite(loss):
+                    raise TmlpError(f"fine-tuning diverged (loss {loss.item()}); lower --finetune-lr")
+                total, count = total + loss.item() * len(x), count + len(x)
+                bar.set_postfix(loss=f"{total / count:.4f}")
+            losses.append(total / max(1, count))
+    finally:
+        for block in blocks:
+            _to_buffers(block)
+        for p, flag in was_trainable.items():
+            p.requires_grad_(flag)
+    return losses
