@@ -48,7 +48,7 @@ class TaylorConfig:
     ``k`` expansion points (K-means centres of the block's inputs); Taylor ``order`` 0, 1 or 2 (``hessian`` "diag";
     "full" is refused with its storage figure); K-means ``seed``, ``n_init`` and ``max_tokens`` rows kept per block
     (None: max(20000, 20 k)). ``basis`` "shared" factors J_c ≈ U S_c Vᵀ with V of rank ``rank`` and U of rank
-    ``rank_out`` (None: ``rank``), chosen from ``basis_source`` ("data" or "jacobian"); "dense" stores a Jacobian per
+    ``rank_out`` (None: ``rank``, at most the block's output width), chosen from ``basis_source`` ("data" or "jacobian"); "dense" stores a Jacobian per
     centre. ``fit`` "lstsq" refits the per-centre tensors to the block's outputs (ridge ``fit_ridge`` towards the
     Taylor values), "taylor" keeps the derivatives, "auto" is lstsq for the shared basis and taylor for dense.
     ``partition`` "input" serves a token from its nearest centre, "hidden" measures the distance through the block's
@@ -101,7 +101,8 @@ class TaylorConfig:
 
     @property
     def output_rank(self) -> int:
-        """The rank of U: ``rank_out``, or ``rank`` when no separate output rank is given."""
+        """The rank of U: ``rank_out``, or ``rank`` when no separate output rank is given (calibration caps it at
+        the block's output width)."""
         return self.rank if self.rank_out is None else self.rank_out
 
     def replace(self, **changes: Any) -> "TaylorConfig":

@@ -134,3 +134,21 @@ def test_per_centre_tensors_in_int8_gather_int8_data(exported, tmp_path):
     with torch.no_grad():
         ref = model(x).numpy()
     assert (out.argmax(1) == ref.argmax(1)).mean() > 0.9
+
+
+def test_vgg16_classifier_head_with_the_default_config(tmp_path, digits):
+    """The default (shared basis, rank 32) on a head with 10 outputs: U takes all 10 output directions."""
+    from tmlp.data import to_tensor
+    from tmlp.models import create_model
+    from tmlp.taylor import SharedTaylorMLP
+
+    torch.manual_seed(0)
+    model = create_model("vgg16", {"in_chans": 1, "hidden": 64}).eval()
+    spec = digits.preprocessing((32, 32))
+    x = to_tensor(digits.train.x[:256], spec)
+    taylorize_(model, TaylorConfig(k=8), batches=lambda: iter([x[:128], x[128:]]), n_batches=2, progress=False)
+    head = model.classifier
+    assert isinstance(head, SharedTaylorMLP) and head.ut.shape[0] == 10
+    path = str(tmp_path / "vgg.onnx")
+    assert export_onnx(model, x[:2], path, {"tmlp.k": "8"})["ArgMin"] == 1
+    assert parity(path, model, to_tensor(digits.val.x[:32], spec)).max_abs < 1e-4

@@ -133,8 +133,19 @@ def test_onnx_graph_and_parity(order, rank_out, tmp_path):
 
 def test_rank_larger_than_dimensions_is_refused():
     block, rows, centres = _setup(d=8, h=16, k=4)
-    with pytest.raises(TmlpError, match="rank 9 must lie in 1..min"):
+    with pytest.raises(TmlpError, match="rank 9 must lie in 1..d_in = 8"):
         shared_block(block, rows, centres, TaylorConfig(k=4, basis="shared", rank=9))
+
+
+def test_a_narrow_output_takes_all_its_directions_when_no_output_rank_is_given():
+    """A classifier head (d_out 4 < rank 8): U spans all 4 output directions, S_c is [4, 8]; an explicit
+    --rank-out above d_out is still refused (next test)."""
+    torch.manual_seed(0)
+    block = Mlp(16, 32, out_features=4).eval()
+    rows = torch.randn(600, 16)
+    centres = kmeans(rows, 4, seed=0, n_init=1)
+    shared = shared_block(block, rows, centres, TaylorConfig(k=4, rank=8))
+    assert shared.u.shape == (4, 4) and shared.v.shape == (16, 8) and shared.s.shape == (4, 4, 8)
 
 
 @pytest.mark.parametrize("rank, rank_out, message", [(9, 4, "rank 9 must lie in 1..d_in = 8"),

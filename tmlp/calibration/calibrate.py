@@ -191,8 +191,10 @@ def shared_block(block: nn.Module, rows: torch.Tensor, centres: torch.Tensor, co
     block = block.eval()
     assign = nearest_centre(rows, centres, projection, chunk)
     centre_values = block(centres)
-    check_rank(config.rank, rows.shape[1], centre_values.shape[1], config.rank_out)
-    rank_out = config.output_rank
+    d_in, d_out = rows.shape[1], centre_values.shape[1]
+    # no --rank-out: U takes --rank directions, or all d_out of them for a narrower output (a classifier head)
+    rank_out = config.rank_out if config.rank_out is not None else min(config.rank, d_out)
+    check_rank(config.rank, d_in, d_out, rank_out)
     if config.basis_source == "data":
         outputs = torch.cat([block(rows[s:s + chunk]) for s in range(0, len(rows), chunk)])
         u, v = data_basis(rows, outputs, centres, centre_values, assign, config.rank, rank_out)
