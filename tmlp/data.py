@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from tmlp.errors import TmlpError
+from tmlp.io import data_root
 from tmlp.runtime.run import preprocess
 
-__all__ = ["DataSet", "ImageSplit", "augment_batch", "default_root", "load_dataset", "to_tensor"]
+__all__ = ["DataSet", "ImageSplit", "augment_batch", "load_dataset", "to_tensor"]
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "npz:PATH", "imagefolder:PATH")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -69,11 +70,6 @@ class DataSet:
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------------
-def default_root() -> str:
-    """Where data sets are downloaded: $TMLP_DATA, else ~/.cache/tmlp/data."""
-    return os.environ.get("TMLP_DATA", os.path.join(os.path.expanduser("~"), ".cache", "tmlp", "data"))
-
-
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random train/validation split of range(n)."""
     if not 0.0 < val_fraction < 1.0:
@@ -173,7 +169,7 @@ def load_dataset(spec: str, root: str | None = None, val_fraction: float = 0.2, 
     with ``seed``; cifar10/100 hold out the same fraction of their training set (the official test split stays
     untouched for independent checks); a folder with train.npz/val.npz and imagefolder use the split they carry.
     """
-    root = root or default_root()
+    root = root or data_root()
     if spec == "digits":
         x, y = _digits()
         tr, va = split_indices(len(x), val_fraction, seed)

@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 
 from tmlp.errors import TmlpError
+from tmlp.io import data_root
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
@@ -24,9 +25,7 @@ def cifar_source(name: str) -> tuple[str, str, str]:
 def download_dataset(name: str, root: str | None = None, url: str | None = None, md5: str | None = None) -> str:
     """Download and extract data set ``name`` under ``root``; returns the extracted folder. ``url``/``md5``
     replace the official archive (a mirror). Already present and readable: nothing is downloaded."""
-    from tmlp.data import default_root
-
-    root = root or default_root()
+    root = root or data_root()
     if name == "digits":
         from sklearn.datasets import load_digits
 

@@ -11,8 +11,8 @@ from typing import Any, Iterator
 
 from tmlp.errors import TmlpError
 
-__all__ = ["atomic_path", "cache_path", "cache_root", "check_can_write", "ensure_writable_dir", "file_sha256",
-           "save_torch", "write_json", "write_text"]
+__all__ = ["atomic_path", "cache_path", "cache_root", "check_can_write", "data_root", "ensure_writable_dir",
+           "file_sha256", "save_torch", "write_json", "write_text"]
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> str:
@@ -87,6 +87,11 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def data_root() -> str:
+    """Where data sets are downloaded: $TMLP_DATA, else ~/.cache/tmlp/data."""
+    return os.environ.get("TMLP_DATA", os.path.join(os.path.expanduser("~"), ".cache", "tmlp", "data"))
 
 
 def cache_root() -> str:
