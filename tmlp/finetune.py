@@ -25,15 +25,16 @@ Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batches: int, epochs: int,
               lr_taylor: float = 1e-3, lr_model: float = 2e-5, ce_weight: float = 0.5, clip_grad: float = 1.0,
-              progress: bool = True) -> list[float]:
-    """Fine-tune all of ``student`` (a model with Taylor blocks) in place against ``teacher`` (the original) over
-    ``batches()`` — (inputs [B, C, H, W], labels [B]) pairs, called once per epoch — for ``epochs`` passes of
-    ``n_batches`` steps; returns the mean loss of each epoch."""
+              progress: bool = True, require_taylor: bool = True) -> list[float]:
+    """Fine-tune all of ``student`` (a model with Taylor blocks; any model with ``require_taylor=False``, for
+    comparisons) in place against ``teacher`` (the original) over ``batches()`` — (inputs [B, C, H, W], labels [B])
+    pairs, called once per epoch — for ``epochs`` passes of ``n_batches`` steps; returns the mean loss of each
+    epoch."""
     if epochs < 0 or lr_taylor <= 0 or lr_model < 0 or ce_weight < 0:
         raise TmlpError(f"--finetune-epochs must be >= 0, the learning rates > 0 (the model's >= 0) and the label "
                         f"weight >= 0, got {epochs}, {lr_taylor}, {lr_model}, {ce_weight}")
     blocks = taylor_blocks(student)
-    if not blocks:
+    if not blocks and require_taylor:
         raise TmlpError("the model has no Taylor blocks to fine-tune with; run taylorize_ first")
     if epochs == 0:
         return []
@@ -42,7 +43,10 @@ def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batche
     for p in rest:
         p.requires_grad_(lr_model > 0)
     taylor = [p for block in blocks for p in _to_parameters(block, TRAINABLE[type(block)])]
-    groups = [{"params": taylor, "lr": lr_taylor}] + ([{"params": rest, "lr": lr_model}] if lr_model > 0 else [])
+    groups = ([{"params": taylor, "lr": lr_taylor}] if taylor else []) + \
+        ([{"params": rest, "lr": lr_model}] if lr_model > 0 else [])
+    if not groups:
+        raise TmlpError("nothing to fine-tune: no Taylor blocks and --finetune-lr 0")
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     teacher.eval()
     student.eval()
