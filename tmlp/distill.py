@@ -8,7 +8,7 @@ the learning rate held constant (``schedule="constant"``, the default) or decaye
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -79,26 +79,38 @@ def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Itera
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     teacher.eval()
     student.eval()  # dropout etc. off; the Taylor parameters still receive gradients
-    losses = []
+
+    def step(x: torch.Tensor) -> tuple[float, int]:
+        with torch.no_grad():
+            target = teacher(x)
+        loss = kl_to_teacher(student(x), target, temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return loss.item(), len(x)
     try:
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            bar = tqdm(batches(), total=n_batches, desc=f"distil epoch {epoch + 1}/{epochs}", disable=not progress,
-                       leave=False)
-            for x in bar:
-                with torch.no_grad():
-                    target = teacher(x)
-                loss = kl_to_teacher(student(x), target, temperature)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total, count = total + loss.item() * len(x), count + len(x)
-                bar.set_postfix(kl=f"{total / count:.4f}")
-            losses.append(total / max(1, count))
+        losses = run_epochs(step, batches, n_batches, epochs, "distil", "kl", progress)
     finally:
         for block in blocks:
             _to_buffers(block)
+    return losses
+
+
+def run_epochs(step: Callable[[Any], tuple[float, int]], batches: Callable[[], Iterable[Any]], n_batches: int,
+               epochs: int, desc: str, metric: str, progress: bool) -> list[float]:
+    """Call ``step(batch) -> (mean loss, batch size)`` on every batch of ``batches()`` for ``epochs`` passes, with a
+    progress bar; returns the mean loss of each epoch (shared by distillation and fine-tuning)."""
+    losses = []
+    for epoch in range(epochs):
+        total, count = 0.0, 0
+        bar = tqdm(batches(), total=n_batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress,
+                   leave=False)
+        for batch in bar:
+            loss, n = step(batch)
+            total, count = total + loss * n, count + n
+            bar.set_postfix({metric: f"{total / count:.4f}"})
+        losses.append(total / max(1, count))
     return losses
 
 

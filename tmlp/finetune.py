@@ -13,9 +13,8 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from tmlp.distill import TRAINABLE, _to_buffers, _to_parameters, kl_to_teacher, taylor_blocks
+from tmlp.distill import TRAINABLE, _to_buffers, _to_parameters, kl_to_teacher, run_epochs, taylor_blocks
 from tmlp.errors import TmlpError
 
 __all__ = ["finetune_"]
@@ -50,26 +49,22 @@ def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batche
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     teacher.eval()
     student.eval()
-    losses = []
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, int]:
+        x, y = batch
+        with torch.no_grad():
+            target = teacher(x)
+        logits = student(x)
+        loss = kl_to_teacher(logits, target) + ce_weight * nn.functional.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(taylor + (rest if lr_model > 0 else []), clip_grad)
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise TmlpError(f"fine-tuning diverged (loss {loss.item()}); lower --finetune-lr")
+        return loss.item(), len(x)
     try:
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            bar = tqdm(batches(), total=n_batches, desc=f"fine-tune epoch {epoch + 1}/{epochs}",
-                       disable=not progress, leave=False)
-            for x, y in bar:
-                with torch.no_grad():
-                    target = teacher(x)
-                logits = student(x)
-                loss = kl_to_teacher(logits, target) + ce_weight * nn.functional.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(taylor + (rest if lr_model > 0 else []), clip_grad)
-                optimizer.step()
-                if not torch.isfinite(loss):
-                    raise TmlpError(f"fine-tuning diverged (loss {loss.item()}); lower --finetune-lr")
-                total, count = total + loss.item() * len(x), count + len(x)
-                bar.set_postfix(loss=f"{total / count:.4f}")
-            losses.append(total / max(1, count))
+        losses = run_epochs(step, batches, n_batches, epochs, "fine-tune", "loss", progress)
     finally:
         for block in blocks:
             _to_buffers(block)
