@@ -47,3 +47,30 @@ def test_checkpoint_round_trips_with_reproducible_bytes(name, tmp_path):
     x = torch.randn(2, *input_size(name, config))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+def test_large_checkpoint_is_split_into_shards_under_the_file_limit(tmp_path):
+    """A checkpoint over ``max_file_mb`` keeps part of its weights in <stem>.part<i>.pt files (for a repository's
+    file-size limit); loading merges them back, and a missing or foreign shard is a one-line error."""
+    from tmlp.errors import TmlpError
+
+    config = resolve_config("vgg16", hidden=512)  # ~16 MB of fp16 weights
+    torch.manual_seed(0)
+    model = create_model("vgg16", config).eval()
+    path = tmp_path / "vgg16_cifar10_fp16.pt"
+    save_checkpoint(path, model, "vgg16", config, half=True, max_file_mb=6)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files[0] == "vgg16_cifar10_fp16.part1.pt" and len(files) >= 3
+    assert max(p.stat().st_size for p in tmp_path.iterdir()) < 6e6
+    loaded, payload = load_checkpoint(path, expect_model="vgg16")
+    assert "shards" not in payload
+    x = torch.randn(2, *input_size("vgg16", config))
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model.half().float()(x), atol=1e-4)
+    shard = tmp_path / "vgg16_cifar10_fp16.part1.pt"
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(TmlpError, match="sha256 differs"):
+        load_checkpoint(path)
+    shard.unlink()
+    with pytest.raises(TmlpError, match="is missing; copy it next to the checkpoint"):
+        load_checkpoint(path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import sys
@@ -116,12 +117,21 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
 
 def write_fp16_copy(src: str, dst: str) -> None:
     """An fp16 copy of checkpoint ``src`` at ``dst`` (same model, config and training record; half the bytes)."""
-    from tmlp.models import load_checkpoint, save_checkpoint
+    from tmlp.models import COMMIT_FILE_MB, load_checkpoint, save_checkpoint
 
     net, payload = load_checkpoint(src)
     extra = {k: v for k, v in payload.items() if k not in ("format", "version", "model", "config", "state_dict")}
-    save_checkpoint(dst, net, payload["model"], payload["config"], extra, half=True)
-    click.echo(f"fp16 copy: {dst} ({os.path.getsize(dst) / 1e6:.1f} MB, from {os.path.getsize(src) / 1e6:.1f} MB)")
+    save_checkpoint(dst, net, payload["model"], payload["config"], extra, half=True, max_file_mb=COMMIT_FILE_MB)
+    click.echo(f"fp16 copy: {dst} ({describe_files(dst)}, from {os.path.getsize(src) / 1e6:.1f} MB)")
+
+
+def describe_files(path: str) -> str:
+    """'42.7 MB', or '67.1 MB in 2 files (x.pt, x.part1.pt)' for a sharded checkpoint."""
+    stem = path[:-3] if path.endswith(".pt") else path
+    files = [path] + sorted(glob.glob(glob.escape(stem) + ".part*.pt"))
+    size = sum(os.path.getsize(f) for f in files) / 1e6
+    names = ", ".join(os.path.basename(f) for f in files)
+    return f"{size:.1f} MB" if len(files) == 1 else f"{size:.1f} MB in {len(files)} files ({names})"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -335,7 +345,7 @@ def models_fp16_copy(src, dst) -> None:
         from tmlp.train import write_run_snapshot
 
         state = write_run_snapshot(os.path.dirname(src) or ".", dst)
-        click.echo(f"run snapshot: {dst} ({os.path.getsize(dst) / 1e6:.1f} MB) at epoch {state['epoch'] + 1}, "
+        click.echo(f"run snapshot: {dst} ({describe_files(dst)}) at epoch {state['epoch'] + 1}, "
                    f"batch {state['batch']}")
         return
     write_fp16_copy(src, dst)

@@ -14,13 +14,15 @@ import torch
 from torch import nn
 
 from tmlp.errors import TmlpError
-from tmlp.io import save_torch
+from tmlp.io import file_sha256, save_torch
 
 __all__ = ["MODELS", "ModelEntry", "VGG", "VGGHead", "create_model", "input_size", "load_checkpoint", "model_names",
-           "read_checkpoint", "resolve_config", "save_checkpoint"]
+           "read_checkpoint", "resolve_config", "save_checkpoint", "split_state"]
 
 CHECKPOINT_FORMAT = "tmlp-checkpoint"
 CHECKPOINT_VERSION = 1
+SHARD_FORMAT = "tmlp-checkpoint-shard"
+COMMIT_FILE_MB = 45.0  # fp16 copies meant for a repository stay under its 50 MB file limit
 
 
 @dataclass(frozen=True)
@@ -164,13 +166,41 @@ def input_size(name: str, config: dict[str, Any]) -> tuple[int, int, int]:
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, name: str, config: dict[str, Any],
-                    extra: dict[str, Any] | None = None, half: bool = False) -> None:
-    """Write a checkpoint holding the model name, its config and weights (fp16 with ``half``), atomically."""
+                    extra: dict[str, Any] | None = None, half: bool = False, max_file_mb: float | None = None) -> None:
+    """Write a checkpoint holding the model name, its config and weights (fp16 with ``half``), atomically. With
+    ``max_file_mb``, weights beyond that size go to shard files ``<stem>.part1.pt``, ... beside it (each under the
+    limit; for repositories that refuse large files), written first and named with their sha256 in the main file."""
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
              for k, v in model.state_dict().items()}
+    parts = split_state(state, None if max_file_mb is None else int(max_file_mb * 1e6))
+    path = os.fspath(path)
+    stem = path[:-3] if path.endswith(".pt") else path
+    shards = []
+    for i, part in enumerate(parts[1:], start=1):
+        shard = f"{stem}.part{i}.pt"
+        save_torch({"format": SHARD_FORMAT, "of": os.path.basename(path), "state_dict": part}, shard)
+        shards.append({"file": os.path.basename(shard), "sha256": file_sha256(shard)})
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": name, "config": config,
-               "state_dict": state, **(extra or {})}
+               "state_dict": parts[0], **({"shards": shards} if shards else {}), **(extra or {})}
     save_torch(payload, path)
+
+
+def split_state(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    """``state`` cut, in order, into dicts of at most ``max_bytes`` of tensor data each (one part without a limit;
+    a tensor larger than the limit gets a part of its own). The first part leaves 1 MB for the checkpoint's
+    metadata."""
+    if max_bytes is None:
+        return [state]
+    parts: list[dict[str, torch.Tensor]] = [{}]
+    used, room = 0, max_bytes - 1_000_000
+    for key, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if parts[-1] and used + size > room:
+            parts.append({})
+            used, room = 0, max_bytes - 100_000
+        parts[-1][key] = tensor
+        used += size
+    return parts
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -189,7 +219,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if payload.get("version", 0) > CHECKPOINT_VERSION:
         raise TmlpError(f"{path!r} is checkpoint version {payload['version']}, newer than this tmlp reads "
                         f"({CHECKPOINT_VERSION}); upgrade tmlp")
+    for shard in payload.pop("shards", []):
+        payload["state_dict"].update(_read_shard(path, shard))
     return payload
+
+
+def _read_shard(path: str, shard: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The weights in shard ``shard`` ({"file", "sha256"}) of checkpoint ``path``, checked against its hash."""
+    shard_path = os.path.join(os.path.dirname(path), shard["file"])
+    if not os.path.isfile(shard_path):
+        raise TmlpError(f"checkpoint {path!r} keeps part of its weights in {shard['file']!r}, which is missing; copy "
+                        "it next to the checkpoint")
+    if file_sha256(shard_path) != shard["sha256"]:
+        raise TmlpError(f"{shard_path!r} is not the shard checkpoint {path!r} was written with (sha256 differs); "
+                        "copy both files from the same save")
+    part = torch.load(shard_path, map_location="cpu", weights_only=False)
+    if not isinstance(part, dict) or part.get("format") != SHARD_FORMAT:
+        raise TmlpError(f"{shard_path!r} is not a tmlp checkpoint shard; copy it again")
+    return part["state_dict"]
 
 
 def load_checkpoint(path: str | os.PathLike, expect_model: str | None = None) -> tuple[nn.Module, dict[str, Any]]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from tmlp.data import ImageSplit, augment_batch, load_dataset, to_tensor
 from tmlp.errors import TmlpError
 from tmlp.io import ensure_writable_dir, save_torch
-from tmlp.models import create_model, input_size, read_checkpoint, resolve_config, save_checkpoint
+from tmlp.models import COMMIT_FILE_MB, create_model, input_size, read_checkpoint, resolve_config, save_checkpoint
 
 __all__ = ["Run", "TrainConfig", "batches", "evaluate", "load_initial_weights", "train", "write_run_snapshot"]
 
@@ -343,7 +343,8 @@ def write_run_snapshot(out_dir: str, dst: str) -> dict[str, Any]:
     run = {"train_config": cfg, "state": resumed["state"], "log": rows}
     save_checkpoint(dst, model, cfg["model"], ident["model_config"],
                     {"dataset": cfg["dataset"], "preprocessing": preprocessing, "train_config": cfg,
-                     "epoch": resumed["state"]["epoch"], "train_run": run}, half=True)
+                     "epoch": resumed["state"]["epoch"], "train_run": run}, half=True,
+                    max_file_mb=COMMIT_FILE_MB)
     return resumed["state"]
 
 
