@@ -6,7 +6,7 @@ under-trained model?).
         --out bench/results/finetune
 
 Each export goes through ``tmlp.run_export`` (the calibration is computed once and then read from the cache);
-reported per variant: PyTorch accuracy on the validation images before and after, the training seconds (this
+reported per variant: PyTorch accuracy on the report split of the validation images before and after, the training seconds (this
 machine, other jobs paused), and the drop against the original. Writes finetune.json and finetune.md.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ from tmlp.train import evaluate
 def export_variant(base: tmlp.ExportSpec, distill: tmlp.DistillSpec, out: str) -> dict:
     """One export with ``distill``; its accuracy before/after and training seconds from the manifest."""
     result = tmlp.run_export(tmlp.ExportSpec(base.model, source=base.source, blocks=base.blocks,
-                                             calibration=base.calibration, distill=distill, out_dir=out))
+                                             calibration=base.calibration, plan=base.plan, distill=distill,
+                                             out_dir=out))
     record = result.summary["distillation"]
     return {"before": record["accuracy_before"], "after": record["accuracy_after"], "seconds": record["seconds"],
             "original": result.summary["pytorch_val_accuracy"]["original"]}
@@ -37,15 +38,15 @@ def export_variant(base: tmlp.ExportSpec, distill: tmlp.DistillSpec, out: str) -
 def finetune_original(base: tmlp.ExportSpec, distill: tmlp.DistillSpec) -> dict:
     """The original model fine-tuned with the same recipe (KL to itself + labels, the model's learning rate)."""
     loaded = load(base, progress=False)
-    n_val = min(base.source.eval_images, len(loaded.data.val))
+    report = loaded.val_splits(base.source).report  # the split the exports report on
     student = copy.deepcopy(loaded.model)
     batches, n_batches = loaded.labelled_batches("train", distill.images or base.source.calib_images)
-    before = evaluate(student, loaded.data.val, loaded.spec, torch.device("cpu"), limit=n_val)
+    before = evaluate(student, report, loaded.spec, torch.device("cpu"))
     t0 = time.time()
     finetune_(student, loaded.model, batches, n_batches, distill.epochs, distill.lr, distill.finetune_lr,
               distill.label_weight, require_taylor=False)
     seconds = time.time() - t0
-    after = evaluate(student, loaded.data.val, loaded.spec, torch.device("cpu"), limit=n_val)
+    after = evaluate(student, report, loaded.spec, torch.device("cpu"))
     return {"before": before, "after": after, "seconds": round(seconds, 1), "original": before}
 
 
@@ -63,11 +64,12 @@ def main() -> None:
     base = tmlp.ExportSpec(args.model, source=tmlp.SourceSpec(checkpoint=args.checkpoint,
                                                               calib_images=args.calib_images,
                                                               eval_images=args.eval_images),
-                           calibration=tmlp.TaylorConfig(k=args.k))
+                           calibration=tmlp.TaylorConfig(k=args.k), plan=tmlp.PlanSpec(max_acc_drop=None))
     runs = os.path.join("runs", "bench-finetune")
     variants = {
         "distil the Taylor tensors": export_variant(
-            base, tmlp.DistillSpec(epochs=args.epochs, images=args.images), os.path.join(runs, "distil")),
+            base, tmlp.DistillSpec(epochs=args.epochs, images=args.images, finetune=False),
+            os.path.join(runs, "distil")),
         "fine-tune the whole T-MLP model": export_variant(
             base, tmlp.DistillSpec(epochs=args.epochs, images=args.images, finetune=True),
             os.path.join(runs, "finetune")),
@@ -81,7 +83,7 @@ def main() -> None:
                     f"{100 * (v['after'] - original):+.2f} | {v['seconds']:.0f} |")
     header = (f"{args.model} ({args.checkpoint or 'embedded default'}), k={args.k}, all blocks, {args.epochs} "
               f"epoch(s) over {args.images} training images; original {100 * original:.2f}%; PyTorch accuracy on "
-              f"the validation images")
+              f"the report split of the validation images")
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "finetune.json"), {"args": vars(args), "variants": variants})
     write_text(os.path.join(args.out, "finetune.md"), header + "\n\n" + "\n".join(rows) + "\n")

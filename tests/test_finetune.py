@@ -71,7 +71,8 @@ def test_export_with_finetune_records_it_and_keeps_parity(trained_tiny_vit_path,
     out = tmp_path / "ft"
     result = _export(trained_tiny_vit_path, out, "--distill-epochs", "1", "--finetune", "--distill-images", "128")
     assert result.exit_code == 0, result.output
-    assert "fine-tuning of the whole model (1 epoch(s) over 128 images" in result.output
+    assert "fine-tuning of the whole model (KL + 0.5 x cross-entropy" in result.output
+    assert "over 128 training images" in result.output
     manifest = json.load(open(out / "manifest.json"))
     record = manifest["distillation"]
     assert record["finetune"] and record["images"] == 128 and len(record["loss_per_epoch"]) == 1

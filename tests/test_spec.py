@@ -2,7 +2,7 @@
 import pytest
 
 from tmlp.errors import TmlpError
-from tmlp.spec import DistillSpec, ExportSpec, TaylorConfig, default_of
+from tmlp.spec import DistillSpec, ExportSpec, PlanSpec, SourceSpec, TaylorConfig, default_of
 
 
 def test_flags_not_given_keep_the_spec_defaults():
@@ -11,6 +11,18 @@ def test_flags_not_given_keep_the_spec_defaults():
     spec = ExportSpec.from_flags("deit_small", {"calibration__k": 90, "distill__finetune": True,
                                                 "distill__epochs": 1})
     assert spec.calibration == TaylorConfig(k=90) and spec.distill == DistillSpec(epochs=1, finetune=True)
+
+
+def test_the_budget_applies_unless_a_form_is_asked_for():
+    """No form flags: 1 point, automatic distillation. A form flag (--k, --layers, ...) alone: that form, no budget;
+    with --max-acc-drop too: the budget plans within it; --max-acc-drop none: no budget."""
+    assert ExportSpec.from_flags("deit_small", {"source__checkpoint": "m.pt"}).plan.max_acc_drop == 1.0
+    assert ExportSpec("deit_small").distill.epochs is None and ExportSpec("deit_small").distill.finetune
+    assert ExportSpec.from_flags("deit_small", {"calibration__k": 50}).plan.max_acc_drop is None
+    assert ExportSpec.from_flags("deit_small", {"blocks__layers": "0,1"}).form_fixed
+    spec = ExportSpec.from_flags("deit_small", {"calibration__k": 50, "plan__max_acc_drop": 0.5})
+    assert spec.plan.max_acc_drop == 0.5 and spec.calibration.k == 50
+    assert ExportSpec.from_flags("deit_small", {"plan__max_acc_drop": "none"}).form_fixed
 
 
 def test_python_defaults_are_the_cli_defaults():
@@ -24,7 +36,7 @@ def test_python_defaults_are_the_cli_defaults():
 def test_spec_round_trips_and_refuses_other_versions_or_fields():
     spec = ExportSpec("vgg16", calibration=TaylorConfig(k=50), distill=DistillSpec(epochs=2, images=1000))
     assert ExportSpec.from_dict(spec.to_dict()) == spec
-    with pytest.raises(TmlpError, match="this tmlp reads ExportSpec v2: export again"):
+    with pytest.raises(TmlpError, match="this tmlp reads ExportSpec v3: export again"):
         ExportSpec.from_dict({**spec.to_dict(), "_version": 1})
     data = spec.to_dict()
     data["_data"] = {**data["_data"], "surprise": 1}
@@ -37,6 +49,9 @@ def test_spec_round_trips_and_refuses_other_versions_or_fields():
     (lambda: ExportSpec("deit_small", calibration=DistillSpec()), "must be a TaylorConfig"),
     (lambda: TaylorConfig(k=0), "--k must be a positive integer"),
     (lambda: DistillSpec(epochs=-1), "--distill-epochs must be >= 0"),
+    (lambda: DistillSpec(check_images=0), "--check-images must be a positive integer"),
+    (lambda: SourceSpec(choose_fraction=1.0), "--choose-fraction must be between 0 and 1"),
+    (lambda: PlanSpec(headroom=-1), "--headroom must be >= 0 points"),
 ])
 def test_values_are_validated_where_the_spec_is_made(make, message):
     with pytest.raises(TmlpError, match=message):

@@ -135,18 +135,39 @@ def describe_files(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def spec_option(*decls: str, field: str, help: str, **kwargs):
+def spec_option(*decls: str, field: str, help: str, none_means: str = "none", **kwargs):
     """A click option for spec field ``section.field``: its value reaches ExportSpec.from_flags as
-    ``section__field``, its default is the spec's (None here means "not given"), and --help shows that default."""
+    ``section__field``, its default is the spec's (None here means "not given"), and --help shows that default
+    (``none_means`` for a default of None)."""
     from tmlp.spec import default_of
 
     default = default_of(field)
-    shown = "none" if default is None else default
+    shown = none_means if default is None else default
     return click.option(*decls, field.replace(".", "__"), default=None, help=f"{help}  [default: {shown}]", **kwargs)
 
 
 def _none_if_zero(ctx, param, value):
     return None if value == 0 else value
+
+
+class _NumberOrWord(click.ParamType):
+    """A number, or ``word`` meaning None (the spec's 'not set'): --max-acc-drop none, --distill-epochs auto."""
+
+    def __init__(self, convert: type, word: str, meaning: object) -> None:
+        self.cast, self.word, self.meaning = convert, word, meaning
+        self.name = f"{convert.__name__}|{word}"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() == self.word:
+            return self.meaning
+        try:
+            return self.cast(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number or '{self.word}'", param, ctx)
+
+
+BUDGET = _NumberOrWord(float, "none", "none")  # the spec's NO_BUDGET
+EPOCHS = _NumberOrWord(int, "auto", None)
 
 
 @main.command()
@@ -200,12 +221,14 @@ def _none_if_zero(ctx, param, value):
 @spec_option("--calib-images", field="source.calib_images", type=int,
              help="Training images streamed through the model for calibration.")
 @spec_option("--eval-images", field="source.eval_images", type=int,
-             help="Validation images written to val.npz for accuracy measurements.")
+             help="Validation images used (the first ones), split into the choose and the report split.")
 @spec_option("--data-root", field="source.data_root", help="Where cifar10/100 live (none: $TMLP_DATA or "
              "~/.cache/tmlp/data).")
-@spec_option("--distill-epochs", field="distill.epochs", type=int,
-             help="Fine-tune the Taylor parameters on the calibration images by logit distillation from the "
-                  "original model; prints the accuracy before and after.")
+@spec_option("--distill-epochs", field="distill.epochs", type=EPOCHS, none_means="auto",
+             help="Training after calibration (fine-tuning, or with --no-finetune logit distillation of the Taylor "
+                  "tensors alone): 'auto' runs it only when the budget needs it, streaming up to one pass over "
+                  "the training images and stopping when the choose-split accuracy stops improving; N: exactly N "
+                  "passes over --distill-images; 0: never. Prints the accuracy before and after.")
 @spec_option("--distill-lr", field="distill.lr", type=float,
              help="AdamW learning rate of distillation (digits, k=10, 3 epochs: 1e-3 gave 87.7 -> 91.4%, 1e-4 88.6%).")
 @click.option("--distill-basis", "distill__train_basis", is_flag=True, default=None,
@@ -215,15 +238,27 @@ def _none_if_zero(ctx, param, value):
                   "lstsq, 3 epochs: 60.66% constant, 60.44% cosine with shuffled batches; within run-to-run noise).")
 @spec_option("--distill-images", field="distill.images", type=int,
              help="Training images distillation or fine-tuning streams through per epoch (none: --calib-images).")
-@click.option("--finetune", "distill__finetune", is_flag=True, default=None,
-              help="Train every weight of the network with the Taylor blocks in place (not only the Taylor tensors), "
-                   "for --distill-epochs epochs: KL to the original's logits + 0.5 x cross-entropy to the labels, "
-                   "--distill-lr for the Taylor tensors, --finetune-lr for the rest.")
+@click.option("--finetune/--no-finetune", "distill__finetune", default=None,
+              help="Train every weight of the network with the Taylor blocks in place (not only the Taylor tensors): "
+                   "KL to the original's logits + 0.5 x cross-entropy to the labels, --distill-lr for the Taylor "
+                   "tensors, --finetune-lr for the rest. --no-finetune distils the Taylor tensors alone.  "
+                   "[default: finetune]")
 @spec_option("--finetune-lr", field="distill.finetune_lr", type=float,
              help="AdamW learning rate of the non-Taylor weights under --finetune.")
-@spec_option("--max-acc-drop", field="plan.max_acc_drop", type=float,
-             help="Accuracy budget in points: choose per block whether to replace it and with which k and rank "
-                  "(cheapest option under one error threshold, searched on the validation split); prints the plan.")
+@spec_option("--max-acc-drop", field="plan.max_acc_drop", type=BUDGET,
+             help="Accuracy budget in points of top-1 accuracy, measured on the final T-MLP model (after "
+                  "distillation, in onnxruntime) on the choose split of the validation images: the export chooses "
+                  "per block whether to replace it and with which k and rank, and backs off until the budget holds; "
+                  "nothing is written otherwise. Applies by default; giving a form flag (--k, --layers, --rank, ...) "
+                  "without it turns it off, and 'none' turns it off: every selected block is replaced as asked.")
+@spec_option("--headroom", field="plan.headroom", type=float,
+             help="Points the plan may lose beyond the budget before distillation, when distillation runs (it wins "
+                  "them back, or the export backs off).")
+@spec_option("--choose-fraction", field="source.choose_fraction", type=float,
+             help="Share of the validation images that choices (plan, distillation stop, budget check) are made on; "
+                  "the rest is the report split, written to val.npz and never used for a choice.")
+@spec_option("--check-images", field="distill.check_images", type=int,
+             help="With --distill-epochs auto: training images between two checks of the choose-split accuracy.")
 @spec_option("--plan-k", field="plan.k_choices",
              help="k values the plan may use, e.g. 25,50,100 (none: k/4, k/2, k).")
 @spec_option("--plan-rank", field="plan.rank_choices",

@@ -36,6 +36,7 @@ class ImageSplit:
     y: np.ndarray
     folder: Any = None  # torchvision ImageFolder for imagefolder:PATH (decoded lazily)
     size: int = 0  # the fixed size folder images are cropped to
+    rows: np.ndarray | None = None  # the folder's images this split holds (None: all)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -44,7 +45,15 @@ class ImageSplit:
         """uint8 [len(index), H, W, C] for the rows ``index``."""
         if self.x is not None:
             return self.x[index]
-        return np.stack([_load_folder_image(self.folder, int(i), self.size) for i in index])
+        rows = np.asarray(index) if self.rows is None else self.rows[np.asarray(index)]
+        return np.stack([_load_folder_image(self.folder, int(i), self.size) for i in rows])
+
+    def subset(self, start: int, stop: int) -> "ImageSplit":
+        """Rows ``start:stop`` as a split of their own (a view; folder images stay lazy)."""
+        if self.x is not None:
+            return ImageSplit(self.x[start:stop], self.y[start:stop])
+        rows = (np.arange(len(self)) if self.rows is None else self.rows)[start:stop]
+        return ImageSplit(None, self.y[start:stop], self.folder, self.size, rows)
 
 
 @dataclass

@@ -8,7 +8,7 @@ the learning rate held constant (``schedule="constant"``, the default) or decaye
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -20,6 +20,15 @@ from tmlp.taylor import SharedTaylorMLP, TaylorMLP
 TRAINABLE = {TaylorMLP: ("offset", "jacobian", "hessian_diag"), SharedTaylorMLP: ("offset", "s", "half_t")}
 BASES = ("v", "ut")
 SCHEDULES = ("constant", "cosine")
+
+
+class Check(Protocol):
+    """Called every ``every`` training images (and after the last batch) with the images seen so far; True stops
+    training (tmlp.stages.ChooseSplitChecks)."""
+
+    every: int
+
+    def __call__(self, seen: int) -> bool: ...
 
 
 def taylor_blocks(model: nn.Module) -> list[nn.Module]:
@@ -53,10 +62,10 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Iterable[torch.Tensor]], n_batches: int,
              epochs: int, lr: float = 1e-4, train_basis: bool = False, temperature: float = 1.0,
-             progress: bool = True, schedule: str = "constant") -> list[float]:
+             progress: bool = True, schedule: str = "constant", check: Check | None = None) -> list[float]:
     """Fine-tune the Taylor parameters of ``student`` in place to match ``teacher``'s logits over ``batches()``
     (model inputs [B, C, H, W]; called once per epoch) for ``epochs`` passes of ``n_batches``
-    steps; returns the mean loss of each epoch."""
+    steps; returns the mean loss of each epoch. ``check`` (see ``run_epochs``) may stop it early."""
     if epochs < 0 or lr <= 0:
         raise TmlpError(f"--distill-epochs must be >= 0 and --distill-lr > 0, got {epochs}, {lr}")
     if schedule not in SCHEDULES:
@@ -90,7 +99,7 @@ def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Itera
         scheduler.step()
         return loss.item(), len(x)
     try:
-        losses = run_epochs(step, batches, n_batches, epochs, "distil", "kl", progress)
+        losses = run_epochs(step, batches, n_batches, epochs, "distil", "kl", progress, check)
     finally:
         for block in blocks:
             _to_buffers(block)
@@ -98,19 +107,31 @@ def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Itera
 
 
 def run_epochs(step: Callable[[Any], tuple[float, int]], batches: Callable[[], Iterable[Any]], n_batches: int,
-               epochs: int, desc: str, metric: str, progress: bool) -> list[float]:
+               epochs: int, desc: str, metric: str, progress: bool, check: Check | None = None) -> list[float]:
     """Call ``step(batch) -> (mean loss, batch size)`` on every batch of ``batches()`` for ``epochs`` passes, with a
-    progress bar; returns the mean loss of each epoch (shared by distillation and fine-tuning)."""
-    losses = []
+    progress bar; returns the mean loss of each epoch (shared by distillation and fine-tuning). ``check(images seen)
+    -> stop`` is called every ``check.every`` training images and after the last batch; True ends training."""
+    check_every = check.every if check is not None else 0
+    losses, seen, next_check = [], 0, check_every
     for epoch in range(epochs):
-        total, count = 0.0, 0
+        total, count, stop = 0.0, 0, False
         bar = tqdm(batches(), total=n_batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", disable=not progress,
                    leave=False)
         for batch in bar:
             loss, n = step(batch)
-            total, count = total + loss * n, count + n
+            total, count, seen = total + loss * n, count + n, seen + n
             bar.set_postfix({metric: f"{total / count:.4f}"})
+            if check is not None and seen >= next_check:
+                next_check = seen + check_every
+                if check(seen):
+                    stop = True
+                    break
+        bar.close()
         losses.append(total / max(1, count))
+        if stop:
+            return losses
+    if check is not None and seen + check_every > next_check:  # images since the last check
+        check(seen)
     return losses
 
 

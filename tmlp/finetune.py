@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from tmlp.distill import TRAINABLE, _to_buffers, _to_parameters, kl_to_teacher, run_epochs, taylor_blocks
+from tmlp.distill import TRAINABLE, Check, _to_buffers, _to_parameters, kl_to_teacher, run_epochs, taylor_blocks
 from tmlp.errors import TmlpError
 
 __all__ = ["finetune_"]
@@ -24,11 +24,11 @@ Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batches: int, epochs: int,
               lr_taylor: float = 1e-3, lr_model: float = 2e-5, ce_weight: float = 0.5, clip_grad: float = 1.0,
-              progress: bool = True, require_taylor: bool = True) -> list[float]:
+              progress: bool = True, require_taylor: bool = True, check: Check | None = None) -> list[float]:
     """Fine-tune all of ``student`` (a model with Taylor blocks; any model with ``require_taylor=False``, for
     comparisons) in place against ``teacher`` (the original) over ``batches()`` — (inputs [B, C, H, W], labels [B])
     pairs, called once per epoch — for ``epochs`` passes of ``n_batches`` steps; returns the mean loss of each
-    epoch."""
+    epoch. ``check`` (see ``tmlp.distill.run_epochs``) may stop it early."""
     if epochs < 0 or lr_taylor <= 0 or lr_model < 0 or ce_weight < 0:
         raise TmlpError(f"--finetune-epochs must be >= 0, the learning rates > 0 (the model's >= 0) and the label "
                         f"weight >= 0, got {epochs}, {lr_taylor}, {lr_model}, {ce_weight}")
@@ -64,7 +64,7 @@ def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batche
             raise TmlpError(f"fine-tuning diverged (loss {loss.item()}); lower --finetune-lr")
         return loss.item(), len(x)
     try:
-        losses = run_epochs(step, batches, n_batches, epochs, "fine-tune", "loss", progress)
+        losses = run_epochs(step, batches, n_batches, epochs, "fine-tune", "loss", progress, check)
     finally:
         for block in blocks:
             _to_buffers(block)

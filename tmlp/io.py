@@ -6,13 +6,14 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, Iterator
 
 from tmlp.errors import TmlpError
 
 __all__ = ["atomic_path", "cache_path", "cache_root", "check_can_write", "data_root", "ensure_writable_dir",
-           "file_sha256", "save_torch", "write_json", "write_text"]
+           "file_sha256", "publish", "save_torch", "staging_folder", "write_json", "write_text"]
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> str:
@@ -57,6 +58,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staging_folder(out_dir: str | os.PathLike) -> Iterator[str]:
+    """A temporary folder beside ``out_dir`` (hidden, in the same file system) that a run writes its files into
+    before ``publish`` moves them under their final names; removed on exit, whatever happened."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = ensure_writable_dir(os.path.dirname(out_dir))
+    path = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.staging-", dir=parent)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish(staging: str, out_dir: str | os.PathLike, names: list[str]) -> dict[str, str]:
+    """Move files ``names`` from ``staging`` into ``out_dir`` (created if needed); returns {name: final path}."""
+    out_dir = ensure_writable_dir(out_dir)
+    moved = {}
+    for name in names:
+        moved[name] = os.path.join(out_dir, name)
+        os.replace(os.path.join(staging, name), moved[name])
+    return moved
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:

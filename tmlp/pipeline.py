@@ -1,6 +1,7 @@
 """The whole export from one spec: it only chains the stages of ``tmlp.stages``.
 
-    load -> select -> calibrate -> plan -> build -> distil -> export (fit memory, export, verify) -> manifest
+    load -> select -> calibrate -> plan -> build -> distil -> export (fit memory, export, verify)
+         -> hold the budget (measure in onnxruntime, back off) -> report -> publish -> manifest
 
 It writes original.onnx, tmlp.onnx, val.npz and manifest.json (last) into one run folder.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tmlp import stages
-from tmlp.io import check_can_write
+from tmlp.io import check_can_write, staging_folder
 from tmlp.spec import ExportSpec
 
 
@@ -31,8 +32,9 @@ def default_out_dir(model: str, dataset: str) -> str:
 
 
 def run_export(spec: ExportSpec, log=print, progress: bool = True) -> ExportResult:
-    """Calibrate, build the T-MLP model, export original.onnx and tmlp.onnx, check them, and write val.npz and
-    manifest.json (last) into ``spec.out_dir``."""
+    """Calibrate, plan, build and distil the T-MLP model, export original.onnx and tmlp.onnx, check them, hold the
+    accuracy budget (backing off if needed), and move them with val.npz into ``spec.out_dir``, manifest.json last.
+    Everything is written into a staging folder first: a failed export leaves the run folder as it was."""
     started = time.time()
     target = stages.resolve_target(spec, log)
     loaded = stages.load(spec, log, progress)
@@ -46,11 +48,17 @@ def run_export(spec: ExportSpec, log=print, progress: bool = True) -> ExportResu
     plan = None
     if spec.plan.max_acc_drop is not None:
         selection, calibration, plan = stages.plan_stage(loaded, selection, calibration, spec, log, progress)
-    built = stages.build(loaded, selection, calibration, spec.calibration, spec.source.eval_images, log)
+    built = stages.build(loaded, selection, calibration, spec.calibration, spec.source, log)
     built = stages.distil(loaded, built, spec, log, progress)
-    exported = stages.export_models(loaded, selection, built, spec, target, plan, out_dir, log)
+    with staging_folder(out_dir) as staging:
+        exported = stages.export_models(loaded, selection, built, spec, target, plan, staging, log)
+        if spec.plan.max_acc_drop is not None:
+            selection, built = stages.hold_budget(loaded, selection, built, spec, target, plan, staging, exported,
+                                                  log)
+        stages.report(loaded, spec, exported, log)
+        files = stages.publish_run(staging, out_dir, exported)
     summary = stages.summarize(spec, loaded, selection, built, target, plan, exported,
                                {"calibration_seconds": round(calib_seconds, 1),
                                 "export_seconds": round(time.time() - started, 1)})
-    stages.write_manifest(out_dir, exported.files, summary)
-    return ExportResult(out_dir, exported.files, summary)
+    stages.write_manifest(out_dir, files, summary)
+    return ExportResult(out_dir, files, summary)

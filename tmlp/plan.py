@@ -164,7 +164,7 @@ class Plan:
         return "\n".join(lines)
 
     def search_table(self) -> str:
-        lines = ["| λ (cost per nat of KL) | blocks replaced | MACs/token vs MLPs | val accuracy | drop (points) | "
+        lines = ["| λ (cost per nat of KL) | blocks replaced | MACs/token vs MLPs | accuracy | drop (points) | "
                  "within budget |", "| --- | --- | --- | --- | --- | --- |"]
         for lam, acc, n, ratio in self.steps:
             drop = self.baseline - acc
@@ -274,7 +274,7 @@ def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibra
             n, ratio = sum(o is not None for o in choice.values()), plan.mac_ratio(choice)
             plan.steps.append((lam, acc, n, ratio))
             if log:
-                log(f"  λ = {lam:.4g}: {n} block(s) replaced, MACs {ratio:.3f}x, val accuracy {100 * acc:.2f}% "
+                log(f"  λ = {lam:.4g}: {n} block(s) replaced, MACs {ratio:.3f}x, accuracy {100 * acc:.2f}% "
                     f"({100 * (plan.baseline - acc):+.2f} points)")
         return plan.baseline - measured[key] <= max_drop + 1e-12
 

@@ -154,11 +154,15 @@ class SourceSpec:
     dataset: str | None = None
     data_root: str | None = None
     calib_images: int = 5000  # training images streamed through the model for calibration
-    eval_images: int = 10000  # validation images for accuracy, written to val.npz
+    eval_images: int = 10000  # validation images used at all (the first ones of the split)
+    choose_fraction: float = 0.5  # of those, the share that choices are made on; the rest is the report split
 
     def __post_init__(self) -> None:
         _positive_int(self.calib_images, "--calib-images")
         _positive_int(self.eval_images, "--eval-images")
+        if not 0.0 < self.choose_fraction < 1.0:
+            raise TmlpError(f"--choose-fraction must be between 0 and 1 (the share of validation images choices "
+                            f"are made on), got {self.choose_fraction}")
 
 
 @dataclass(frozen=True)
@@ -172,16 +176,23 @@ class BlocksSpec:
 
 @dataclass(frozen=True)
 class PlanSpec:
-    """Per-block choice of replacing or not, k and rank, under ``max_acc_drop`` points of accuracy (None: replace
-    every selected block as the calibration section says). ``k_choices``/``rank_choices`` None: {x/4, x/2, x}."""
+    """The accuracy budget: ``max_acc_drop`` points of top-1 accuracy the final T-MLP model (distilled, in
+    onnxruntime, on the choose split) may lose against the original. The plan stage chooses per block whether to
+    replace it and with which k and rank (``k_choices``/``rank_choices``; None: {x/4, x/2, x} of the calibration's k
+    and rank), allowing ``headroom`` points more before distillation when distillation runs (it wins them back, or
+    the export backs off until the budget holds). None: no budget; every selected block is replaced as the
+    calibration section says (what ``tmlp export`` does when form flags such as --k or --layers are given)."""
 
-    max_acc_drop: float | None = None
+    max_acc_drop: float | None = 1.0
     k_choices: tuple[int, ...] | None = None
     rank_choices: tuple[int, ...] | None = None
+    headroom: float = 2.0
 
     def __post_init__(self) -> None:
         if self.max_acc_drop is not None and self.max_acc_drop < 0:
             raise TmlpError(f"--max-acc-drop must be >= 0 points, got {self.max_acc_drop}")
+        if self.headroom < 0:
+            raise TmlpError(f"--headroom must be >= 0 points, got {self.headroom}")
         for what, values in (("--plan-k", self.k_choices), ("--plan-rank", self.rank_choices)):
             if values is not None and (not values or min(values) < 1):
                 raise TmlpError(f"{what} takes comma-separated positive integers like 25,50,100, got {values!r}")
@@ -189,23 +200,29 @@ class PlanSpec:
 
 @dataclass(frozen=True)
 class DistillSpec:
-    """Training after calibration (``epochs`` 0: none) over ``images`` training images (None: the calibration
-    images). By default logit distillation of the Taylor parameters alone at ``lr``; with ``finetune`` every weight of
-    the network is trained with the Taylor blocks in place (``lr`` for the Taylor tensors, ``finetune_lr`` for the
-    rest; loss KL to the original's logits + ``label_weight`` × cross-entropy to the labels; tmlp.finetune)."""
+    """Training after calibration. ``epochs`` None ("auto"): only when the budget needs it (the T-MLP model loses
+    more than the budget on the choose split), streaming up to one pass over the training images (``images`` None:
+    all of them) and checking the choose-split accuracy every ``check_images`` images, stopping when it no longer
+    improves (the best weights are kept). ``epochs`` N: exactly N passes over ``images`` (None: the calibration
+    images), no checks; 0: none. With ``finetune`` every weight of the network is trained with the Taylor blocks in
+    place (``lr`` for the Taylor tensors, ``finetune_lr`` for the rest; loss KL to the original's logits +
+    ``label_weight`` × cross-entropy; tmlp.finetune); without it logit distillation of the Taylor tensors alone."""
 
-    epochs: int = 0
+    epochs: int | None = None
     lr: float = 1e-3
     train_basis: bool = False
     schedule: str = "constant"
     images: int | None = None
-    finetune: bool = False
+    finetune: bool = True
     finetune_lr: float = 2e-5
     label_weight: float = 0.5
+    check_images: int = 5000
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.lr <= 0:
-            raise TmlpError(f"--distill-epochs must be >= 0 and --distill-lr > 0, got {self.epochs}, {self.lr}")
+        if (self.epochs is not None and self.epochs < 0) or self.lr <= 0:
+            raise TmlpError(f"--distill-epochs must be >= 0 (or auto) and --distill-lr > 0, got {self.epochs}, "
+                            f"{self.lr}")
+        _positive_int(self.check_images, "--check-images")
         _one_of(self.schedule, DISTILL_SCHEDULES, "distillation schedule")
         if self.images is not None:
             _positive_int(self.images, "--distill-images", " (or none for the calibration images)")
@@ -214,7 +231,7 @@ class DistillSpec:
                             f"{self.label_weight}")
         if self.finetune and (self.schedule != "constant" or self.train_basis):
             raise TmlpError("--finetune trains at a constant rate with the bases fixed; drop --distill-schedule "
-                            "cosine and --distill-basis, or drop --finetune")
+                            "cosine and --distill-basis, or pass --no-finetune to distil the Taylor tensors alone")
 
 
 @dataclass(frozen=True)
@@ -234,6 +251,8 @@ class TargetSpec:
         _positive_int(self.memory_batch, "--memory-batch")
 
 
+NO_BUDGET = "none"  # --max-acc-drop none: no accuracy budget
+
 SECTIONS: dict[str, type] = {"source": SourceSpec, "blocks": BlocksSpec, "calibration": TaylorConfig,
                              "plan": PlanSpec, "distill": DistillSpec, "target": TargetSpec}
 
@@ -243,7 +262,7 @@ class ExportSpec:
     """One export, complete: the model name, a section per stage, and the output folder (None:
     runs/<model>-<dataset>)."""
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     model: str
     source: SourceSpec = field(default_factory=SourceSpec)
     blocks: BlocksSpec = field(default_factory=BlocksSpec)
@@ -263,7 +282,9 @@ class ExportSpec:
     @classmethod
     def from_flags(cls, model: str, flags: dict[str, Any]) -> "ExportSpec":
         """The spec from CLI flags named ``section__field`` (``out_dir`` alone); None means "not given": the
-        field keeps its default here, the only place defaults live."""
+        field keeps its default here, the only place defaults live. A form flag (a calibration or blocks field)
+        without --max-acc-drop turns the budget off: the user gets the form asked for. --max-acc-drop none
+        (``NO_BUDGET``) turns it off too."""
         given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         out_dir = flags.pop("out_dir", None)
         for key, value in flags.items():
@@ -272,7 +293,18 @@ class ExportSpec:
                 raise KeyError(f"flag {key!r} names no spec field")
             if value is not None:
                 given[section][name] = value
+        if "max_acc_drop" not in given["plan"] and (given["calibration"] or given["blocks"]):
+            given["plan"]["max_acc_drop"] = None
+        if {"schedule", "train_basis"} & set(given["distill"]) and "finetune" not in given["distill"]:
+            given["distill"]["finetune"] = False  # a distillation option asks for distillation
+        if given["plan"].get("max_acc_drop") == NO_BUDGET:
+            given["plan"]["max_acc_drop"] = None
         return cls(model=model, out_dir=out_dir, **{s: SECTIONS[s](**v) for s, v in given.items()})
+
+    @property
+    def form_fixed(self) -> bool:
+        """True when no budget chooses the form: every selected block is replaced as the calibration says."""
+        return self.plan.max_acc_drop is None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"model": self.model, "out_dir": self.out_dir}

@@ -1,7 +1,8 @@
 """The export's stages, in the order ``tmlp.pipeline.run_export`` chains them. Each takes what the stages before it
 produced and the spec section it needs; a library user can run one alone or put another in its place.
 
-    load -> select -> calibrate -> plan -> build -> distil -> fit memory -> export and verify -> manifest
+    load -> select -> calibrate -> plan -> build -> distil -> export (fit memory, export, verify) -> hold the budget
+         -> report -> publish -> manifest
 """
 from __future__ import annotations
 
@@ -19,21 +20,23 @@ import torch
 import tmlp
 from tmlp.calibration.calibrate import BlockCalibration, calibrate
 from tmlp.calibration.record import tokens_per_image
-from tmlp.data import DataSet, load_dataset, to_tensor
+from tmlp.data import DataSet, ImageSplit, load_dataset, to_tensor
 from tmlp.distill import distill_
 from tmlp.finetune import finetune_
 from tmlp.errors import TmlpError
-from tmlp.io import atomic_path, cache_path, ensure_writable_dir, file_sha256, write_json
+from tmlp.io import atomic_path, cache_path, ensure_writable_dir, file_sha256, publish, write_json
 from tmlp.models import create_model, input_size, load_checkpoint, model_names, resolve_config
 from tmlp.plan import BlockOption, Plan, held_out_tokens, option_calibration, plan_blocks
-from tmlp.spec import ExportSpec, PlanSpec, TaylorConfig
+from tmlp.spec import ExportSpec, PlanSpec, SourceSpec, TaylorConfig
 from tmlp.surgery import select_blocks, taylorize_
 from tmlp.train import TrainConfig, evaluate, is_trained, train
 
-__all__ = ["Built", "Loaded", "ResolvedTarget", "Selection", "build", "calibrate_selection", "clear_run_folder",
-           "common_metadata", "distil", "embedded_default_checkpoint", "export_verified", "load",
-           "load_model_and_data", "parse_block_k", "parse_layers", "plan_options", "plan_stage", "resolve_target",
-           "select", "tensor_batches", "tmlp_metadata", "versions", "write_manifest", "write_val_images", "Exported", "export_models", "summarize"]
+__all__ = ["Built", "ChooseSplitChecks", "Exported", "Loaded", "ResolvedTarget", "Selection", "ValSplits", "build",
+           "calibrate_selection", "clear_run_folder", "common_metadata", "distil", "distillation_may_run",
+           "embedded_default_checkpoint", "export_models", "export_tmlp", "export_verified", "hold_budget", "load",
+           "load_model_and_data", "parity_examples", "parse_block_k", "parse_layers", "plan_options", "plan_stage",
+           "planning_budget", "publish_run", "report", "resolve_target", "select", "summarize", "tensor_batches",
+           "tmlp_metadata", "versions", "write_manifest", "write_val_images"]
 
 Log = Callable[[str], None]
 
@@ -76,6 +79,18 @@ class Loaded:
         return {"checkpoint": self.source_sha256, "dataset": self.dataset, "calib_images": calib_images,
                 "spec": self.spec, "version": tmlp.__version__}
 
+    def val_splits(self, source: SourceSpec) -> "ValSplits":
+        """The first ``source.eval_images`` validation images, cut into the choose split (the first
+        ``choose_fraction`` of them: plans, distillation stops and the budget check are decided on it) and the
+        report split (the rest: written to val.npz, reported, never used for a choice)."""
+        val = self.data.val
+        n = min(source.eval_images, len(val))
+        if n < 2:
+            raise TmlpError(f"{self.dataset} has {len(val)} validation images and --eval-images is "
+                            f"{source.eval_images}; at least 2 are needed (one to choose on, one to report on)")
+        n_choose = min(n - 1, max(1, round(n * source.choose_fraction)))
+        return ValSplits(val.subset(0, n_choose), val.subset(n_choose, n))
+
     def batches(self, split: str, limit: int, batch_size: int = 64):
         """(gen, n_batches): ``gen()`` yields model inputs of the first ``limit`` images of ``split``."""
         return tensor_batches(self.data, self.spec, split, limit, batch_size)
@@ -90,6 +105,15 @@ class Loaded:
                 index = np.arange(s, min(n, s + batch_size))
                 yield to_tensor(part.images(index), self.spec), torch.from_numpy(part.y[index]).long()
         return gen, (n + batch_size - 1) // batch_size
+
+
+@dataclass
+class ValSplits:
+    """The validation images an export uses: ``choose`` (every choice is made on it) and ``report`` (reported
+    only; written to val.npz)."""
+
+    choose: ImageSplit
+    report: ImageSplit
 
 
 def tensor_batches(data: DataSet, spec: dict[str, Any], split: str, limit: int, batch_size: int = 64):
@@ -252,6 +276,17 @@ def calibrate_selection(loaded: Loaded, selection: Selection, config: TaylorConf
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. plan
 # ---------------------------------------------------------------------------------------------------------------------
+def distillation_may_run(spec: ExportSpec) -> bool:
+    """Whether the distil stage may train: epochs N > 0, or auto under a budget."""
+    return spec.distill.epochs is None and spec.plan.max_acc_drop is not None or bool(spec.distill.epochs)
+
+
+def planning_budget(spec: ExportSpec) -> float:
+    """Points of accuracy the plan may lose before distillation: the budget, plus the headroom when distillation
+    may win points back (the budget stage checks the final model and backs off if it did not)."""
+    return spec.plan.max_acc_drop + (spec.plan.headroom if distillation_may_run(spec) else 0.0)
+
+
 def plan_options(plan: PlanSpec, config: TaylorConfig, available_tokens: int) -> list[BlockOption]:
     """The (k, rank) options the planner may choose from: the spec's choices, else {x/4, x/2, x}."""
     def around(largest: int) -> tuple[int, ...]:
@@ -280,21 +315,22 @@ def plan_stage(loaded: Loaded, selection: Selection, calibration: dict[str, Bloc
                                    if config.rank_out is None else round(config.rank_out * max_rank / config.rank))
             calibrations[k] = calibrate(model, selection.fqns, batches, n_batches, wider, progress=progress, log=log,
                                         key=loaded.calibration_key(spec.source.calib_images))
-    n_eval = min(spec.source.eval_images, len(loaded.data.val))
-    probe = to_tensor(loaded.data.val.images(np.arange(min(256, n_eval))), loaded.spec)
+    choose = loaded.val_splits(spec.source).choose
+    probe = to_tensor(choose.images(np.arange(min(256, len(choose)))), loaded.spec)
     tokens = held_out_tokens(model, selection.fqns, [probe[i:i + 64] for i in range(0, len(probe), 64)],
                              seed=config.seed)
-    log(f"planning blocks under --max-acc-drop {spec.plan.max_acc_drop} points: options "
-        f"{', '.join(o.label() for o in options)}; logit-KL sensitivity on {len(probe)} validation images, "
-        f"accuracy on {n_eval}")
-    accuracy = lambda m: evaluate(m, loaded.data.val, loaded.spec, torch.device("cpu"), limit=n_eval)  # noqa: E731
-    plan = plan_blocks(model, calibrations, options, config.order, accuracy, spec.plan.max_acc_drop / 100, tokens,
-                       probe, log=log)
+    budget = planning_budget(spec)
+    log(f"planning blocks under {budget:g} points before distillation (budget --max-acc-drop "
+        f"{spec.plan.max_acc_drop:g}{'' if budget == spec.plan.max_acc_drop else f' + --headroom {spec.plan.headroom:g}'}"
+        f"): options {', '.join(o.label() for o in options)}; logit-KL sensitivity on {len(probe)} and accuracy on "
+        f"{len(choose)} validation images of the choose split")
+    accuracy = lambda m: evaluate(m, choose, loaded.spec, torch.device("cpu"))  # noqa: E731
+    plan = plan_blocks(model, calibrations, options, config.order, accuracy, budget / 100, tokens, probe, log=log)
     log(plan.search_table())
     log(plan.table())
     if not plan.chosen:
-        raise TmlpError(f"no block can be replaced within --max-acc-drop {spec.plan.max_acc_drop} points; raise "
-                        "it, or offer larger --plan-k / --plan-rank")
+        raise TmlpError(f"no block can be replaced within {budget:g} points of accuracy; raise --max-acc-drop, or "
+                        "offer larger --plan-k / --plan-rank")
     log(f"plan: replace {len(plan.chosen)} of {len(tokens)} blocks, MACs per token of the candidate blocks "
         f"{plan.mac_ratio():.3f}x the original's")
     chosen = {f: option_calibration(calibrations, f, plan.choice[f]) for f in plan.chosen}
@@ -306,60 +342,122 @@ def plan_stage(loaded: Loaded, selection: Selection, calibration: dict[str, Bloc
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Built:
-    """The T-MLP model and the PyTorch validation accuracies (fractions) of it and of the original."""
+    """The T-MLP model and the PyTorch accuracies (fractions) of it and of the original on the report split
+    (``accuracy``, ``accuracy_original``; ``n_val`` images) and on the choose split (``choose``,
+    ``choose_original``)."""
 
     model: torch.nn.Module
     accuracy_original: float
     accuracy: float
     n_val: int
+    choose_original: float
+    choose: float
     distillation: dict[str, Any] | None = None
+
+    def with_model(self, model: torch.nn.Module, choose: float, accuracy: float,
+                   distillation: dict[str, Any] | None = None) -> "Built":
+        return Built(model, self.accuracy_original, accuracy, self.n_val, self.choose_original, choose,
+                     distillation if distillation is not None else self.distillation)
 
 
 def build(loaded: Loaded, selection: Selection, calibration: dict[str, BlockCalibration], config: TaylorConfig,
-          eval_images: int, log: Log = print) -> Built:
-    """Stage 5: a copy of the model with the selected blocks replaced, and both models' validation accuracy."""
+          source: SourceSpec, log: Log = print) -> Built:
+    """Stage 5: a copy of the model with the selected blocks replaced, and both models' accuracy on the choose and
+    the report split."""
     model = copy.deepcopy(loaded.model)
     configs = {"_default": config, **{f: config.replace(k=k, max_tokens=config.max_tokens)
                                       for f, k in selection.block_k.items()}}
     taylorize_(model, configs, layers=selection.fqns, calibration=calibration)
-    n_eval = min(eval_images, len(loaded.data.val))
+    splits = loaded.val_splits(source)
     cpu = torch.device("cpu")
-    acc_orig = evaluate(loaded.model, loaded.data.val, loaded.spec, cpu, limit=n_eval)
-    acc = evaluate(model, loaded.data.val, loaded.spec, cpu, limit=n_eval)
-    log(f"PyTorch accuracy on {n_eval} validation images: original {100 * acc_orig:.2f}%, T-MLP {100 * acc:.2f}%")
-    return Built(model, acc_orig, acc, n_eval)
+    acc = {(name, which): evaluate(net, getattr(splits, name), loaded.spec, cpu)
+           for name in ("choose", "report") for which, net in (("original", loaded.model), ("tmlp", model))}
+    for name in ("choose", "report"):
+        log(f"PyTorch accuracy on the {name} split ({len(getattr(splits, name))} validation images): original "
+            f"{100 * acc[name, 'original']:.2f}%, T-MLP {100 * acc[name, 'tmlp']:.2f}%")
+    return Built(model, acc["report", "original"], acc["report", "tmlp"], len(splits.report),
+                 acc["choose", "original"], acc["choose", "tmlp"])
 
 
 def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, progress: bool = True) -> Built:
-    """Stage 6: logit distillation of the Taylor parameters, or with ``finetune`` of the whole model
-    (``spec.distill``; nothing when epochs is 0)."""
-    d = spec.distill
-    if d.epochs == 0:
+    """Stage 6: fine-tuning of the whole model with the Taylor blocks in place, or (``finetune`` off) logit
+    distillation of the Taylor tensors alone. ``epochs`` N: N passes, no checks; auto (None): only when the T-MLP
+    model loses more than the budget on the choose split, streaming up to one pass over ``images`` (None: all
+    training images) with a choose-split check every ``check_images`` images, stopping at the first check that
+    does not improve and keeping the best weights."""
+    d, budget = spec.distill, spec.plan.max_acc_drop
+    if d.epochs == 0 or (d.epochs is None and budget is None):
+        return built
+    drop = built.choose_original - built.choose
+    if d.epochs is None and drop <= budget / 100:
+        log(f"no distillation needed: the T-MLP model is within the budget on the choose split "
+            f"({100 * drop:+.2f} <= {budget:g} points)")
         return built
     t0 = time.time()
-    images = d.images or spec.source.calib_images
+    auto = d.epochs is None
+    images = d.images or (len(loaded.data.train) if auto else spec.source.calib_images)
+    n_images = min(images, len(loaded.data.train))
+    splits = loaded.val_splits(spec.source)
+    cpu = torch.device("cpu")
+    checks = ChooseSplitChecks(built.model, lambda m: evaluate(m, splits.choose, loaded.spec, cpu), built.choose,
+                               d.check_images, log) if auto else None
+    train = dict(epochs=1 if auto else d.epochs, progress=progress, check=checks)
     if d.finetune:
         batches, n_batches = loaded.labelled_batches("train", images)
-        losses = finetune_(built.model, loaded.model, batches, n_batches, d.epochs, d.lr, d.finetune_lr,
-                           d.label_weight, progress=progress)
-        what = (f"fine-tuning of the whole model ({d.epochs} epoch(s) over {min(images, len(loaded.data.train))} "
-                f"images, KL + {d.label_weight} x cross-entropy, lr {d.lr} Taylor / {d.finetune_lr} rest)")
+        losses = finetune_(built.model, loaded.model, batches, n_batches, lr_taylor=d.lr, lr_model=d.finetune_lr,
+                           ce_weight=d.label_weight, **train)
+        what = (f"fine-tuning of the whole model (KL + {d.label_weight} x cross-entropy, lr {d.lr} Taylor / "
+                f"{d.finetune_lr} rest)")
     else:
         batches, n_batches = loaded.batches("train", images)
-        losses = distill_(built.model, loaded.model, batches, n_batches, d.epochs, d.lr, d.train_basis,
-                          progress=progress, schedule=d.schedule)
-        what = f"distillation ({d.epochs} epoch(s), logit KL, lr {d.lr} {d.schedule})"
-    before = built.accuracy
-    after = evaluate(built.model, loaded.data.val, loaded.spec, torch.device("cpu"), limit=built.n_val)
-    log(f"{what}: T-MLP accuracy {100 * before:.2f}% -> {100 * after:.2f}% "
-        f"(original {100 * built.accuracy_original:.2f}%)")
-    record = {"epochs": d.epochs, "lr": d.lr, "schedule": d.schedule, "train_basis": d.train_basis,
-              "finetune": d.finetune, "images": min(images, len(loaded.data.train)),
-              "kl_per_epoch" if not d.finetune else "loss_per_epoch": losses, "accuracy_before": before,
-              "accuracy_after": after, "seconds": round(time.time() - t0, 1)}
+        losses = distill_(built.model, loaded.model, batches, n_batches, lr=d.lr, train_basis=d.train_basis,
+                          schedule=d.schedule, **train)
+        what = f"distillation of the Taylor tensors (logit KL, lr {d.lr} {d.schedule})"
+    seen = checks.restore_best() if auto else n_images * d.epochs
+    choose = checks.best if auto else evaluate(built.model, splits.choose, loaded.spec, cpu)
+    after = evaluate(built.model, splits.report, loaded.spec, cpu)
+    log(f"{what} over {seen} training images: T-MLP accuracy on the choose split {100 * built.choose:.2f}% -> "
+        f"{100 * choose:.2f}% (original {100 * built.choose_original:.2f}%), on the report split "
+        f"{100 * built.accuracy:.2f}% -> {100 * after:.2f}% (original {100 * built.accuracy_original:.2f}%)")
+    record = {"epochs": "auto" if auto else d.epochs, "lr": d.lr, "schedule": d.schedule,
+              "train_basis": d.train_basis, "finetune": d.finetune, "images": n_images, "images_seen": seen,
+              "kl_per_epoch" if not d.finetune else "loss_per_epoch": losses, "accuracy_before": built.accuracy,
+              "accuracy_after": after, "choose_before": built.choose, "choose_after": choose,
+              "checks": checks.history if auto else [], "seconds": round(time.time() - t0, 1)}
     if d.finetune:
         record.update(finetune_lr=d.finetune_lr, label_weight=d.label_weight)
-    return Built(built.model, built.accuracy_original, after, built.n_val, record)
+    return built.with_model(built.model, choose, after, record)
+
+
+class ChooseSplitChecks:
+    """The stopping rule of automatic distillation: called every ``every`` training images with the number seen, it
+    measures the choose-split accuracy, keeps a copy of the best weights, and says stop (True) when the accuracy did
+    not improve on the best so far. ``restore_best()`` loads the best weights back and returns the images they had
+    seen."""
+
+    def __init__(self, model: torch.nn.Module, accuracy: Callable[[torch.nn.Module], float], start: float,
+                 every: int, log: Log = print) -> None:
+        self.model, self.accuracy, self.every, self.log = model, accuracy, every, log
+        self.best, self.best_seen, self.best_state = start, 0, self._copy()
+        self.history: list[dict[str, float]] = []
+
+    def _copy(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def __call__(self, seen: int) -> bool:
+        acc = self.accuracy(self.model)
+        self.history.append({"images": seen, "choose_accuracy": acc})
+        improved = acc > self.best
+        self.log(f"  after {seen} training images: choose-split accuracy {100 * acc:.2f}% "
+                 f"({'best so far' if improved else f'not above {100 * self.best:.2f}%: stop'})")
+        if improved:
+            self.best, self.best_seen = acc, seen
+            self.best_state = self._copy()
+        return not improved
+
+    def restore_best(self) -> int:
+        self.model.load_state_dict(self.best_state)
+        return self.best_seen
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -383,7 +481,7 @@ def tmlp_metadata(common: dict[str, str], config: TaylorConfig, fqns: list[str],
             **({"tmlp.rank": str(c.rank), "tmlp.basis_source": c.basis_source, "tmlp.fit": c.fit} if shared else {}),
             **({"tmlp.rank_out": str(c.rank_out)} if shared and c.rank_out else {}),
             "tmlp.layers": json.dumps(fqns), "tmlp.taylor_config": json.dumps(c.to_dict(), sort_keys=True),
-            "tmlp.distill_epochs": str(spec.distill.epochs),
+            "tmlp.distill_epochs": "auto" if spec.distill.epochs is None else str(spec.distill.epochs),
             **({"tmlp.block_k": json.dumps(block_k, sort_keys=True)} if block_k else {}),
             **({} if plan is None else {"tmlp.plan": json.dumps(plan.to_dict()["choice"], sort_keys=True)})}
 
@@ -416,50 +514,130 @@ def export_verified(net: torch.nn.Module, path: str, metadata: dict[str, str], e
             raise
         raise TmlpError(f"cannot export for device {target.profile.name}: {err}") from None
     check = parity(path, net, parity_inputs)
-    log(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, {time.time() - t0:.0f} s); onnx.checker "
+    log(f"wrote {os.path.basename(path)} ({os.path.getsize(path) / 1e6:.1f} MB, {time.time() - t0:.0f} s); onnx.checker "
         f"full_check passed; onnxruntime vs PyTorch: {check}")
     return {"ops": ops, "parity": check, "files": [path, *external_data_files(path)]}
 
 
 @dataclass
 class Exported:
-    """What export_models wrote: {file name: path}, the parity of each ONNX file against PyTorch, the memory fit
-    (None without a budget) and the number of validation images in val.npz."""
+    """What the export stages wrote into the staging folder: {file name: path}, the parity of each ONNX file
+    against PyTorch, the memory fit (None without a budget), and the record of the accuracy budget (None without
+    one) and of the report measurements."""
 
     files: dict[str, str]
     parity: dict[str, dict[str, Any]]
     memory: dict[str, Any] | None
+    budget: dict[str, Any] | None = None
+    report: dict[str, Any] | None = None
 
 
 def export_models(loaded: Loaded, selection: Selection, built: Built, spec: ExportSpec, target: "ResolvedTarget",
-                  plan: Plan | None, out_dir: str, log: Log = print) -> Exported:
-    """Fit the memory budget (if any), then export, check and verify original.onnx and tmlp.onnx and write
-    val.npz into ``out_dir`` (emptied of an earlier export's files first)."""
-    val_x = loaded.data.val.images(np.arange(built.n_val))
-    example, parity_inputs = to_tensor(val_x[:2], loaded.spec), to_tensor(val_x[:64], loaded.spec)
+                  plan: Plan | None, staging: str, log: Log = print) -> Exported:
+    """Export, check and verify original.onnx and tmlp.onnx (fitting the memory budget first, if any) and write
+    val.npz (the report split) into the ``staging`` folder."""
     common = common_metadata(loaded, spec.model, target.profile.name if target.profile else None)
-    meta_tmlp = tmlp_metadata(common, spec.calibration, selection.fqns, spec, selection.block_k, plan)
-    memory = None
+    example, parity_inputs = parity_examples(loaded, spec)
+    done = export_verified(loaded.model, os.path.join(staging, "original.onnx"), {**common, "tmlp.kind": "original"},
+                           example, parity_inputs, target, log)
+    exported = Exported({os.path.basename(p): p for p in done["files"]}, {"original.onnx": vars(done["parity"])},
+                        None)
+    export_tmlp(loaded, selection, built, spec, target, plan, staging, exported, log)
+    report = loaded.val_splits(spec.source).report
+    exported.files["val.npz"] = write_val_images(staging, report.images(np.arange(len(report))), report.y)
+    return exported
+
+
+def parity_examples(loaded: Loaded, spec: ExportSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The export's example input (2 images) and parity inputs (up to 64), from the choose split."""
+    choose = loaded.val_splits(spec.source).choose
+    x = choose.images(np.arange(min(64, len(choose))))
+    return to_tensor(x[:2], loaded.spec), to_tensor(x, loaded.spec)
+
+
+def export_tmlp(loaded: Loaded, selection: Selection, built: Built, spec: ExportSpec, target: "ResolvedTarget",
+                plan: Plan | None, staging: str, exported: Exported, log: Log = print) -> None:
+    """Export, check and verify tmlp.onnx into ``staging`` (again after a back-off), updating ``exported``."""
+    common = common_metadata(loaded, spec.model, target.profile.name if target.profile else None)
+    meta = tmlp_metadata(common, spec.calibration, selection.fqns, spec, selection.block_k, plan)
+    example, parity_inputs = parity_examples(loaded, spec)
     if spec.target.max_memory_mb is not None:
         from tmlp.export.memory import fit_memory
 
-        memory = fit_memory(built.model, selection.fqns, example, spec.target.max_memory_mb, spec.target.memory_batch,
-                            target.opset, target.max_ir, log)
-        meta_tmlp["tmlp.chunks"] = str(memory["chunks"])
+        exported.memory = fit_memory(built.model, selection.fqns, example, spec.target.max_memory_mb,
+                                     spec.target.memory_batch, target.opset, target.max_ir, log)
+        meta["tmlp.chunks"] = str(exported.memory["chunks"])
+    path = os.path.join(staging, "tmlp.onnx")
+    for stale in (path, path + ".data"):
+        if os.path.isfile(stale):
+            os.unlink(stale)
+    exported.files = {k: v for k, v in exported.files.items() if not k.startswith("tmlp.onnx")}
+    done = export_verified(built.model, path, meta, example, parity_inputs, target, log)
+    ops = done["ops"]
+    log(f"  Taylor blocks in the graph: ArgMin x{ops.get('ArgMin', 0)}, Gather x{ops.get('Gather', 0)}, "
+        f"MatMul x{ops.get('MatMul', 0)}")
+    exported.files.update({os.path.basename(p): p for p in done["files"]})
+    exported.parity["tmlp.onnx"] = vars(done["parity"])
+
+
+def hold_budget(loaded: Loaded, selection: Selection, built: Built, spec: ExportSpec, target: "ResolvedTarget",
+                plan: Plan | None, staging: str, exported: Exported, log: Log = print
+                ) -> tuple[Selection, Built]:
+    """Stage 8b (under a budget): measure tmlp.onnx against original.onnx in onnxruntime on the choose split and,
+    while it loses more than the budget, give the most sensitive replaced block back its MLP and export again
+    (tmlp.budget). Raises, with nothing published, when no replaced block can stay."""
+    from tmlp.budget import BudgetCheck, back_off, back_off_order, ort_accuracy
+
+    budget = spec.plan.max_acc_drop
+    choose = loaded.val_splits(spec.source).choose
+    check = BudgetCheck(budget, len(choose), ort_accuracy(exported.files["original.onnx"], choose, loaded.spec))
+    order = back_off_order(plan, selection.fqns)
+    cpu = torch.device("cpu")
+    pytorch_drop = lambda m: 100 * (built.choose_original - evaluate(m, choose, loaded.spec, cpu))  # noqa: E731
+    while True:
+        t0 = time.time()
+        check.measure(selection.fqns, ort_accuracy(exported.files["tmlp.onnx"], choose, loaded.spec),
+                      time.time() - t0)
+        log(f"budget check in onnxruntime on the choose split ({len(choose)} images): original "
+            f"{100 * check.original:.2f}%, T-MLP {100 * check.accuracy:.2f}% with {len(selection.fqns)} block(s) "
+            f"replaced: drop {check.drop:+.2f} points, budget {budget:g}: {'holds' if check.holds() else 'broken'}")
+        if check.holds():
+            break
+        fqns = back_off(built.model, loaded.model, selection.fqns, order, pytorch_drop, budget, log)
+        if plan is not None:
+            plan.choice.update({f: None for f in selection.fqns if f not in fqns})
+        selection = Selection(fqns, {f: k for f, k in selection.block_k.items() if f in fqns},
+                              selection.candidates, selection.available_tokens)
+        export_tmlp(loaded, selection, built, spec, target, plan, staging, exported, log)
+    exported.budget = check.to_dict()
+    if len(check.steps) > 1:
+        splits = loaded.val_splits(spec.source)
+        built = built.with_model(built.model, evaluate(built.model, choose, loaded.spec, cpu),
+                                 evaluate(built.model, splits.report, loaded.spec, cpu))
+    return selection, built
+
+
+def report(loaded: Loaded, spec: ExportSpec, exported: Exported, log: Log = print) -> None:
+    """Stage 8c: both files' onnxruntime accuracy on the report split (never used for a choice) and a quick
+    latency check; logged and kept in ``exported.report``."""
+    from tmlp.budget import ort_accuracy, quick_speedup
+
+    split = loaded.val_splits(spec.source).report
+    acc = {name: ort_accuracy(exported.files[f"{name}.onnx"], split, loaded.spec) for name in ("original", "tmlp")}
+    speed = quick_speedup(exported.files["original.onnx"], exported.files["tmlp.onnx"])
+    exported.report = {"split": "report", "images": len(split), "original": acc["original"], "tmlp": acc["tmlp"],
+                       "drop_points": 100 * (acc["original"] - acc["tmlp"]), "latency": speed}
+    log(f"onnxruntime on the report split ({len(split)} validation images, never used for a choice): original "
+        f"{100 * acc['original']:.2f}%, T-MLP {100 * acc['tmlp']:.2f}% ({exported.report['drop_points']:+.2f} "
+        f"points); expected speed-up {speed['speedup']:.2f}x at batch 1, 1 thread ({speed['original_ms']:.2f} -> "
+        f"{speed['tmlp_ms']:.2f} ms, a quick check: `tmlp bench` measures it properly)")
+
+
+def publish_run(staging: str, out_dir: str, exported: Exported) -> dict[str, str]:
+    """Stage 9a: clear ``out_dir`` of an earlier export's files and move this export's files in from staging."""
     ensure_writable_dir(out_dir)
     clear_run_folder(out_dir)
-    files, parity = {}, {}
-    for name, net, meta in (("original.onnx", loaded.model, {**common, "tmlp.kind": "original"}),
-                            ("tmlp.onnx", built.model, meta_tmlp)):
-        done = export_verified(net, os.path.join(out_dir, name), meta, example, parity_inputs, target, log)
-        if name == "tmlp.onnx":
-            ops = done["ops"]
-            log(f"  Taylor blocks in the graph: ArgMin x{ops.get('ArgMin', 0)}, Gather x{ops.get('Gather', 0)}, "
-                f"MatMul x{ops.get('MatMul', 0)}")
-        files.update({os.path.basename(p): p for p in done["files"]})
-        parity[name] = vars(done["parity"])
-    files["val.npz"] = write_val_images(out_dir, val_x, loaded.data.val.y[:built.n_val])
-    return Exported(files, parity, memory)
+    return publish(staging, out_dir, sorted(exported.files))
 
 
 def summarize(spec: ExportSpec, loaded: Loaded, selection: Selection, built: Built, target: "ResolvedTarget",
@@ -469,9 +647,11 @@ def summarize(spec: ExportSpec, loaded: Loaded, selection: Selection, built: Bui
             "dataset": loaded.dataset, "checkpoint": loaded.checkpoint, "checkpoint_sha256": loaded.source_sha256,
             "taylor_config": spec.calibration.to_dict(), "layers": selection.fqns, "block_k": selection.block_k,
             "preprocessing": loaded.spec, "pytorch_val_accuracy": {"original": built.accuracy_original,
-                                                                   "tmlp": built.accuracy},
+                                                                   "tmlp": built.accuracy, "split": "report"},
+            "pytorch_choose_accuracy": {"original": built.choose_original, "tmlp": built.choose},
             "n_val": built.n_val, "calibration_seconds": timings["calibration_seconds"],
             "distillation": built.distillation, "layer_plan": None if plan is None else plan.to_dict(),
+            "budget": exported.budget, "report": exported.report,
             "device": None if target.profile is None else target.profile.to_dict(), "opset": target.opset,
             "memory": exported.memory, "parity": exported.parity, "versions": versions(),
             "export_seconds": timings["export_seconds"]}

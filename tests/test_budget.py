@@ -1,0 +1,179 @@
+"""The accuracy budget held on the exported file: the default export measures tmlp.onnx in onnxruntime on the choose
+split, backs off until the budget holds, never writes a model that breaks it, and reports on a split it never
+chose on; automatic distillation stops when the choose-split accuracy stops improving and keeps the best weights."""
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tmlp.budget import BudgetCheck, back_off_order
+from tmlp.cli import main
+from tmlp.distill import run_epochs
+from tmlp.plan import BlockOption, Plan
+from tmlp.stages import ChooseSplitChecks
+
+SMALL = ["--calib-images", "256", "--eval-images", "200", "--plan-k", "4,8", "--plan-rank", "8,16"]
+
+
+def _export(checkpoint, out, *extra):
+    return CliRunner().invoke(main, ["export", "--model", "test_vit", "--checkpoint", checkpoint, "--out", str(out),
+                                     *SMALL, *extra])
+
+
+def _blocks_in(path) -> int:
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return len(json.loads(meta["tmlp.layers"]))
+
+
+def test_back_off_gives_back_the_most_sensitive_block_first():
+    a, b = BlockOption(4, 8), BlockOption(8, 16)
+    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={},
+                sensitivity={"x": {a: 0.1, b: 0.01}, "y": {a: 0.5, b: 0.02}, "z": {a: 0.03, b: 0.3}},
+                choice={"x": a, "y": b, "z": b})
+    assert back_off_order(plan, ["x", "y", "z"]) == ["z", "x", "y"]  # KL 0.3, 0.1, 0.02
+    assert back_off_order(None, ["x", "y", "z"]) == ["z", "y", "x"]
+
+
+def test_budget_check_measures_drops_in_points():
+    check = BudgetCheck(max_acc_drop=1.0, choose_images=100, original=0.80)
+    check.measure(["a", "b"], 0.78, 1.0)
+    assert not check.holds() and abs(check.drop - 2.0) < 1e-9
+    check.measure(["a"], 0.795, 1.0)
+    assert check.holds()
+    record = check.to_dict()
+    assert record["backed_off"] == ["b"] and record["split"] == "choose" and len(record["steps"]) == 2
+
+
+def test_choose_split_checks_stop_at_the_first_check_without_gain_and_keep_the_best():
+    model = torch.nn.Linear(2, 2)
+    accuracies = iter([0.5, 0.6, 0.55])
+    weights = []
+
+    def accuracy(m):
+        weights.append(m.weight.detach().clone())
+        return next(accuracies)
+    checks = ChooseSplitChecks(model, accuracy, start=0.4, every=30, log=lambda s: None)
+    step_count = []
+
+    def step(batch):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        step_count.append(len(batch))
+        return 0.0, len(batch)
+    run_epochs(step, lambda: iter([torch.zeros(10)] * 10), 10, epochs=1, desc="t", metric="m", progress=False,
+               check=checks)
+    assert [h["images"] for h in checks.history] == [30, 60, 90] and len(step_count) == 9  # stopped after 9 batches
+    assert checks.restore_best() == 60 and torch.equal(model.weight, weights[1])
+
+
+def test_run_epochs_checks_once_more_after_the_last_batch():
+    class Record(list):
+        every = 20
+
+        def __call__(self, seen: int) -> bool:
+            self.append(seen)
+            return False
+    seen = Record()
+    run_epochs(lambda b: (0.0, len(b)), lambda: iter([torch.zeros(10)] * 5), 5, epochs=1, desc="t", metric="m",
+               progress=False, check=seen)
+    assert seen == [20, 40, 50]
+
+
+def test_the_default_export_holds_the_budget_and_reports_on_another_split(trained_tiny_vit_path, tmp_path):
+    """No form flags: the budget (1 point) applies, measured in onnxruntime on the choose split; val.npz holds the
+    report split only."""
+    out = tmp_path / "default"
+    result = _export(trained_tiny_vit_path, out)
+    assert result.exit_code == 0, result.output
+    assert "budget check in onnxruntime on the choose split (100 images)" in result.output
+    assert "on the report split (100 validation images, never used for a choice)" in result.output
+    assert "expected speed-up" in result.output
+    manifest = json.load(open(out / "manifest.json"))
+    budget, report = manifest["budget"], manifest["report"]
+    assert budget["holds"] and budget["drop_points"] <= 1.0 + 1e-9 and budget["images"] == 100
+    assert report["images"] == 100 and len(np.load(out / "val.npz")["y"]) == 100
+    assert manifest["spec"]["_data"]["plan"]["max_acc_drop"] == 1.0
+    assert manifest["layers"] == budget["steps"][-1]["blocks"] and _blocks_in(out / "tmlp.onnx") == len(
+        manifest["layers"])
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # the staging folder is gone
+
+
+def test_form_flags_turn_the_budget_off_unless_it_is_given(trained_tiny_vit_path, tmp_path):
+    result = _export(trained_tiny_vit_path, tmp_path / "fixed", "--k", "8", "--layers", "0,1")
+    assert result.exit_code == 0, result.output
+    manifest = json.load(open(tmp_path / "fixed" / "manifest.json"))
+    assert manifest["budget"] is None and manifest["layers"] == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert manifest["report"]["images"] == 100  # reported all the same
+
+
+def _pessimistic_onnxruntime(monkeypatch, points_per_block: float):
+    """onnxruntime accuracy of tmlp.onnx made worse by ``points_per_block`` per replaced block (original.onnx
+    measured as it is)."""
+    import tmlp.budget
+
+    real = tmlp.budget.ort_accuracy
+
+    def accuracy(path, split, preprocessing, **kw):
+        acc = real(path, split, preprocessing, **kw)
+        if os.path.basename(path) == "tmlp.onnx":
+            acc = real(os.path.join(os.path.dirname(path), "original.onnx"), split, preprocessing, **kw)
+            acc -= points_per_block / 100 * _blocks_in(path)
+        return acc
+    monkeypatch.setattr(tmlp.budget, "ort_accuracy", accuracy)
+
+
+def test_the_export_backs_off_until_the_budget_holds(trained_tiny_vit_path, tmp_path, monkeypatch):
+    _pessimistic_onnxruntime(monkeypatch, points_per_block=0.4)
+    out = tmp_path / "backed-off"
+    result = _export(trained_tiny_vit_path, out, "--max-acc-drop", "1", "--headroom", "100", "--distill-epochs", "0")
+    assert result.exit_code == 0, result.output
+    manifest = json.load(open(out / "manifest.json"))
+    budget = manifest["budget"]
+    assert budget["holds"] and len(manifest["layers"]) == 2 and _blocks_in(out / "tmlp.onnx") == 2
+    assert [len(s["blocks"]) for s in budget["steps"]] == list(range(len(budget["steps"][0]["blocks"]), 1, -1))
+    assert "backing off" in result.output
+    plan = manifest["layer_plan"]["choice"]
+    assert sorted(f for f, c in plan.items() if c) == sorted(manifest["layers"])
+
+
+def test_a_model_that_breaks_the_budget_is_never_written(trained_tiny_vit_path, tmp_path, monkeypatch):
+    _pessimistic_onnxruntime(monkeypatch, points_per_block=5.0)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier file")
+    result = _export(trained_tiny_vit_path, out, "--max-acc-drop", "1", "--headroom", "100", "--distill-epochs", "0")
+    assert result.exit_code != 0 and "no T-MLP model holds --max-acc-drop 1" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()[-1]) < 300
+    assert sorted(os.listdir(out)) == ["keep.txt"] and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_automatic_distillation_runs_only_when_needed_and_keeps_the_best_check(trained_tiny_vit_path):
+    import dataclasses
+
+    from tmlp import stages
+    from tmlp.spec import DistillSpec, ExportSpec, SourceSpec, TaylorConfig
+
+    spec = ExportSpec("test_vit", source=SourceSpec(checkpoint=trained_tiny_vit_path, calib_images=256,
+                                                    eval_images=200),
+                      calibration=TaylorConfig(k=8), distill=DistillSpec(check_images=128, images=512))
+    logs = []
+    loaded = stages.load(spec, logs.append, progress=False)
+    selection = stages.select(loaded, spec)
+    calibration = stages.calibrate_selection(loaded, selection, spec.calibration, 256, logs.append, False)
+    built = stages.build(loaded, selection, calibration, spec.calibration, spec.source, logs.append)
+    assert stages.distil(loaded, dataclasses.replace(built, choose=built.choose_original), spec, logs.append,
+                         False).distillation is None and "no distillation needed" in logs[-1]
+    behind = dataclasses.replace(built, choose=built.choose_original - 0.5)  # as if it had lost 50 points
+    before = {k: v.clone() for k, v in built.model.state_dict().items()}
+    out = stages.distil(loaded, behind, spec, logs.append, False)
+    record = out.distillation
+    assert record["epochs"] == "auto" and record["finetune"] and 1 <= len(record["checks"]) <= 4
+    assert [c["images"] for c in record["checks"]][:3] == [128, 256, 384][:len(record["checks"])]
+    best = max([behind.choose] + [c["choose_accuracy"] for c in record["checks"]])
+    assert out.choose == best and record["choose_after"] == best
+    changed = any(not torch.equal(before[k], v) for k, v in out.model.state_dict().items())
+    assert changed == (record["images_seen"] > 0)  # the best check's weights, or the untouched start

@@ -1,0 +1,129 @@
+"""The accuracy budget, held on the model that is shipped: the exported tmlp.onnx, run by onnxruntime.
+
+The plan stage chooses blocks and options from PyTorch measurements, before distillation and with some headroom;
+distillation changes the model again; onnxruntime computes in its own order. So the export measures the final file
+on the choose split of the validation images against original.onnx, and while it loses more than the budget it
+backs off: the replaced block whose option was most sensitive (logit KL alone, from the plan) goes back to its
+original MLP, first in PyTorch until the PyTorch drop holds, then the file is exported and measured again. A model
+that cannot hold the budget is never written (the export runs in a staging folder).
+
+The report split, never used for a choice, is measured last (``report``), with a quick latency check of both files.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from tmlp.data import ImageSplit
+from tmlp.errors import TmlpError
+from tmlp.plan import Plan
+from tmlp.runtime.run import input_shape, make_session, preprocess, time_batches
+from tmlp.surgery import replace_module
+
+__all__ = ["BudgetCheck", "back_off_order", "ort_accuracy", "quick_speedup", "restore_block"]
+
+
+def ort_accuracy(path: str, split: ImageSplit, preprocessing: dict[str, Any], batch: int = 64,
+                 threads: int | None = None) -> float:
+    """Top-1 accuracy (fraction) of ONNX model ``path`` in onnxruntime on ``split``, preprocessed by the device
+    runner's own code."""
+    session = make_session(path, threads=threads or torch.get_num_threads(), manifest=False)
+    name = session.get_inputs()[0].name
+    correct = 0
+    for start in range(0, len(split), batch):
+        index = np.arange(start, min(len(split), start + batch))
+        logits = session.run(None, {name: preprocess(split.images(index), preprocessing)})[0]
+        correct += int((logits.argmax(axis=1) == split.y[index]).sum())
+    return correct / max(1, len(split))
+
+
+def quick_speedup(original: str, tmlp: str, runs: int = 30, warmup: int = 5) -> dict[str, float]:
+    """A quick batch-1, 1-thread latency check of both files (median ms, interleaved in rounds of 5 runs) and the
+    T-MLP model's speed-up. An expectation printed at export time; ``tmlp bench`` measures properly."""
+    sessions = {key: make_session(path, threads=1, manifest=False) for key, path in (("original", original),
+                                                                                   ("tmlp", tmlp))}
+    feeds = {}
+    for key, session in sessions.items():
+        name, shape = input_shape(session, 1)
+        feeds[key] = (name, [np.random.default_rng(0).standard_normal(shape).astype(np.float32)])
+        time_batches(session, name, feeds[key][1], warmup, 0)
+    times: dict[str, list[float]] = {"original": [], "tmlp": []}
+    for _ in range(max(1, runs // 5)):
+        for key, session in sessions.items():
+            times[key] += time_batches(session, feeds[key][0], feeds[key][1], 0, 5)
+    median = {key: float(np.median(t)) for key, t in times.items()}
+    return {"original_ms": median["original"], "tmlp_ms": median["tmlp"],
+            "speedup": median["original"] / max(median["tmlp"], 1e-9), "runs": len(times["tmlp"])}
+
+
+def back_off_order(plan: Plan | None, fqns: list[str]) -> list[str]:
+    """The replaced blocks in the order the budget gives them back: the most sensitive option first (logit KL of
+    that block alone, from the plan); without a plan, the last block first."""
+    if plan is None:
+        return list(reversed(fqns))
+    return sorted(fqns, key=lambda f: -plan.sensitivity[f][plan.choice[f]])
+
+
+def restore_block(model: torch.nn.Module, original: torch.nn.Module, fqn: str) -> None:
+    """Put a copy of ``original``'s block ``fqn`` back into ``model`` in place of its Taylor block."""
+    replace_module(model, fqn, copy.deepcopy(original.get_submodule(fqn)))
+
+
+@dataclass
+class BudgetCheck:
+    """The budget loop's record: the budget (points), the original file's choose-split accuracy, and one step per
+    measured T-MLP file (blocks replaced, accuracy, drop in points)."""
+
+    max_acc_drop: float
+    choose_images: int
+    original: float
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.steps[-1]["accuracy"]
+
+    @property
+    def drop(self) -> float:
+        """The last measured drop, in points."""
+        return 100 * (self.original - self.accuracy)
+
+    def holds(self) -> bool:
+        return self.drop <= self.max_acc_drop + 1e-9
+
+    def measure(self, fqns: list[str], accuracy: float, seconds: float) -> None:
+        self.steps.append({"blocks": list(fqns), "accuracy": accuracy,
+                           "drop_points": 100 * (self.original - accuracy), "seconds": round(seconds, 1)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_acc_drop": self.max_acc_drop, "split": "choose", "images": self.choose_images,
+                "original": self.original, "tmlp": self.accuracy, "drop_points": self.drop, "holds": self.holds(),
+                "backed_off": [f for f in self.steps[0]["blocks"] if f not in self.steps[-1]["blocks"]],
+                "steps": self.steps}
+
+
+def back_off(model: torch.nn.Module, original: torch.nn.Module, fqns: list[str], order: list[str],
+             pytorch_drop: Callable[[torch.nn.Module], float], max_drop: float,
+             log: Callable[[str], None]) -> list[str]:
+    """Give blocks back (``order``, consumed) until the PyTorch drop (points) is within ``max_drop``, at least one;
+    returns the blocks still replaced. Raises when none is left."""
+    fqns = list(fqns)
+    while order:
+        fqn = order.pop(0)
+        restore_block(model, original, fqn)
+        fqns.remove(fqn)
+        drop = pytorch_drop(model)
+        log(f"  backing off: {fqn} is its original MLP again; {len(fqns)} block(s) replaced, PyTorch drop on the "
+            f"choose split {drop:+.2f} points")
+        if not fqns:
+            break
+        if drop <= max_drop:
+            return fqns
+    raise TmlpError(f"no T-MLP model holds --max-acc-drop {max_drop:g} points on the choose split, even with one "
+                    "block replaced; nothing was written. Raise --max-acc-drop, or let distillation train longer "
+                    "(--distill-images, --check-images)")
