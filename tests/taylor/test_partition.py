@@ -87,7 +87,7 @@ def test_config_checks_the_partition_and_refuses_configs_without_it():
         TaylorConfig(partition_rank=0)
     old = TaylorConfig(k=7).to_dict()
     del old["_data"]["partition"], old["_data"]["partition_rank"]
-    with pytest.raises(TmlpError, match="partition', 'partition_rank'\] missing or unknown"):
+    with pytest.raises(TmlpError, match=r"partition', 'partition_rank'\] missing or unknown"):
         TaylorConfig.from_dict(old)
     new = TaylorConfig.from_dict(TaylorConfig(partition="hidden", partition_rank=16).to_dict())
     assert (new.partition, new.partition_rank) == ("hidden", 16)
