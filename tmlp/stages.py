@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import tmlp
-from tmlp.calibration.calibrate import BlockCalibration, calibrate
+from tmlp.calibration.calibrate import BlockCalibration, calibrate, calibrate_many
 from tmlp.calibration.record import tokens_per_image
 from tmlp.data import DataSet, ImageSplit, load_dataset, to_tensor
 from tmlp.distill import distill_
@@ -307,14 +307,17 @@ def plan_stage(loaded: Loaded, selection: Selection, calibration: dict[str, Bloc
     max_rank = max(o.rank or config.rank for o in options)
     batches, n_batches = loaded.batches("train", spec.source.calib_images)
     calibrations = {}
+    wider = {}
     for k in sorted({o.k for o in options}):
         if k == config.k and max_rank <= config.rank:
             calibrations[k] = calibration
         else:  # U keeps its share of columns at the wider rank (plan.truncate_rank)
-            wider = config.replace(k=k, max_tokens=config.max_tokens, rank=max_rank, rank_out=None
-                                   if config.rank_out is None else round(config.rank_out * max_rank / config.rank))
-            calibrations[k] = calibrate(model, selection.fqns, batches, n_batches, wider, progress=progress, log=log,
-                                        key=loaded.calibration_key(spec.source.calib_images))
+            wider[k] = config.replace(k=k, max_tokens=config.max_tokens, rank=max_rank, rank_out=None
+                                      if config.rank_out is None else round(config.rank_out * max_rank / config.rank))
+    if wider:  # one pass over the data for all of them
+        calibrations.update(zip(wider, calibrate_many(model, selection.fqns, batches, n_batches, list(wider.values()),
+                                                      loaded.calibration_key(spec.source.calib_images), progress,
+                                                      log)))
     choose = loaded.val_splits(spec.source).choose
     probe = to_tensor(choose.images(np.arange(min(256, len(choose)))), loaded.spec)
     tokens = held_out_tokens(model, selection.fqns, [probe[i:i + 64] for i in range(0, len(probe), 64)],

@@ -52,3 +52,23 @@ def test_results_are_cached_by_their_inputs(tiny_vit, digit_batches):
     calibrate(tiny_vit, ["blocks.1.mlp"], lambda: calls.append(1) or iter(digit_batches), 4,
               TaylorConfig(k=9, order=1, max_tokens=500), key=key, progress=False)
     assert calls  # another k: recomputed
+
+
+def test_several_configs_share_two_passes_and_equal_separate_calibrations(trained_tiny_vit, digit_batches):
+    """calibrate_many (the planner's k values): one collection and one least-squares pass for all, each result
+    equal to calibrating that config alone."""
+    from tmlp.calibration.calibrate import calibrate_many
+
+    fqns = ["blocks.0.mlp", "blocks.3.mlp"]
+    configs = [TaylorConfig(k=k, rank=8, max_tokens=600) for k in (4, 8)] + [TaylorConfig(k=6, rank=8, order=2,
+                                                                                         max_tokens=600)]
+    passes = []
+    together = calibrate_many(trained_tiny_vit, fqns, lambda: passes.append(1) or iter(digit_batches), 4, configs,
+                              progress=False)
+    assert len(passes) == 2  # one collection (same max_tokens and seed), one least-squares fit
+    for config, joint in zip(configs, together):
+        alone = calibrate(trained_tiny_vit, fqns, lambda: iter(digit_batches), 4, config, progress=False)
+        for fqn in fqns:
+            assert torch.equal(joint[fqn].centres, alone[fqn].centres)
+            assert torch.equal(joint[fqn].derivatives.s, alone[fqn].derivatives.s)
+            assert torch.equal(joint[fqn].derivatives.value, alone[fqn].derivatives.value)

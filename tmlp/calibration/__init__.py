@@ -11,8 +11,8 @@ import importlib
 from typing import Any
 
 _API = {name: "tmlp.calibration.calibrate" for name in (
-    "BlockCalibration", "calibrate", "collect_inputs", "fit_least_squares", "kmeans", "partition_kmeans",
-    "shared_block")}
+    "BlockCalibration", "calibrate", "calibrate_many", "collect_inputs", "fit_least_squares", "kmeans",
+    "partition_kmeans", "shared_block")}
 _API.update({name: "tmlp.calibration.record" for name in ("get_module", "stream_blocks", "tokens_per_image")})
 __all__ = sorted(_API)
 

@@ -111,47 +111,74 @@ def calibrate(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[
     ``batches()`` yields model inputs [B, C, H, W]. With ``key`` (a dict naming the model weights and data), the
     result is cached in ``cache_path('calibration', 'calib-<hash>.pt')`` and reused when every input is the same.
     """
-    if config.order == 2 and config.hessian == "full":  # refuse before streaming any data
-        linears = [m for m in get_module(model, fqns[0]).modules() if isinstance(m, nn.Linear)]
-        raise refuse_full_hessian(config.k, linears[-1].out_features, linears[0].in_features)
+    return calibrate_many(model, fqns, batches, n_batches, [config], key, progress, log)[0]
+
+
+def calibrate_many(model: nn.Module, fqns: list[str], batches: Callable[[], Iterable[torch.Tensor]], n_batches: int,
+                   configs: list[TaylorConfig], key: dict | None = None, progress: bool = True,
+                   log: Callable[[str], None] | None = None) -> list[dict[str, BlockCalibration]]:
+    """``calibrate`` for several configs (the planner's k values) with shared passes over the data: one collection
+    per (max_tokens, seed) and one least-squares pass for all of them. Each result is what ``calibrate`` alone gives
+    (same rows, same sums) and is cached under the same key."""
+    for config in configs:
+        if config.order == 2 and config.hessian == "full":  # refuse before streaming any data
+            linears = [m for m in get_module(model, fqns[0]).modules() if isinstance(m, nn.Linear)]
+            raise refuse_full_hessian(config.k, linears[-1].out_features, linears[0].in_features)
     for f in fqns:
         get_module(model, f)
-    path = None
-    if key is not None:
-        digest = cache_key({"key": key, "fqns": fqns, "config": config.to_dict(), "n_batches": n_batches})
-        path = cache_path("calibration", f"calib-{digest}.pt")
-        if os.path.isfile(path):
-            try:
-                stored = torch.load(path, map_location="cpu", weights_only=False)
-                if log:
-                    log(f"calibration cache hit: {path}")
-                return {f: BlockCalibration.from_dict(f, s) for f, s in stored.items()}
-            except Exception:  # a damaged cache entry is recomputed, never trusted
-                os.unlink(path)
-    inputs = collect_inputs(model, fqns, batches(), n_batches, config.max_tokens, config.seed, progress)
-    result = {}
-    for fqn in tqdm(fqns, desc=f"calibrate: K-means k={config.k} + order-{config.order} tensors",
-                    disable=not progress, leave=False):
-        block = get_module(model, fqn)
-        rows = inputs[fqn]
-        projection = partition_projection(block, config.partition, rows, config.partition_rank)
-        centres = partition_kmeans(rows, config.k, config.seed, config.n_init, projection)
-        if config.basis == "shared":
-            derivs = shared_block(block, rows, centres, config, projection=projection)
-        else:
-            derivs = block_derivatives(block, centres, config.order, config.hessian)
-        result[fqn] = BlockCalibration(fqn, centres, derivs, int(rows.shape[0]), projection)
-    if config.fit == "lstsq":
-        fitted = fit_least_squares(model, {f: (r.centres, r.derivatives) for f, r in result.items()}, batches(),
-                                   n_batches, config.order, config.fit_ridge, progress, log,
-                                   projections={f: r.projection for f, r in result.items()})
-        result = {f: replace(r, derivatives=fitted[f]) for f, r in result.items()}
-    if path is not None:
-        save_torch({f: r.to_dict() for f, r in result.items()}, path)
-    return result
+    paths = [None if key is None else cache_path("calibration", "calib-" + cache_key(
+        {"key": key, "fqns": fqns, "config": c.to_dict(), "n_batches": n_batches}) + ".pt") for c in configs]
+    results: list[dict[str, BlockCalibration] | None] = [_cached(path, log) for path in paths]
+    todo = [i for i, r in enumerate(results) if r is None]
+    inputs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for i in todo:
+        config = configs[i]
+        sample = (config.max_tokens, config.seed)
+        if sample not in inputs:
+            inputs[sample] = collect_inputs(model, fqns, batches(), n_batches, config.max_tokens, config.seed,
+                                            progress)
+        results[i] = {fqn: centres_and_tensors(get_module(model, fqn), fqn, inputs[sample][fqn], config)
+                      for fqn in tqdm(fqns, desc=f"calibrate: K-means k={config.k} + order-{config.order} tensors",
+                                      disable=not progress, leave=False)}
+    fitting = [i for i in todo if configs[i].fit == "lstsq"]
+    if fitting:
+        fitted = fit_least_squares_many(
+            model, [{f: (r.centres, r.derivatives) for f, r in results[i].items()} for i in fitting], batches(),
+            n_batches, [(configs[i].order, configs[i].fit_ridge) for i in fitting], progress, log,
+            [{f: r.projection for f, r in results[i].items()} for i in fitting])
+        for i, tensors in zip(fitting, fitted):
+            results[i] = {f: replace(r, derivatives=tensors[f]) for f, r in results[i].items()}
+    for i in todo:
+        if paths[i] is not None:
+            save_torch({f: r.to_dict() for f, r in results[i].items()}, paths[i])
+    return results
 
 
-@torch.no_grad()
+def _cached(path: str | None, log: Callable[[str], None] | None) -> dict[str, BlockCalibration] | None:
+    """The calibration stored at ``path``, or None (no key, not cached, or a damaged entry, which is removed)."""
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # a damaged cache entry is recomputed, never trusted
+        os.unlink(path)
+        return None
+    if log:
+        log(f"calibration cache hit: {path}")
+    return {f: BlockCalibration.from_dict(f, s) for f, s in stored.items()}
+
+
+def centres_and_tensors(block: nn.Module, fqn: str, rows: torch.Tensor, config: TaylorConfig) -> BlockCalibration:
+    """K-means centres of one block's sampled input ``rows`` [n, d_in] and the per-centre tensors at them."""
+    projection = partition_projection(block, config.partition, rows, config.partition_rank)
+    centres = partition_kmeans(rows, config.k, config.seed, config.n_init, projection)
+    if config.basis == "shared":
+        derivs = shared_block(block, rows, centres, config, projection=projection)
+    else:
+        derivs = block_derivatives(block, centres, config.order, config.hessian)
+    return BlockCalibration(fqn, centres, derivs, int(rows.shape[0]), projection)
+
+
 def fit_least_squares(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, SharedDerivatives]],
                       batches: Iterable[torch.Tensor], n_batches: int, order: int, ridge: float = 1e-2,
                       progress: bool = True, log: Callable[[str], None] | None = None,
@@ -159,28 +186,49 @@ def fit_least_squares(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, Sh
     """Refit the per-centre tensors of each block ``{fqn: (centres [k, d_in], Taylor derivatives)}`` of ``model``
     (the original, unmodified) to the block's outputs over ``batches`` (model inputs); one pass over the data.
     ``projections`` {fqn: P or None} gives each block's partition (tmlp.taylor.partition; default Euclidean in x)."""
-    sums: dict[str, CellSums] = {}
-    for fqn, (centres, d) in blocks.items():
-        if not isinstance(d, SharedDerivatives):
-            raise TmlpError("--fit lstsq fits shared-basis blocks; use --basis shared, or --fit taylor with dense "
-                            "Jacobians")
-        if order == 2 and d.t is None:
-            raise TmlpError("--fit lstsq at order 2 needs second derivatives; calibrate with --order 2")
-        sums[fqn] = CellSums.for_block(d, order)
+    return fit_least_squares_many(model, [blocks], batches, n_batches, [(order, ridge)], progress, log,
+                                  [projections or {}])[0]
 
-    prepared = {f: (c.float(), d.u.float(), d.v.float(), (projections or {}).get(f)) for f, (c, d) in blocks.items()}
+
+@torch.no_grad()
+def fit_least_squares_many(model: nn.Module, groups: list[dict[str, tuple[torch.Tensor, SharedDerivatives]]],
+                           batches: Iterable[torch.Tensor], n_batches: int, fits: list[tuple[int, float]],
+                           progress: bool = True, log: Callable[[str], None] | None = None,
+                           projections: list[dict[str, torch.Tensor | None]] | None = None
+                           ) -> list[dict[str, SharedDerivatives]]:
+    """``fit_least_squares`` for several groups of blocks, each with its (order, ridge) in ``fits``, in one pass."""
+    sums: list[dict[str, CellSums]] = []
+    prepared = []
+    for g, (blocks, (order, _ridge)) in enumerate(zip(groups, fits)):
+        sums.append({})
+        prepared.append({})
+        for fqn, (centres, d) in blocks.items():
+            if not isinstance(d, SharedDerivatives):
+                raise TmlpError("--fit lstsq fits shared-basis blocks; use --basis shared, or --fit taylor with "
+                                "dense Jacobians")
+            if order == 2 and d.t is None:
+                raise TmlpError("--fit lstsq at order 2 needs second derivatives; calibrate with --order 2")
+            sums[g][fqn] = CellSums.for_block(d, order)
+            prepared[g][fqn] = (centres.float(), d.u.float(), d.v.float(), (projections or [{}] * len(groups))[g]
+                                .get(fqn))
 
     def record(fqn: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        centres, u, v, projection = prepared[fqn]
-        accumulate_(sums[fqn], x, y, centres, u, v, order, projection=projection)
+        for g, (order, _ridge) in enumerate(fits):
+            if fqn in prepared[g]:
+                centres, u, v, projection = prepared[g][fqn]
+                accumulate_(sums[g][fqn], x, y, centres, u, v, order, projection=projection)
 
-    stream_blocks(model, list(blocks), batches, record, n_batches, "calibrate: least-squares fit", progress)
-    result = {}
-    for fqn, (_centres, d) in blocks.items():
-        result[fqn], kept = solve_cells(sums[fqn], d, ridge)
-        if kept and log:
-            log(f"  {fqn}: {kept} of {len(sums[fqn].n)} cells had too few tokens to fit and keep their Taylor values")
-    return result
+    fqns = list(dict.fromkeys(f for blocks in groups for f in blocks))
+    stream_blocks(model, fqns, batches, record, n_batches, "calibrate: least-squares fit", progress)
+    results = []
+    for g, (blocks, (_order, ridge)) in enumerate(zip(groups, fits)):
+        results.append({})
+        for fqn, (_centres, d) in blocks.items():
+            results[g][fqn], kept = solve_cells(sums[g][fqn], d, ridge)
+            if kept and log:
+                log(f"  {fqn}: {kept} of {len(sums[g][fqn].n)} cells had too few tokens to fit and keep their "
+                    "Taylor values")
+    return results
 
 
 @torch.no_grad()
