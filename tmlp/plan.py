@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from tmlp.calibration.calibrate import BlockCalibration
 from tmlp.calibration.record import stream_blocks
@@ -225,7 +226,7 @@ def candidate_choices(sensitivity: dict[str, dict[BlockOption, float]],
 def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibration]], options: list[BlockOption],
                 order: int, evaluate: Callable[[nn.Module], float], max_drop: float,
                 tokens: dict[str, tuple[torch.Tensor, torch.Tensor]], probe: torch.Tensor,
-                log: Callable[[str], None] | None = None) -> Plan:
+                log: Callable[[str], None] | None = None, progress: bool = False) -> Plan:
     """Per-block (k, rank) choice under an accuracy budget (see module docstring). ``calibrations`` maps each k of
     ``options`` to the calibration of every candidate block; ``tokens`` holds each block's held-out inputs and
     outputs (``held_out_tokens``); ``probe`` [n, C, H, W] validation images for the logit-KL sensitivities;
@@ -243,7 +244,8 @@ def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibra
     errors: dict[str, dict[BlockOption, float]] = {f: {} for f in fqns}
     sensitivity: dict[str, dict[BlockOption, float]] = {f: {} for f in fqns}
     macs: dict[str, dict[BlockOption | None, int]] = {}
-    for fqn in fqns:
+    for fqn in tqdm(fqns, desc=f"plan: sensitivity of {len(options)} options per block", disable=not progress,
+                    leave=False):
         x, y = tokens[fqn]
         d_in, d_out = x.shape[1], y.shape[1]
         macs[fqn] = {None: mlp_macs(originals[fqn], d_in, d_out)}

@@ -328,7 +328,8 @@ def plan_stage(loaded: Loaded, selection: Selection, calibration: dict[str, Bloc
         f"): options {', '.join(o.label() for o in options)}; logit-KL sensitivity on {len(probe)} and accuracy on "
         f"{len(choose)} validation images of the choose split")
     accuracy = lambda m: evaluate(m, choose, loaded.spec, torch.device("cpu"))  # noqa: E731
-    plan = plan_blocks(model, calibrations, options, config.order, accuracy, budget / 100, tokens, probe, log=log)
+    plan = plan_blocks(model, calibrations, options, config.order, accuracy, budget / 100, tokens, probe, log=log,
+                       progress=progress)
     log(plan.search_table())
     log(plan.table())
     if not plan.chosen:
