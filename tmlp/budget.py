@@ -12,7 +12,6 @@ The report split, never used for a choice, is measured last (``report``), with a
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

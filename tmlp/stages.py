@@ -278,7 +278,9 @@ def calibrate_selection(loaded: Loaded, selection: Selection, config: TaylorConf
 # ---------------------------------------------------------------------------------------------------------------------
 def distillation_may_run(spec: ExportSpec) -> bool:
     """Whether the distil stage may train: epochs N > 0, or auto under a budget."""
-    return spec.distill.epochs is None and spec.plan.max_acc_drop is not None or bool(spec.distill.epochs)
+    if spec.distill.epochs is None:
+        return spec.plan.max_acc_drop is not None
+    return spec.distill.epochs > 0
 
 
 def planning_budget(spec: ExportSpec) -> float:
