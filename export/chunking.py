@@ -11,7 +11,8 @@ from torch import nn
 
 
 class RowChunks(nn.Module):
-    """``block`` on the rows of x [..., d_in] in ``chunks`` pieces (ONNX: a Slice per piece, then Concat)."""
+    """``block`` on the rows of x [..., d_in] in ``chunks`` pieces (ONNX: a Slice per piece, then Concat); a block
+    whose ``channel_dim`` is 1 takes [B, d_in, ...] and gives [B, d_out, ...]."""
 
     def __init__(self, block: nn.Module, chunks: int = 1):
         super().__init__()
@@ -19,6 +20,11 @@ class RowChunks(nn.Module):
         self.chunks = chunks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.block, "channel_dim", -1) == 1 and x.dim() > 2:
+            return self._channels_last(x.movedim(1, -1)).movedim(-1, 1)
+        return self._channels_last(x)
+
+    def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         if self.chunks == 1:

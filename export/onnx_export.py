@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import warnings
 from collections import Counter
@@ -155,13 +156,46 @@ def external_data_files(path: str) -> list[str]:
 
 
 def _dynamo_export(model: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    """torch.export + torch.onnx with a dynamic batch. torch.export treats a size-1 dimension as the constant 1 in
+    some models (ConvNeXt's channels-first LayerNorm); a one-image example that trips on that is traced again as two
+    images."""
     batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), optimize=True,
-                                verbose=False)
+    try:
+        with _quiet_loggers("torch._guards", "torch.fx.experimental.symbolic_shapes", "torch._dynamo"):
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=({0: batch},), optimize=True, verbose=False)
+    except Exception as err:
+        if example.shape[0] != 1 or not _mentions(err, "Constraints violated (batch)"):
+            raise
+        return _dynamo_export(model, torch.cat([example, example]), opset)
     if program is None:
         raise TmlpError("torch.onnx.export returned no program; upgrade torch (>= 2.6) for the dynamo exporter")
     return program.model_proto
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Silence torch's internal loggers while a trace is tried (its failure is raised, or retried, by the caller)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _mentions(err: BaseException | None, text: str) -> bool:
+    """Whether ``err`` or an exception it was raised from says ``text``."""
+    seen = 0
+    while err is not None and seen < 16:
+        if text in str(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def _torchscript_export(model: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:

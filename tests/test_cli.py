@@ -1,4 +1,5 @@
 """The command line: --help everywhere, and bad input gives one line on stderr, exit 2, and writes nothing."""
+import json
 import os
 
 import pytest
@@ -137,9 +138,14 @@ def test_bench_without_a_run(tmp_path):
     _assert_one_line_error(code, err, "no manifest.json")
 
 
-def test_models_show_lists_blocks():
+def test_models_show_lists_blocks_with_their_share_of_the_work():
     code, _, out = _run(["models", "show", "deit_tiny"])
-    assert code == 0 and '"blocks.11.mlp"' in out
+    assert code == 0 and "12 replaceable MLP blocks of 12" in out and "blocks.11.mlp" in out
+    code, _, out = _run(["models", "show", "deit_tiny", "--json"])
+    shown = json.loads(out)
+    assert code == 0 and shown["replaceable_blocks"][-1] == "blocks.11.mlp" and shown["model_macs"] > 0
+    assert 0.6 < sum(b["share"] for b in shown["blocks"]) < 0.7  # DeiT's MLPs: about 65% of its multiply-adds
+    assert shown["blocks"][0]["input_shape"] == [1, 197, 192] and shown["blocks"][0]["d_in"] == 192
 
 
 def test_pretrained_without_network_is_a_clear_error(tmp_path, monkeypatch):

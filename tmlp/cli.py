@@ -389,19 +389,41 @@ def models_fp16_copy(src, dst) -> None:
 @models.command("show")
 @click.argument("name")
 @click.option("--checkpoint", default=None, help="Show the blocks of this checkpoint's model instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print the config and the block table as JSON.")
 @user_errors
-def models_show(name, checkpoint) -> None:
-    """The config of model NAME and the blocks T-MLP would replace."""
-    from tmlp.models import create_model, load_checkpoint, resolve_config
-    from tmlp.surgery import select_blocks
+def models_show(name, checkpoint, as_json) -> None:
+    """The config of model NAME and its MLP blocks: each block's type, input shape, rows per image, d_in -> d_out and
+    share of the model's multiply-adds (one image at the model's input size), and why a block is skipped."""
+    import torch
+
+    from tmlp.blocks import block_table
+    from tmlp.models import create_model, input_size, load_checkpoint, resolve_config
+    from tmlp.surgery import candidate_blocks, skipped_blocks
 
     if checkpoint:
         net, payload = load_checkpoint(checkpoint)
-        config = payload["config"]
+        name, config = payload["model"], payload["config"]
     else:
         config = resolve_config(name)
-        net = create_model(name, config)
-    click.echo(json.dumps({"model": name, "config": config, "replaceable_blocks": select_blocks(net)}, indent=2))
+        net = create_model(name, config).eval()
+    fqns, skipped = candidate_blocks(net), skipped_blocks(net)
+    blocks = [f for f in fqns if f not in skipped]
+    size = input_size(name, config)
+    infos, total = block_table(net, torch.zeros(1, *size), fqns)
+    if as_json:
+        click.echo(json.dumps({"model": name, "config": config, "input_size": list(size), "model_macs": total,
+                               "replaceable_blocks": blocks, "blocks": [i.to_dict() for i in infos]}, indent=2))
+        return
+    share = sum(i.share for i in infos if i.skipped is None)
+    click.echo(f"{name}: {len(blocks)} replaceable MLP blocks of {len(infos)}, {100 * share:.1f}% of the model's "
+               f"{total / 1e6:.1f} M multiply-adds per {size[1]}x{size[2]} image")
+    click.echo(f"{'block':34s} {'type':16s} {'input (C: channels)':22s} {'rows':>6s} {'d_in->d_out':>12s} "
+               f"{'M MACs':>8s} {'share':>6s}")
+    for i in infos:
+        dims = [str(d) for d in i.input_shape]
+        dims[i.channel_dim] = "C" + dims[i.channel_dim]
+        click.echo(f"{i.fqn:34s} {i.kind:16s} {'x'.join(dims):22s} {i.rows:6d} {f'{i.d_in}->{i.d_out}':>12s} "
+                   f"{i.macs / 1e6:8.2f} {100 * i.share:5.1f}%" + (f"  skipped: {i.skipped}" if i.skipped else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

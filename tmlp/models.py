@@ -156,10 +156,21 @@ def create_model(name: str, config: dict[str, Any] | None = None, pretrained: bo
 
 
 def input_size(name: str, config: dict[str, Any]) -> tuple[int, int, int]:
-    """(channels, height, width) of the model's input."""
-    size = config.get("img_size", 224)
+    """(channels, height, width) of the model's input: the config's ``img_size`` and ``in_chans``, else timm's
+    default input size for a timm name, else 3 x 224 x 224."""
+    default_chans, default_h, default_w = _timm_input_size(name) if name not in MODELS else (3, 224, 224)
+    size = config.get("img_size", (default_h, default_w))
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(config.get("in_chans", 3)), int(h), int(w)
+    return int(config.get("in_chans", default_chans)), int(h), int(w)
+
+
+def _timm_input_size(name: str) -> tuple[int, int, int]:
+    try:
+        import timm
+
+        return tuple(timm.models.get_pretrained_cfg(name).input_size)
+    except Exception:  # not a timm name, or a timm without a default config for it
+        return 3, 224, 224
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def run_export(spec: ExportSpec, log=print, progress: bool = True) -> ExportResu
     loaded = stages.load(spec, log, progress)
     out_dir = spec.out_dir or default_out_dir(spec.model, loaded.dataset)
     check_can_write(out_dir)
-    selection = stages.select(loaded, spec)
+    selection = stages.select(loaded, spec, log)
     t0 = time.time()
     calibration = stages.calibrate_selection(loaded, selection, spec.calibration, spec.source.calib_images, log,
                                              progress)

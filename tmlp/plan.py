@@ -23,12 +23,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tmlp.blocks import channel_dim
 from tmlp.calibration.calibrate import BlockCalibration
 from tmlp.calibration.record import stream_blocks
-from tmlp.taylor.derivatives import SharedDerivatives
 from tmlp.errors import TmlpError
 from tmlp.surgery import replace_module
 from tmlp.taylor import build_taylor_block
+from tmlp.taylor.derivatives import SharedDerivatives
 
 __all__ = ["BlockOption", "Plan", "candidate_choices", "choose", "held_out_tokens", "logit_kl", "logit_kl_with",
            "mlp_macs", "option_calibration", "option_macs", "plan_blocks", "relative_error", "truncate_rank"]
@@ -69,9 +70,10 @@ def option_calibration(calibrations: dict[int, dict[str, BlockCalibration]], fqn
 
 
 def mlp_macs(block: nn.Module, d_in: int, d_out: int) -> int:
-    """MACs per token of the original block: the sum over its Linear layers (d_in·d_out if it has none)."""
-    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
-    return sum(m.in_features * m.out_features for m in linears) if linears else d_in * d_out
+    """MACs per token of the original block: the sum over its Linear layers and 1x1 convolutions (d_in·d_out if it
+    has none)."""
+    layers = [m.weight for m in block.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return sum(w.shape[0] * w.shape[1] for w in layers) if layers else d_in * d_out
 
 
 def option_macs(option: BlockOption, d_in: int, d_out: int, order: int, rank_out: int | None = None) -> int:
@@ -237,7 +239,7 @@ def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibra
         raise TmlpError("no (k, rank) option to plan with; pass at least one --k")
     fqns = list(tokens)
     originals = {f: model.get_submodule(f) for f in fqns}
-    blocks = {(f, o): _build(calibrations, f, o, order) for f in fqns for o in options}
+    blocks = {(f, o): _build(calibrations, f, o, order, originals[f]) for f in fqns for o in options}
     model.eval()
     with torch.no_grad():
         reference = model(probe)
@@ -313,7 +315,7 @@ def smallest_feasible(n: int, feasible: Callable[[int], bool]) -> int | None:
     return hi
 
 
-def _build(calibrations: dict[int, dict[str, BlockCalibration]], fqn: str, option: BlockOption, order: int
-           ) -> nn.Module:
+def _build(calibrations: dict[int, dict[str, BlockCalibration]], fqn: str, option: BlockOption, order: int,
+           original: nn.Module) -> nn.Module:
     cal = option_calibration(calibrations, fqn, option)
-    return build_taylor_block(cal.centres, cal.derivatives, order, cal.projection)
+    return build_taylor_block(cal.centres, cal.derivatives, order, cal.projection, channel_dim(original))

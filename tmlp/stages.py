@@ -11,7 +11,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -28,7 +28,7 @@ from tmlp.io import atomic_path, cache_path, ensure_writable_dir, file_sha256, p
 from tmlp.models import create_model, input_size, load_checkpoint, model_names, resolve_config
 from tmlp.plan import BlockOption, Plan, held_out_tokens, option_calibration, plan_blocks
 from tmlp.spec import ExportSpec, PlanSpec, SourceSpec, TaylorConfig
-from tmlp.surgery import select_blocks, taylorize_
+from tmlp.surgery import select_blocks, skipped_blocks, taylorize_
 from tmlp.train import TrainConfig, evaluate, is_trained, train
 
 __all__ = ["Built", "ChooseSplitChecks", "Exported", "Loaded", "ResolvedTarget", "Selection", "ValSplits", "build",
@@ -194,6 +194,7 @@ class Selection:
     block_k: dict[str, int]
     candidates: list[str]
     available_tokens: int
+    skipped: dict[str, str] = field(default_factory=dict)  # blocks of the MLP family left as they are, and why
 
 
 def parse_layers(text: str | None, candidates: list[str]) -> list[str] | None:
@@ -228,9 +229,13 @@ def parse_block_k(text: str | None, candidates: list[str]) -> dict[str, int]:
     return out
 
 
-def select(loaded: Loaded, spec: ExportSpec) -> Selection:
-    """Stage 2: the blocks to replace and their k, checked against the calibration tokens the data give."""
+def select(loaded: Loaded, spec: ExportSpec, log: Log = print) -> Selection:
+    """Stage 2: the blocks to replace and their k, checked against the calibration tokens the data give. MLP blocks
+    that mix positions are left as they are, each with a one-line reason."""
     candidates = select_blocks(loaded.model)
+    skipped = skipped_blocks(loaded.model)
+    for fqn, reason in skipped.items():
+        log(f"skip {fqn}: {reason}")
     fqns = select_blocks(loaded.model, layers=parse_layers(spec.blocks.layers, candidates))
     block_k = parse_block_k(spec.blocks.block_k, candidates)
     if block_k and spec.plan.max_acc_drop is not None:
@@ -247,7 +252,7 @@ def select(loaded: Loaded, spec: ExportSpec) -> Selection:
     if largest_k > available:
         raise TmlpError(f"k = {largest_k} expansion points but the calibration data give only {available} tokens "
                         f"({n_images} images x {per_image}); lower --k / --block-k")
-    return Selection(fqns, block_k, candidates, available)
+    return Selection(fqns, block_k, candidates, available, skipped)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -652,6 +657,7 @@ def summarize(spec: ExportSpec, loaded: Loaded, selection: Selection, built: Bui
     return {"spec": spec.to_dict(), "model": spec.model, "model_config": loaded.payload["config"],
             "dataset": loaded.dataset, "checkpoint": loaded.checkpoint, "checkpoint_sha256": loaded.source_sha256,
             "taylor_config": spec.calibration.to_dict(), "layers": selection.fqns, "block_k": selection.block_k,
+            "skipped_blocks": selection.skipped,
             "preprocessing": loaded.spec, "pytorch_val_accuracy": {"original": built.accuracy_original,
                                                                    "tmlp": built.accuracy, "split": "report"},
             "pytorch_choose_accuracy": {"original": built.choose_original, "tmlp": built.choose},

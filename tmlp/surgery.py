@@ -1,8 +1,10 @@
 """Model surgery: ``taylorize_(model, config, filter_fn)`` replaces the selected blocks by TaylorMLP, in place.
 
 Modelled on torchao's ``quantize_(model, config, filter_fn=None)``: ``filter_fn(module, fqn) -> bool`` picks the
-blocks (default: every ``blocks.i.mlp`` of a ViT, the ``classifier`` head of the CIFAR VGG), and ``config`` is one
-TaylorConfig or a per-block map ``{"blocks.0.mlp": cfg, "_default": cfg}``.
+blocks (default ``tmlp.blocks.is_mlp_block``: every module of timm's MLP family, wherever it sits, and the CIFAR
+VGG's classifier head), and ``config`` is one TaylorConfig or a per-block map ``{"blocks.0.mlp": cfg, "_default":
+cfg}``. A block the default filter finds but that mixes positions (tmlp.blocks.unsupported_reason) is skipped and
+said so; one the user names is refused with that reason.
 """
 from __future__ import annotations
 
@@ -11,26 +13,45 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from tmlp.blocks import channel_dim, is_mlp_block, unsupported_reason
 from tmlp.calibration.calibrate import BlockCalibration, calibrate
 from tmlp.errors import TmlpError
 from tmlp.taylor import TaylorConfig, build_taylor_block
 
-__all__ = ["config_for", "default_filter", "replace_module", "select_blocks", "taylorize_"]
+__all__ = ["candidate_blocks", "config_for", "default_filter", "replace_module", "select_blocks", "skipped_blocks", "taylorize_"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 
 def default_filter(module: nn.Module, fqn: str) -> bool:
-    """ViT MLPs (``blocks.<i>.mlp``) and a top-level ``classifier`` MLP head."""
-    parts = fqn.split(".")
-    vit_mlp = len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] == "mlp"
-    return vit_mlp or (fqn == "classifier" and any(isinstance(m, nn.Linear) for m in module.modules()))
+    """Every module of the MLP family (tmlp.blocks.is_mlp_block), whatever its name."""
+    return is_mlp_block(module, fqn)
+
+
+def _outermost(fqns: list[str]) -> list[str]:
+    """``fqns`` without those nested inside another of them."""
+    chosen = set(fqns)
+    return [f for f in fqns if not any(".".join(f.split(".")[:i]) in chosen for i in range(1, f.count(".") + 1))]
+
+
+def candidate_blocks(model: nn.Module, filter_fn: FilterFn | None = None) -> list[str]:
+    """Names of the outermost modules ``filter_fn`` accepts (default: the MLP family), in model order, whether they
+    can be replaced or not."""
+    filter_fn = filter_fn or default_filter
+    return _outermost([f for f, m in model.named_modules() if f and filter_fn(m, f)])
+
+
+def skipped_blocks(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, str]:
+    """{block name: why it is not replaced} for the candidate blocks that mix positions."""
+    reasons = {f: unsupported_reason(model.get_submodule(f)) for f in candidate_blocks(model, filter_fn)}
+    return {f: r for f, r in reasons.items() if r is not None}
 
 
 def select_blocks(model: nn.Module, filter_fn: FilterFn | None = None, layers: Iterable[str] | None = None
                   ) -> list[str]:
-    """Fully qualified names of the blocks to replace: ``layers`` if given (each must exist), else those
-    ``filter_fn`` accepts, in model order."""
+    """Fully qualified names of the blocks to replace: ``layers`` if given (each must exist and map rows to rows),
+    else those ``filter_fn`` accepts that do (outermost ones; ``skipped_blocks`` says why the others are left), in
+    model order."""
     names = dict(model.named_modules())
     if layers is not None:
         chosen = list(layers)
@@ -38,11 +59,16 @@ def select_blocks(model: nn.Module, filter_fn: FilterFn | None = None, layers: I
         if missing:
             raise TmlpError(f"the model has no block {missing[0]!r}; candidates are "
                             f"{select_blocks(model, filter_fn)[:4]}...; fix --layers")
+        for f in chosen:
+            reason = unsupported_reason(names[f])
+            if reason:
+                raise TmlpError(f"block {f!r} cannot be replaced: {reason}; leave it out of --layers")
         return chosen
-    filter_fn = filter_fn or default_filter
-    chosen = [f for f, m in names.items() if f and filter_fn(m, f)]
+    chosen = [f for f in candidate_blocks(model, filter_fn) if unsupported_reason(names[f]) is None]
     if not chosen:
-        raise TmlpError("no block of this model matches the filter; pass --layers with module names")
+        why = "; ".join(f"{f}: {r}" for f, r in list(skipped_blocks(model, filter_fn).items())[:2])
+        raise TmlpError("no block of this model is an MLP T-MLP can replace" + (f" ({why})" if why else "")
+                        + "; pass --layers with module names (tmlp models show NAME lists them)")
     return chosen
 
 
@@ -88,5 +114,5 @@ def taylorize_(model: nn.Module, config: TaylorConfig | dict[str, TaylorConfig],
             raise TmlpError(f"no calibration for block {fqn!r}; calibrate it first")
         cal = calibration[fqn]
         replace_module(model, fqn, build_taylor_block(cal.centres, cal.derivatives, config_for(config, fqn).order,
-                                                      cal.projection))
+                                                      cal.projection, channel_dim(model.get_submodule(fqn))))
     return calibration

@@ -13,7 +13,7 @@ from typing import Any
 _API = {name: "tmlp.calibration.calibrate" for name in (
     "BlockCalibration", "calibrate", "calibrate_many", "collect_inputs", "fit_least_squares", "kmeans",
     "partition_kmeans", "shared_block")}
-_API.update({name: "tmlp.calibration.record" for name in ("get_module", "stream_blocks", "tokens_per_image")})
+_API.update({name: "tmlp.calibration.record" for name in ("block_rows", "get_module", "stream_blocks", "tokens_per_image")})
 __all__ = sorted(_API)
 
 

@@ -22,7 +22,7 @@ from tmlp.taylor.derivatives import (BlockDerivatives, SharedDerivatives, block_
                               refuse_full_hessian, shared_derivatives)
 from tmlp.errors import TmlpError
 from tmlp.taylor.fit import CellSums, accumulate_, solve_cells
-from tmlp.calibration.record import get_module, stream_blocks
+from tmlp.calibration.record import block_rows, get_module, stream_blocks
 from tmlp.io import cache_path, save_torch
 from tmlp.taylor.partition import (centres_from_projected, nearest_centre, partition_projection,
                             project)
@@ -122,8 +122,8 @@ def calibrate_many(model: nn.Module, fqns: list[str], batches: Callable[[], Iter
     (same rows, same sums) and is cached under the same key."""
     for config in configs:
         if config.order == 2 and config.hessian == "full":  # refuse before streaming any data
-            linears = [m for m in get_module(model, fqns[0]).modules() if isinstance(m, nn.Linear)]
-            raise refuse_full_hessian(config.k, linears[-1].out_features, linears[0].in_features)
+            layers = [m.weight for m in get_module(model, fqns[0]).modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            raise refuse_full_hessian(config.k, layers[-1].shape[0], layers[0].shape[1])
     for f in fqns:
         get_module(model, f)
     paths = [None if key is None else cache_path("calibration", "calib-" + cache_key(
@@ -137,7 +137,7 @@ def calibrate_many(model: nn.Module, fqns: list[str], batches: Callable[[], Iter
         if sample not in inputs:
             inputs[sample] = collect_inputs(model, fqns, batches(), n_batches, config.max_tokens, config.seed,
                                             progress)
-        results[i] = {fqn: centres_and_tensors(get_module(model, fqn), fqn, inputs[sample][fqn], config)
+        results[i] = {fqn: centres_and_tensors(block_rows(model, fqn), fqn, inputs[sample][fqn], config)
                       for fqn in tqdm(fqns, desc=f"calibrate: K-means k={config.k} + order-{config.order} tensors",
                                       disable=not progress, leave=False)}
     fitting = [i for i in todo if configs[i].fit == "lstsq"]

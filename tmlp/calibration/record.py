@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tmlp.blocks import as_rows, channel_dim, rows_of
 from tmlp.errors import TmlpError
 
 Recorder = Callable[[str, torch.Tensor, torch.Tensor], None]
@@ -22,19 +23,25 @@ def get_module(model: nn.Module, fqn: str) -> nn.Module:
             from None
 
 
+def block_rows(model: nn.Module, fqn: str) -> nn.Module:
+    """Block ``fqn`` of ``model`` as a map of rows [N, d_in] -> [N, d_out] (tmlp.blocks.as_rows)."""
+    return as_rows(get_module(model, fqn))
+
+
 @torch.no_grad()
 def stream_blocks(model: nn.Module, fqns: list[str], batches: Iterable[torch.Tensor], record: Recorder,
                   n_batches: int | None = None, desc: str = "", progress: bool = False) -> None:
     """Run ``model`` (in eval mode) over ``batches`` (model inputs [B, C, H, W]) and call ``record(fqn, x, y)`` for
-    every block in ``fqns`` with the rows of its input x [n, d_in] and output y [n, d_out], in execution order. A
-    recorder only reads: the hooks return None, so no block's output changes."""
-    def hook(fqn: str) -> Callable:
+    every block in ``fqns`` with the rows of its input x [n, d_in] and output y [n, d_out] (along the block's channel
+    axis, tmlp.blocks), in execution order. A recorder only reads: the hooks return None, so no block's output
+    changes."""
+    def hook(fqn: str, dim: int) -> Callable:
         def on_forward(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach()
-            record(fqn, x.reshape(-1, x.shape[-1]), output.detach().reshape(-1, output.shape[-1]))
+            record(fqn, rows_of(args[0].detach(), dim), rows_of(output.detach(), dim))
         return on_forward
 
-    handles = [get_module(model, f).register_forward_hook(hook(f)) for f in fqns]
+    blocks = {f: get_module(model, f) for f in fqns}
+    handles = [b.register_forward_hook(hook(f, channel_dim(b))) for f, b in blocks.items()]
     try:
         model.eval()
         for x in tqdm(batches, total=n_batches, desc=desc, disable=not progress, leave=False):

@@ -21,12 +21,18 @@ from tmlp.taylor.partition import assignment_tensors
 class _NearestCentre(nn.Module):
     """Holds the centres [k, d_in] and assigns each row of x [N, d_in] to its nearest one, in the coordinates x P of
     the partition's projection P [d_in, q] when given (tmlp.taylor.partition): buffers ``assign_projection`` P (q < d_in
-    only) and ``assign_weight`` W (C P [k, q], or C P Pᵀ [k, d_in] when q = d_in)."""
+    only) and ``assign_weight`` W (C P [k, q], or C P Pᵀ [k, d_in] when q = d_in).
 
-    def __init__(self, centres: torch.Tensor, projection: torch.Tensor | None = None):
+    ``channel_dim`` is the input axis that holds the features: -1 (rows [..., d_in], a Linear MLP) or 1 (maps
+    [B, d_in, H, W], a 1x1-convolution MLP; a 2-D input [N, d_in] is rows either way)."""
+
+    def __init__(self, centres: torch.Tensor, projection: torch.Tensor | None = None, channel_dim: int = -1):
         super().__init__()
+        if channel_dim not in (-1, 1):
+            raise TmlpError(f"channel_dim must be -1 (channels last) or 1 (channels first), got {channel_dim}")
         centres = centres.float()
         self.d_in = centres.shape[1]
+        self.channel_dim = channel_dim
         self.register_buffer("centres", centres.contiguous())
         proj, weight, half_sq_norm = assignment_tensors(centres, projection)
         if proj is not None:
@@ -49,7 +55,13 @@ class _NearestCentre(nn.Module):
         return torch.argmin(self.half_sq_norm - x @ weight.T, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d_in] -> [..., d_out]: the rows of x through ``rows``."""
+        """x [..., d_in] -> [..., d_out] (channels first: [B, d_in, ...] -> [B, d_out, ...]): the rows of x through
+        ``rows``."""
+        if self.channel_dim == 1 and x.dim() > 2:
+            return self._channels_last(x.movedim(1, -1)).movedim(-1, 1)
+        return self._channels_last(x)
+
+    def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         return self.rows(x.reshape(-1, self.d_in)).reshape(*lead, self.d_out)
 
@@ -69,8 +81,8 @@ class TaylorMLP(_NearestCentre):
     """
 
     def __init__(self, centres: torch.Tensor, derivatives: BlockDerivatives, order: int,
-                 projection: torch.Tensor | None = None):
-        super().__init__(centres, projection)
+                 projection: torch.Tensor | None = None, channel_dim: int = -1):
+        super().__init__(centres, projection, channel_dim)
         if order not in (0, 1, 2):
             raise TmlpError(f"Taylor order must be 0, 1 or 2, got {order}")
         centres = self.centres
@@ -114,8 +126,8 @@ class SharedTaylorMLP(_NearestCentre):
     """
 
     def __init__(self, centres: torch.Tensor, derivatives: SharedDerivatives, order: int,
-                 projection: torch.Tensor | None = None):
-        super().__init__(centres, projection)
+                 projection: torch.Tensor | None = None, channel_dim: int = -1):
+        super().__init__(centres, projection, channel_dim)
         if order not in (1, 2):
             raise TmlpError(f"a shared-basis block needs order 1 or 2, got {order}")
         self.order = order
@@ -153,9 +165,9 @@ class SharedTaylorMLP(_NearestCentre):
 
 
 def build_taylor_block(centres: torch.Tensor, derivatives: BlockDerivatives | SharedDerivatives, order: int,
-                       projection: torch.Tensor | None = None) -> TaylorMLP | SharedTaylorMLP:
+                       projection: torch.Tensor | None = None, channel_dim: int = -1) -> TaylorMLP | SharedTaylorMLP:
     """The Taylor module that matches the kind of per-centre tensors calibration produced (cells in x·``projection``,
-    tmlp.taylor.partition)."""
+    tmlp.taylor.partition), reading its features on axis ``channel_dim`` as the block it replaces did."""
     if isinstance(derivatives, SharedDerivatives):
-        return SharedTaylorMLP(centres, derivatives, order, projection)
-    return TaylorMLP(centres, derivatives, order, projection)
+        return SharedTaylorMLP(centres, derivatives, order, projection, channel_dim)
+    return TaylorMLP(centres, derivatives, order, projection, channel_dim)

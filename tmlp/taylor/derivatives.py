@@ -1,9 +1,12 @@
 """Values, Jacobians and diagonal Hessians of a block at its expansion points.
 
-For a timm ``Mlp`` (fc1 -> GELU -> fc2, no norm) the closed forms are used::
+For a timm ``Mlp`` (fc1 -> act -> fc2 with Linear layers, no hidden norm, an elementwise activation) the closed
+forms are used::
 
-    z = W1 x0 + b1,   J(x0) = W2 diag(gelu'(z)) W1,   H_diag(x0)[o, j] = sum_h W2[o, h] gelu''(z_h) W1[h, j]^2
+    z = W1 x0 + b1,   J(x0) = W2 diag(act'(z)) W1,   H_diag(x0)[o, j] = sum_h W2[o, h] act''(z_h) W1[h, j]^2
 
+(act' and act'' in closed form for the exact GELU, by autograd of the scalar function for the others: ReLU, SiLU,
+tanh-GELU, ...)
 and any other block goes through ``torch.func`` (``jacrev`` for J, forward-over-forward ``jvp`` along each input
 axis for the Hessian diagonal). A full Hessian (k * d_out * d_in^2 numbers) is refused.
 """
@@ -59,22 +62,41 @@ def gelu_derivatives(z: torch.Tensor, approximate: str = "none") -> tuple[torch.
     return _autograd_derivatives(lambda t: nn.functional.gelu(t, approximate=approximate), z)
 
 
+def activation_derivatives(act: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act'(z), act''(z)) of an elementwise activation module at pre-activations z."""
+    if isinstance(act, nn.GELU):
+        return gelu_derivatives(z, act.approximate)
+    return _autograd_derivatives(act, z)
+
+
+def is_elementwise(act: nn.Module) -> bool:
+    """An activation that maps each number alone (torch's and timm's pointwise activations)."""
+    return isinstance(act, ELEMENTWISE) or type(act).__module__ == "timm.layers.activations"
+
+
+ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardswish,
+               nn.Hardsigmoid, nn.Softplus)
+
+
 def _autograd_derivatives(fn, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        (d1,) = torch.autograd.grad(fn(z).sum(), z, create_graph=True)
+        (d1,) = torch.autograd.grad(fn(z * 1.0).sum(), z, create_graph=True)  # * 1.0: in-place activations
+        if not d1.requires_grad:  # piecewise linear (ReLU): no second derivative
+            return d1.detach(), torch.zeros_like(z)
         (d2,) = torch.autograd.grad(d1.sum(), z)
     return d1.detach(), d2.detach()
 
 
 def is_closed_form_mlp(block: nn.Module) -> bool:
-    """A timm Mlp whose forward is exactly fc2(act(fc1(x))) in eval mode (identity norm, GELU)."""
+    """A timm Mlp whose forward is exactly fc2(act(fc1(x))) in eval mode (Linear layers, identity norm, an
+    elementwise activation)."""
     try:
         from timm.layers import Mlp
     except ImportError:
         return False
     return (type(block) is Mlp and isinstance(block.fc1, nn.Linear) and isinstance(block.fc2, nn.Linear)
-            and isinstance(block.act, nn.GELU) and isinstance(block.norm, nn.Identity))
+            and is_elementwise(block.act) and isinstance(block.norm, nn.Identity))
 
 
 @torch.no_grad()
@@ -88,7 +110,7 @@ def mlp_derivatives(block: nn.Module, centres: torch.Tensor, order: int, chunk: 
     out = BlockDerivatives(value=value.float())
     if order == 0:
         return out
-    d1, d2 = gelu_derivatives(z, block.act.approximate)
+    d1, d2 = activation_derivatives(block.act, z)
     jac, hess = [], []
     for s in range(0, len(centres), chunk):
         jac.append(torch.einsum("oh,kh,hi->koi", w2, d1[s:s + chunk], w1).float())
@@ -185,7 +207,7 @@ def shared_derivatives(block: nn.Module, centres: torch.Tensor, order: int, u: t
         b1 = block.fc1.bias.double() if block.fc1.bias is not None else 0.0
         a = u.double().T @ block.fc2.weight.double()  # [r, hidden]
         b = w1 @ v.double()  # [hidden, r]
-        d1, d2 = gelu_derivatives(centres.double() @ w1.T + b1, block.act.approximate)
+        d1, d2 = activation_derivatives(block.act, centres.double() @ w1.T + b1)
         out = SharedDerivatives(block(centres).float(), u, v, torch.einsum("rh,kh,hs->krs", a, d1, b).float())
         if order == 2:
             out.t = torch.einsum("rh,kh,hs->krs", a, d2, b * b).float()

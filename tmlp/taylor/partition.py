@@ -37,18 +37,21 @@ from tmlp.spec import PARTITIONS
 
 
 
-def first_linear(block: nn.Module, d_in: int) -> nn.Linear:
-    """The first Linear layer of ``block`` that reads its d_in inputs (fc1 of a timm Mlp)."""
+def first_weight(block: nn.Module, d_in: int) -> torch.Tensor:
+    """W₁ [h, d_in]: the weight of the first Linear layer (or 1x1 convolution) of ``block`` that reads its d_in
+    inputs (fc1 of a timm Mlp)."""
     for m in block.modules():
         if isinstance(m, nn.Linear) and m.in_features == d_in:
-            return m
+            return m.weight
+        if isinstance(m, nn.Conv2d) and m.in_channels == d_in and m.kernel_size == (1, 1) and m.groups == 1:
+            return m.weight[:, :, 0, 0]
     raise TmlpError(f"--partition hidden needs a block whose first layer is a Linear reading its {d_in} inputs; "
                     "this block has none: use --partition input")
 
 
 def hidden_factor(block: nn.Module, d_in: int) -> torch.Tensor:
     """L [d_in, d_in] (float32, lower triangular) with L Lᵀ = W₁ᵀW₁ for the block's first Linear layer W₁."""
-    w1 = first_linear(block, d_in).weight.detach().double()
+    w1 = first_weight(block, d_in).detach().double()
     gram = w1.T @ w1
     rank = int(torch.linalg.matrix_rank(gram))
     if w1.shape[0] < d_in or rank < d_in:
