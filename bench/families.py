@@ -1,6 +1,7 @@
 """T-MLP on the edge models people deploy: each timm family end to end at its native input size, random weights.
 
     python bench/families.py [--models deit_small_patch16_224,swin_tiny_patch4_window7_224,...] [--repeats 3]
+    python bench/families.py --models convnext_atto,efficientformer_l1 --rank 8     # a smaller basis
 
 For each model (timm, random weights: latency does not depend on them) it exports original.onnx and tmlp.onnx with
 every MLP block the type filter finds replaced (k=100, shared basis r=32, order 1, calibrated on 64 random images),
@@ -101,12 +102,13 @@ def main() -> None:
         share = mlp_share_of_time(os.path.join(run_dir, "original.onnx"), free, args.repeats, args.runs)
         bench = run_bench(run_dir, batch=1, repeats=args.repeats, runs=args.runs)
         rows = {r["variant"]: r for r in bench["rows"]}
-        results[name] = {"blocks": len(fqns), **macs, **share, "machine": bench["machine"],
+        key = name if (args.k, args.rank) == (100, 32) else f"{name} (k={args.k}, r={args.rank})"
+        results[key] = {"blocks": len(fqns), **macs, **share, "machine": bench["machine"],
                          "taylor": f"k={args.k}, shared basis r={args.rank}, order 1",
                          "variants": {v: {"p50_ms": r["latency_ms"]["p50"], "p90_ms": r["latency_ms"]["p90"],
                                           "speedup_vs_fp32": r["speedup_vs_fp32"], "file_mb": r["file_bytes"] / 1e6}
                                       for v, r in rows.items()}}
-        print(name, json.dumps(results[name], indent=1)[:600], flush=True)
+        print(key, json.dumps(results[key], indent=1)[:600], flush=True)
         with open(path, "w") as f:
             json.dump(results, f, indent=2, sort_keys=True)
     write_table(results, os.path.join(args.out, "families.md"))

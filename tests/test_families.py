@@ -113,3 +113,33 @@ def test_family_is_found_replaced_exported_and_matches_onnxruntime(family, run_f
     assert proc.returncode == 0, proc.stderr[-400:]
     measured = json.loads((run_folder / f"{family}.json").read_text())
     assert measured["latency_ms"]["p50"] > 0
+
+
+@pytest.mark.parametrize("name, expected", [("deit_tiny_patch16_224", {"img_size": 32}),
+                                            ("convnext_atto", {"input_size": [32, 32]})])
+def test_smallest_input_a_family_runs_at(name, expected):
+    from tmlp.models import create_model, input_size, smallest_input_config
+
+    config = smallest_input_config(name, in_chans=1, num_classes=10)
+    assert config == {"in_chans": 1, "num_classes": 10, **expected}
+    assert input_size(name, config) == (1, 32, 32)
+    with torch.no_grad():
+        assert create_model(name, config).eval()(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
+
+
+def test_export_of_any_timm_name_trains_its_embedded_default(tmp_path, monkeypatch):
+    """`tmlp export --model NAME` with no checkpoint: a timm model outside the registry is trained on digits at
+    the smallest input it runs at (one epoch here), then exported with parity."""
+    from click.testing import CliRunner
+
+    from tmlp import stages
+    from tmlp.cli import main
+
+    monkeypatch.setitem(stages.GENERIC_EMBEDDED_RECIPE, "epochs", 1)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["export", "--model", "test_vit", "--k", "8", "--rank", "8", "--no-finetune",
+                                       "--calib-images", "64", "--eval-images", "64", "--out", str(out)])
+    assert result.exit_code == 0, result.output[-600:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model_config"] == {"in_chans": 1, "num_classes": 10, "img_size": 32}
+    assert len(manifest["layers"]) == 6 and manifest["parity"]["tmlp.onnx"]["top1_agree"] == 1.0

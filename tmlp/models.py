@@ -17,7 +17,7 @@ from tmlp.errors import TmlpError
 from tmlp.io import file_sha256, save_torch
 
 __all__ = ["MODELS", "ModelEntry", "VGG", "VGGHead", "create_model", "input_size", "load_checkpoint", "model_names",
-           "read_checkpoint", "resolve_config", "save_checkpoint", "split_state"]
+           "read_checkpoint", "resolve_config", "save_checkpoint", "smallest_input_config", "split_state"]
 
 CHECKPOINT_FORMAT = "tmlp-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -148,18 +148,45 @@ def _is_timm_name(name: str) -> bool:
 
 
 def create_model(name: str, config: dict[str, Any] | None = None, pretrained: bool = False) -> nn.Module:
-    """Build model ``name`` with keyword ``config`` (from resolve_config); [N, C, H, W] -> [N, classes]."""
-    config = resolve_config(name, **(config or {}))
+    """Build model ``name`` with keyword ``config`` (from resolve_config); [N, C, H, W] -> [N, classes]. The key
+    ``input_size`` ([H, W]: what a fully convolutional timm model was trained at) is tmlp's, not the builder's."""
+    config = {k: v for k, v in resolve_config(name, **(config or {})).items() if k != INPUT_SIZE_KEY}
     if name in MODELS:
         return MODELS[name].builder(pretrained=pretrained, **config)
     return _timm(name)(pretrained=pretrained, **config)
+
+
+INPUT_SIZE_KEY = "input_size"
+
+
+def smallest_input_config(name: str, in_chans: int, num_classes: int, sides: tuple[int, ...] = (32, 64, 96, 128,
+                                                                                               160, 224, 256)
+                          ) -> dict[str, Any]:
+    """The config of timm model ``name`` at the smallest square input in ``sides`` it runs at, with ``in_chans``
+    channels and ``num_classes`` classes: ``img_size`` where the builder takes one (ViTs, Swin, CaiT, ...), else the
+    recorded ``input_size`` of a fully convolutional model (ConvNeXt, PoolFormer, MobileViT)."""
+    base = {"in_chans": in_chans, "num_classes": num_classes}
+    tried = []
+    for side in sides:
+        for config in ({**base, "img_size": side}, {**base, INPUT_SIZE_KEY: [side, side]}):
+            try:
+                with torch.no_grad():
+                    out = create_model(name, config).eval()(torch.zeros(2, in_chans, side, side))
+            except Exception as err:  # any builder or forward failure: try the next size
+                tried.append(f"{side}: {type(err).__name__}")
+                continue
+            if tuple(out.shape) == (2, num_classes):
+                return config
+    raise TmlpError(f"{name} runs at none of the input sizes {list(sides)} ({'; '.join(tried[-2:])}); pass "
+                    "--checkpoint with a model you trained")
+
 
 
 def input_size(name: str, config: dict[str, Any]) -> tuple[int, int, int]:
     """(channels, height, width) of the model's input: the config's ``img_size`` and ``in_chans``, else timm's
     default input size for a timm name, else 3 x 224 x 224."""
     default_chans, default_h, default_w = _timm_input_size(name) if name not in MODELS else (3, 224, 224)
-    size = config.get("img_size", (default_h, default_w))
+    size = config.get("img_size", config.get(INPUT_SIZE_KEY, (default_h, default_w)))
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return int(config.get("in_chans", default_chans)), int(h), int(w)
 

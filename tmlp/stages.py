@@ -25,7 +25,8 @@ from tmlp.distill import distill_
 from tmlp.finetune import finetune_
 from tmlp.errors import TmlpError
 from tmlp.io import atomic_path, cache_path, ensure_writable_dir, file_sha256, publish, write_json
-from tmlp.models import create_model, input_size, load_checkpoint, model_names, resolve_config
+from tmlp.models import (create_model, input_size, load_checkpoint, model_names, resolve_config,
+                         smallest_input_config)
 from tmlp.plan import BlockOption, Plan, held_out_tokens, option_calibration, plan_blocks
 from tmlp.spec import ExportSpec, PlanSpec, SourceSpec, TaylorConfig
 from tmlp.surgery import select_blocks, skipped_blocks, taylorize_
@@ -52,6 +53,19 @@ EMBEDDED_RECIPES: dict[str, dict[str, Any]] = {
                   "augment": "none"},
     "vgg16": {"model_config": {"img_size": 32, "hidden": 512}, "epochs": 15, "lr": 0.02, "batch_size": 64},
 }
+# Any other timm name: the same short AdamW recipe at the smallest input the family runs at (models.
+# smallest_input_config), so that `tmlp export --model NAME` works with no checkpoint, as for the registered ones.
+GENERIC_EMBEDDED_RECIPE: dict[str, Any] = {"epochs": 5, "lr": 5e-4, "batch_size": 32, "optimizer": "adamw",
+                                           "weight_decay": 0.05, "warmup_epochs": 1.0, "clip_grad": 1.0,
+                                           "augment": "none"}
+
+
+def embedded_recipe(model: str) -> dict[str, Any]:
+    """How the embedded default of ``model`` is trained on digits (1 channel, 10 classes)."""
+    if model in EMBEDDED_RECIPES:
+        return EMBEDDED_RECIPES[model]
+    resolve_config(model)  # raises for unknown names
+    return {"model_config": smallest_input_config(model, in_chans=1, num_classes=10), **GENERIC_EMBEDDED_RECIPE}
 
 # Files `tmlp bench` derives from an export; a new export into the same folder removes them.
 DERIVED_FILES = ("original.int8.onnx", "tmlp.int8.onnx", "tmlp.int8-all.onnx", "bench.json", "bench.md")
@@ -129,13 +143,12 @@ def tensor_batches(data: DataSet, spec: dict[str, Any], split: str, limit: int, 
 
 def embedded_default_checkpoint(model: str, log: Log = print, progress: bool = True) -> str:
     """Path of ``model`` trained on digits with its embedded recipe, training it first if it is not cached."""
-    if model not in EMBEDDED_RECIPES:
-        raise TmlpError(f"no embedded default for {model!r} (only {sorted(EMBEDDED_RECIPES)}); pass --checkpoint")
-    recipe = EMBEDDED_RECIPES[model]
+    epochs = EMBEDDED_RECIPES.get(model, GENERIC_EMBEDDED_RECIPE)["epochs"]
     out = cache_path("models", f"{model}-{DEFAULT_DATASET}")
-    if is_trained(out, recipe["epochs"]):
+    if is_trained(out, epochs):
         log(f"no --checkpoint: using the embedded default, {model} trained on {DEFAULT_DATASET} (cached in {out})")
         return os.path.join(out, "best.pt")
+    recipe = embedded_recipe(model)
     log(f"no --checkpoint: training the embedded default, {model} on {DEFAULT_DATASET} "
         f"({recipe['epochs']} epochs, once; cached in {out})")
     cfg = TrainConfig(model=model, dataset=DEFAULT_DATASET, eval_every=5, patience=recipe["epochs"], **recipe)
