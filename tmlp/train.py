@@ -273,7 +273,8 @@ def end_epoch(run: Run, train_loss: float, seen: int, train_seconds: float, log=
     else:
         state["stale"] += 1
     row = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": acc, "lr": run.optimizer.param_groups[0]["lr"],
-           "train_seconds": round(train_seconds, 1), "images_per_s": round(seen / max(1e-9, train_seconds), 1)}
+           "train_seconds": round(train_seconds, 1), "images_per_s": round(seen / max(1e-9, train_seconds), 1),
+           "precision": cfg.precision}
     with open(run.path("train_log.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     state.update(epoch=epoch + 1, batch=0)
@@ -350,7 +351,7 @@ def write_run_snapshot(out_dir: str, dst: str) -> dict[str, Any]:
 
 # Options that may change between an interrupted run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = {"epochs", "patience", "eval_every", "num_workers", "device", "threads", "checkpoint_minutes",
-                     "data_root", "download"}
+                     "data_root", "download", "precision"}
 
 
 def is_trained(out_dir: str, epochs: int) -> bool:
