@@ -50,10 +50,11 @@ def truncate_rank(derivatives: SharedDerivatives, rank: int) -> SharedDerivative
     """The rank-``rank`` block contained in a higher-rank shared-basis calibration (first ``rank`` columns of V, and
     of U the same share of its columns: a calibration at r = 32, r_out = 48 truncated to 16 keeps 16 and 24).
     Exact for Taylor tensors; for least-squares fitted ones (--fit lstsq) the leading block approximates the rank-r
-    fit (the planner measures every candidate it keeps, so its budget holds either way)."""
+    fit (the planner measures every candidate it keeps, so its budget holds either way). A block calibrated narrower
+    than ``rank`` (all of its input directions kept) is returned whole."""
     r_in, r_out = derivatives.v.shape[1], derivatives.u.shape[1]
-    if rank > r_in:
-        raise TmlpError(f"rank {rank} exceeds the calibrated rank {r_in}")
+    if rank >= r_in:
+        return derivatives
     keep = min(r_out, max(1, round(rank * r_out / r_in)))
     return SharedDerivatives(derivatives.value, derivatives.u[:, :keep].contiguous(),
                              derivatives.v[:, :rank].contiguous(), derivatives.s[:, :keep, :rank].contiguous(),

@@ -131,10 +131,13 @@ def test_onnx_graph_and_parity(order, rank_out, tmp_path):
     assert abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - ref).max() < 1e-4
 
 
-def test_rank_larger_than_dimensions_is_refused():
+def test_a_narrow_input_keeps_all_its_directions_when_no_output_rank_is_given():
+    """MLP-Mixer's token MLP at 32x32 has d_in = 4 < the default rank 32: V spans all 8 input directions here, and
+    U spans all 8 outputs."""
     block, rows, centres = _setup(d=8, h=16, k=4)
-    with pytest.raises(TmlpError, match="rank 9 must lie in 1..d_in = 8"):
-        shared_block(block, rows, centres, TaylorConfig(k=4, basis="shared", rank=9))
+    shared = shared_block(block, rows, centres, TaylorConfig(k=4, basis="shared", rank=9))
+    assert shared.v.shape == (8, 8) and shared.u.shape == (8, 8) and shared.s.shape == (4, 8, 8)
+    assert torch.allclose(shared.v @ shared.v.T, torch.eye(8), atol=1e-5)
 
 
 def test_a_narrow_output_takes_all_its_directions_when_no_output_rank_is_given():

@@ -106,6 +106,22 @@ def test_cells_with_too_few_tokens_keep_their_taylor_values():
     assert torch.equal(fitted.s, taylor.s) and torch.equal(fitted.value, taylor.value)
 
 
+@pytest.mark.parametrize("ridge", [0.0, 1e-2])
+def test_a_cell_whose_tokens_all_coincide_keeps_its_taylor_values(ridge):
+    """Tokens that do not vary (a constant position) make the cell's system singular: that cell keeps its Taylor
+    tensors instead of failing the export, and the other cells are fitted."""
+    _, rows, y, centres, taylor = _block_and_tokens(1)
+    c = int(cell_features(rows[:1], centres, taylor.v, 1)[0][0])
+    same = rows[:1].repeat(50, 1)
+    x = torch.cat([same, rows[1:]])
+    yy = torch.cat([y[:1].repeat(50, 1), y[1:]])
+    mine = cell_features(x, centres, taylor.v, 1)[0] == c
+    x, yy = torch.cat([same, x[~mine]]), torch.cat([y[:1].repeat(50, 1), yy[~mine]])
+    fitted, kept = solve_cells(_sums(x, yy, centres, taylor, 1), taylor, ridge=ridge)
+    assert kept == 1 and torch.equal(fitted.s[c], taylor.s[c])
+    assert not torch.equal(fitted.s, taylor.s)
+
+
 def test_fit_through_model_hooks_equals_the_fit_on_collected_tokens(tiny_vit, digit_batches):
     """The streaming pass (forward hooks over calibration batches) sees exactly the block's inputs and outputs."""
     fqn = "blocks.2.mlp"

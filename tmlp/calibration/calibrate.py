@@ -226,7 +226,7 @@ def fit_least_squares_many(model: nn.Module, groups: list[dict[str, tuple[torch.
         for fqn, (_centres, d) in blocks.items():
             results[g][fqn], kept = solve_cells(sums[g][fqn], d, ridge)
             if kept and log:
-                log(f"  {fqn}: {kept} of {len(sums[g][fqn].n)} cells had too few tokens to fit and keep their "
+                log(f"  {fqn}: {kept} of {len(sums[g][fqn].n)} cells had too few (or only identical) tokens to fit and keep their "
                     "Taylor values")
     return results
 
@@ -240,15 +240,17 @@ def shared_block(block: nn.Module, rows: torch.Tensor, centres: torch.Tensor, co
     assign = nearest_centre(rows, centres, projection, chunk)
     centre_values = block(centres)
     d_in, d_out = rows.shape[1], centre_values.shape[1]
-    # no --rank-out: U takes --rank directions, or all d_out of them for a narrower output (a classifier head)
-    rank_out = config.rank_out if config.rank_out is not None else min(config.rank, d_out)
-    check_rank(config.rank, d_in, d_out, rank_out)
+    # no --rank-out: each side takes --rank directions, or all of them where the block is narrower (a classifier
+    # head's d_out, MLP-Mixer's token MLP's d_in at a small input); an explicit --rank-out keeps both ranks exact
+    rank, rank_out = ((config.rank, config.rank_out) if config.rank_out is not None
+                      else (min(config.rank, d_in), min(config.rank, d_out)))
+    check_rank(rank, d_in, d_out, rank_out)
     if config.basis_source == "data":
         outputs = torch.cat([block(rows[s:s + chunk]) for s in range(0, len(rows), chunk)])
-        u, v = data_basis(rows, outputs, centres, centre_values, assign, config.rank, rank_out)
+        u, v = data_basis(rows, outputs, centres, centre_values, assign, rank, rank_out)
     else:
         weights = torch.bincount(assign, minlength=len(centres)).float() / len(rows)
-        u, v = jacobian_basis(*jacobian_grams(block, centres, weights), config.rank, rank_out)
+        u, v = jacobian_basis(*jacobian_grams(block, centres, weights), rank, rank_out)
     return shared_derivatives(block, centres, config.order, u, v)
 
 

@@ -13,7 +13,8 @@ calibration tokens have a closed form, per centre c::
 outside span(U) can only be matched by the constant, which takes its cell mean. The sums are accumulated in one
 streaming pass over the calibration images (forward hooks; memory k·F² per block, never the activations), so every
 token of every calibration image is used. The graph, the ONNX export and the speed are those of the Taylor block:
-only the numbers in ``value``, ``s`` and ``t`` change. Cells with fewer than F + 2 tokens keep their Taylor values.
+only the numbers in ``value``, ``s`` and ``t`` change. Cells with fewer than F + 2 tokens, or whose tokens do not
+vary (a singular system), keep their Taylor values.
 """
 from __future__ import annotations
 
@@ -98,9 +99,17 @@ def solve_cells(sums: CellSums, derivatives: SharedDerivatives, ridge: float) ->
         f_mean, y_mean = sums.f[c] / n, sums.y[c] / n
         cov_ff = sums.ff[c] - n * torch.outer(f_mean, f_mean)
         cov_yf = sums.uyf[c] - n * torch.outer(u.T @ y_mean, f_mean)
-        lam = ridge * float(torch.diagonal(cov_ff).sum()) / n_features
+        spread = float(torch.diagonal(cov_ff).sum())
+        if spread <= 1e-9 * float(torch.diagonal(sums.ff[c]).sum()) + 1e-300:
+            kept += 1  # its tokens all coincide (a singular system): it keeps its Taylor values
+            continue
+        lam = ridge * spread / n_features
         prior = s[c] if order == 1 else torch.cat([s[c], 0.5 * t[c]], 1)
-        w = torch.linalg.solve(cov_ff + lam * eye, (cov_yf + lam * prior).T).T  # [r_out, F] (cov_ff symmetric)
+        try:
+            w = torch.linalg.solve(cov_ff + lam * eye, (cov_yf + lam * prior).T).T  # [r_out, F] (cov_ff symmetric)
+        except torch.linalg.LinAlgError:  # singular in fewer directions than all, with no ridge
+            kept += 1
+            continue
         s[c] = w[:, :rank]
         if order == 2:
             t[c] = 2.0 * w[:, rank:]
