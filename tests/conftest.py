@@ -91,7 +91,7 @@ BAD_INPUT_TESTS = (
     "test_download_404_is_a_clear_error", "test_download_with_a_bad_md5", "test_bad_export_options",
     "test_k_larger_than_tokens", "test_full_hessian_is_refused", "test_config_rejects_bad_values",
     "test_nan_activations_are_reported", "test_nan_weights_are_reported", "test_unknown_layer_is_a_clear_error",
-    "test_missing_calibration_is_a_clear_error", "test_rank_larger_than_dimensions_is_refused",
+    "test_missing_calibration_is_a_clear_error", "test_ranks_beyond_their_sides_are_refused",
     "test_negative_budget_is_refused", "test_unwritable_output", "test_a_disk_that_fills_up_mid_write",
     "test_bench_without_a_run", "test_pretrained_without_network", "test_resume_with_other_settings_is_refused",
     "test_distilling_a_model_without_taylor_blocks", "test_profile_errors_name_the_field",
