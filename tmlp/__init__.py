@@ -16,7 +16,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {"TaylorConfig": "tmlp.spec", "ExportSpec": "tmlp.spec", "SourceSpec": "tmlp.spec", "BlocksSpec": "tmlp.spec",
-        "PlanSpec": "tmlp.spec", "DistillSpec": "tmlp.spec", "TargetSpec": "tmlp.spec", "TmlpError": "tmlp.errors",
+        "PlanSpec": "tmlp.spec", "DistillSpec": "tmlp.spec", "TargetSpec": "tmlp.spec", "QuantizeSpec": "tmlp.spec",
+        "TmlpError": "tmlp.errors",
         "taylorize_": "tmlp.surgery", "calibrate": "tmlp.calibration.calibrate", "TaylorMLP": "tmlp.taylor.block",
         "SharedTaylorMLP": "tmlp.taylor.block", "export_onnx": "tmlp.export.onnx_export",
         "run_export": "tmlp.pipeline", "ExportResult": "tmlp.pipeline"}

@@ -271,6 +271,17 @@ EPOCHS = _NumberOrWord(int, "auto", None)
 @spec_option("--device", field="target.device",
              help="Target board profile (tmlp devices list): caps the opset and IR version to what its onnxruntime "
                   "reads (decomposing newer ops) and records the profile in the manifest.")
+@spec_option("--quantize", field="quantize.mode", type=click.Choice(["none", "static"]),
+             help="'static': also write original.int8-static.onnx and tmlp.int8-static.onnx (onnxruntime QDQ: int8 "
+                  "per-channel weights, uint8 activations calibrated on training images; the Taylor blocks stay "
+                  "float). Under the accuracy budget the T-MLP int8 file must hold it against the float original: "
+                  "the layers whose quantization moves the logits most stay float until it does. tmlp bench "
+                  "measures them beside dynamic int8.")
+@spec_option("--quant-calibration", field="quantize.calibration",
+             type=click.Choice(["minmax", "entropy", "percentile"]),
+             help="How --quantize static sets each activation's range from the calibration images.")
+@spec_option("--quant-images", field="quantize.images", type=int,
+             help="Training images --quantize static calibrates the activation ranges on.")
 @click.option("--out", "out_dir", default=None, help="Run folder [default: runs/<model>-<dataset>].")
 @user_errors
 def export(model: str, **flags) -> None:

@@ -22,7 +22,10 @@ VARIANTS = (("fp32 original", "original.onnx", None, None),
             ("int8 original (ORT dynamic)", "original.int8.onnx", "original.onnx", "matmul"),
             ("T-MLP", "tmlp.onnx", None, None),
             ("T-MLP + int8 (rest of the model)", "tmlp.int8.onnx", "tmlp.onnx", "rest"),
-            ("T-MLP + int8 (per-centre tensors too)", "tmlp.int8-all.onnx", "tmlp.onnx", "all"))
+            ("T-MLP + int8 (per-centre tensors too)", "tmlp.int8-all.onnx", "tmlp.onnx", "all"),
+            # written by `tmlp export --quantize static` (calibrated on training images); measured when present
+            ("int8 original (ORT static QDQ)", "original.int8-static.onnx", None, "static"),
+            ("T-MLP + static int8 (rest of the model)", "tmlp.int8-static.onnx", None, "static"))
 QUANTIZED_OPS = {"matmul": ["MatMul", "Gemm"], "rest": ["MatMul", "Gemm"], "all": ["MatMul", "Gemm", "Gather"]}
 
 
@@ -70,8 +73,9 @@ def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int
         manifest = json.load(f)
     data = os.path.join(run_dir, "val.npz")
     data = data if os.path.isfile(data) else None
+    variants = [v for v in VARIANTS if v[3] != "static" or os.path.isfile(os.path.join(run_dir, v[1]))]
     paths = []
-    for label, name, source, what in VARIANTS:
+    for label, name, source, what in variants:
         path = os.path.join(run_dir, name)
         paths.append(path)
         if not os.path.isfile(path):
@@ -84,14 +88,14 @@ def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int
             progress(f"quantizing {source} -> {name} (onnxruntime quantize_dynamic: int8 {'/'.join(ops)} weights"
                      f"{'; Taylor blocks stay fp32' if taylor else ''})")
             quantize_int8_dynamic(os.path.join(run_dir, source), path, op_types=ops, exclude_scopes=taylor)
-    measured: list[list[dict[str, Any]]] = [[] for _ in VARIANTS]
+    measured: list[list[dict[str, Any]]] = [[] for _ in variants]
     for rep in range(repeats):
-        for i, (label, name, _, _) in enumerate(VARIANTS):
+        for i, (label, name, _, _) in enumerate(variants):
             progress(f"measuring {label} [{rep + 1}/{repeats}]: {name} (fresh process, {threads} thread(s), "
                      f"{runs} runs of batch {batch})")
             measured[i].append(measure_in_subprocess(paths[i], data, provider, threads, warmup, runs, batch,
                                                      accuracy=rep == 0))
-    rows = [{"variant": label, "file": name, **median_of(reps)} for (label, name, _, _), reps in zip(VARIANTS,
+    rows = [{"variant": label, "file": name, **median_of(reps)} for (label, name, _, _), reps in zip(variants,
                                                                                                    measured)]
     base = rows[0]
     for row in rows:

@@ -1,9 +1,11 @@
 """The whole export from one spec: it only chains the stages of ``tmlp.stages``.
 
     load -> select -> calibrate -> plan -> build -> distil -> export (fit memory, export, verify)
-         -> hold the budget (measure in onnxruntime, back off) -> report -> publish -> manifest
+         -> hold the budget (measure in onnxruntime, back off) -> report -> static int8 (--quantize static)
+         -> publish -> manifest
 
-It writes original.onnx, tmlp.onnx, val.npz and manifest.json (last) into one run folder.
+It writes original.onnx, tmlp.onnx, val.npz (and with --quantize static original.int8-static.onnx and
+tmlp.int8-static.onnx) and manifest.json (last) into one run folder.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 
 from tmlp import stages
 from tmlp.io import check_can_write, staging_folder
+from tmlp.quantization import quantize_stage
 from tmlp.spec import ExportSpec
 
 
@@ -56,6 +59,7 @@ def run_export(spec: ExportSpec, log=print, progress: bool = True) -> ExportResu
             selection, built = stages.hold_budget(loaded, selection, built, spec, target, plan, staging, exported,
                                                   log)
         stages.report(loaded, spec, exported, log)
+        exported.quantization = quantize_stage(loaded, spec, exported, staging, selection.fqns, log, progress)
         files = stages.publish_run(staging, out_dir, exported)
     summary = stages.summarize(spec, loaded, selection, built, target, plan, exported,
                                {"calibration_seconds": round(calib_seconds, 1),

@@ -251,10 +251,34 @@ class TargetSpec:
         _positive_int(self.memory_batch, "--memory-batch")
 
 
+QUANTIZE_MODES = ("none", "static")
+QUANT_CALIBRATIONS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class QuantizeSpec:
+    """Static int8 files beside the float ones. ``mode`` "static": original.int8-static.onnx and
+    tmlp.int8-static.onnx, onnxruntime QDQ with int8 per-channel weights and uint8 activations whose ranges come from
+    ``images`` training images (``calibration``: minmax, entropy or percentile); the Taylor blocks stay float. Under
+    an accuracy budget (plan.max_acc_drop) tmlp.int8-static.onnx must hold it against the float original on the
+    choose split: the layers whose quantization moves the logits most (Jensen–Shannon divergence, one layer at a
+    time) stay float until it does. "none": no static int8 (``tmlp bench`` still measures dynamic int8)."""
+
+    mode: str = "none"
+    calibration: str = "minmax"
+    images: int = 256
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, QUANTIZE_MODES, "--quantize mode")
+        _one_of(self.calibration, QUANT_CALIBRATIONS, "--quant-calibration method")
+        _positive_int(self.images, "--quant-images", " (training images the int8 ranges are calibrated on)")
+
+
 NO_BUDGET = "none"  # --max-acc-drop none: no accuracy budget
 
 SECTIONS: dict[str, type] = {"source": SourceSpec, "blocks": BlocksSpec, "calibration": TaylorConfig,
-                             "plan": PlanSpec, "distill": DistillSpec, "target": TargetSpec}
+                             "plan": PlanSpec, "distill": DistillSpec, "target": TargetSpec,
+                             "quantize": QuantizeSpec}
 
 
 @dataclass(frozen=True)
@@ -262,7 +286,7 @@ class ExportSpec:
     """One export, complete: the model name, a section per stage, and the output folder (None:
     runs/<model>-<dataset>)."""
 
-    VERSION: ClassVar[int] = 3
+    VERSION: ClassVar[int] = 4
     model: str
     source: SourceSpec = field(default_factory=SourceSpec)
     blocks: BlocksSpec = field(default_factory=BlocksSpec)
@@ -270,6 +294,7 @@ class ExportSpec:
     plan: PlanSpec = field(default_factory=PlanSpec)
     distill: DistillSpec = field(default_factory=DistillSpec)
     target: TargetSpec = field(default_factory=TargetSpec)
+    quantize: QuantizeSpec = field(default_factory=QuantizeSpec)
     out_dir: str | None = None
 
     def __post_init__(self) -> None:

@@ -68,7 +68,8 @@ def embedded_recipe(model: str) -> dict[str, Any]:
     return {"model_config": smallest_input_config(model, in_chans=1, num_classes=10), **GENERIC_EMBEDDED_RECIPE}
 
 # Files `tmlp bench` derives from an export; a new export into the same folder removes them.
-DERIVED_FILES = ("original.int8.onnx", "tmlp.int8.onnx", "tmlp.int8-all.onnx", "bench.json", "bench.md")
+DERIVED_FILES = ("original.int8.onnx", "tmlp.int8.onnx", "tmlp.int8-all.onnx", "original.int8-static.onnx",
+                 "tmlp.int8-static.onnx", "bench.json", "bench.md")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -554,6 +555,7 @@ class Exported:
     memory: dict[str, Any] | None
     budget: dict[str, Any] | None = None
     report: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
 
 
 def export_models(loaded: Loaded, selection: Selection, built: Built, spec: ExportSpec, target: "ResolvedTarget",
@@ -676,7 +678,7 @@ def summarize(spec: ExportSpec, loaded: Loaded, selection: Selection, built: Bui
             "pytorch_choose_accuracy": {"original": built.choose_original, "tmlp": built.choose},
             "n_val": built.n_val, "calibration_seconds": timings["calibration_seconds"],
             "distillation": built.distillation, "layer_plan": None if plan is None else plan.to_dict(),
-            "budget": exported.budget, "report": exported.report,
+            "budget": exported.budget, "report": exported.report, "quantization": exported.quantization,
             "device": None if target.profile is None else target.profile.to_dict(), "opset": target.opset,
             "memory": exported.memory, "parity": exported.parity, "versions": versions(),
             "export_seconds": timings["export_seconds"]}
