@@ -74,3 +74,27 @@ def test_large_checkpoint_is_split_into_shards_under_the_file_limit(tmp_path):
     shard.unlink()
     with pytest.raises(TmlpError, match="is missing; copy it next to the checkpoint"):
         load_checkpoint(path)
+
+
+def test_batch_norm_folding_keeps_the_vgg_function_and_removes_every_batch_norm():
+    """VGG-16 in eval mode with trained-looking batch-norm statistics: folded into the convolutions, the outputs
+    agree to float rounding and no BatchNorm2d is left (the exported graph has no BatchNormalization)."""
+    from tmlp.surgery import fold_batch_norm_
+
+    torch.manual_seed(0)
+    vgg = create_model("vgg16", {"num_classes": 10, "hidden": 64}).eval()
+    for m in vgg.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = vgg(x)
+    assert fold_batch_norm_(vgg) == 13
+    with torch.no_grad():
+        out = vgg(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in vgg.modules())
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert fold_batch_norm_(vgg) == 0

@@ -191,9 +191,16 @@ def load_model_and_data(model_name: str, checkpoint: str | None = None, pretrain
 
 
 def load(spec: ExportSpec, log: Log = print, progress: bool = True) -> Loaded:
-    """Stage 1: the model and data the spec's source section names."""
+    """Stage 1: the model and data the spec's source section names, batch norms folded into their convolutions."""
+    from tmlp.surgery import fold_batch_norm_
+
     src = spec.source
-    return load_model_and_data(spec.model, src.checkpoint, src.pretrained, src.dataset, src.data_root, log, progress)
+    loaded = load_model_and_data(spec.model, src.checkpoint, src.pretrained, src.dataset, src.data_root, log,
+                                 progress)
+    folded = fold_batch_norm_(loaded.model.eval())
+    if folded:
+        log(f"folded {folded} batch norm(s) into the convolutions before them")
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------------------------------
