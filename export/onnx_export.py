@@ -50,6 +50,20 @@ def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
 
 
 DYNAMO_MIN_OPSET = 18
+# The opsets an export can be written at (measured with torch 2.14, onnx 1.23, onnxruntime 1.32): timm's attention
+# (scaled_dot_product_attention) exports from opset 14, the CIFAR VGG-16 (adaptive_max_pool2d) from 8; above 25
+# torch.onnx's version converter has no adapter for Attention, and onnxruntime 1.32 runs up to 25.
+MAX_OPSET = 25
+MIN_OPSET = {"vgg16": (8, "its adaptive max pooling")}
+DEFAULT_MIN_OPSET = (14, "timm's attention (scaled_dot_product_attention)")
+
+
+def check_opset(opset: int, model_name: str) -> None:
+    """Refuse, before anything is computed, an opset that ``model_name`` cannot be exported at."""
+    low, why = MIN_OPSET.get(model_name, DEFAULT_MIN_OPSET)
+    if not low <= opset <= MAX_OPSET:
+        raise TmlpError(f"--opset {opset} is outside {low}..{MAX_OPSET}: {model_name} exports from opset {low} "
+                        f"({why}) and onnxruntime runs up to {MAX_OPSET}; the default is {DEFAULT_OPSET}")
 
 
 LARGE_BYTES = 2**31 - 2**24  # protobuf's 2 GiB limit, less a margin for the graph itself
@@ -91,8 +105,15 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, metada
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():
-            proto = _dynamo_export(model, example, opset) if opset >= DYNAMO_MIN_OPSET else \
-                _torchscript_export(model, example, opset)
+            try:
+                proto = _dynamo_export(model, example, opset) if opset >= DYNAMO_MIN_OPSET else \
+                    _torchscript_export(model, example, opset)
+            except TmlpError:
+                raise
+            except Exception as err:  # torch.onnx's own error types differ between its two exporters
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                raise TmlpError(f"torch.onnx cannot export this model at opset {opset} ({first}); raise --opset "
+                                f"(the default is {DEFAULT_OPSET})") from err
         written = default_opset(proto)
         if written != opset:
             raise TmlpError(f"the exporter wrote opset {written}, not the requested {opset}; pick --opset {written} "

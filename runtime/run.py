@@ -147,7 +147,7 @@ class Measurement:
 
     model: str
     file_bytes: int
-    provider: str
+    provider: str  # the provider that ran the model (onnxruntime's first for the session)
     threads: int
     batch: int
     warmup: int
@@ -165,6 +165,7 @@ class Measurement:
     accuracy: float | None = None
     n_eval: int = 0
     inputs: str = "random"
+    requested_provider: str = ""  # what was asked for; differs from ``provider`` only under --allow-fallback
     metadata: dict[str, str] = field(default_factory=dict)
     machine: dict[str, str] = field(default_factory=dict)
 
@@ -324,10 +325,32 @@ _LOAD_ERRORS = (
 )
 
 
+def session_providers(provider: str, fallback: bool = False) -> list[str]:
+    """The provider list for ``provider`` (cpu, cuda, tensorrt or an onnxruntime name), CPU after it. A provider
+    this onnxruntime lacks is an error naming the ones it has, unless ``fallback`` allows the CPU instead."""
+    import onnxruntime as ort
+
+    wanted = PROVIDERS.get(provider, provider)
+    available = ort.get_available_providers()
+    if wanted in available:
+        return [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
+    if not fallback:
+        names = ", ".join(f"{k} ({v})" if (k := _short(v)) else v for v in available)
+        raise RunError(f"--provider {provider}: this onnxruntime {ort.__version__} has no {wanted} (it has {names}); "
+                       "install the build that has it (onnxruntime-gpu for cuda/tensorrt), or pass --allow-fallback "
+                       "to run on the CPU and have the report say so")
+    return ["CPUExecutionProvider"]
+
+
+def _short(name: str) -> str:
+    return next((k for k, v in PROVIDERS.items() if v == name), "")
+
+
 def make_session(path: str, provider: str = "cpu", threads: int = 1, arena: bool = True,
-                 manifest: bool = True):
-    """An onnxruntime InferenceSession with fixed intra-op threads; falls back to CPU after other providers. The file
-    is checked first (``check_model_file``)."""
+                 manifest: bool = True, fallback: bool = False):
+    """An onnxruntime InferenceSession with fixed intra-op threads on ``provider`` (CPU after it for the nodes it
+    does not take); a provider this onnxruntime lacks, or cannot start, is an error unless ``fallback`` allows the
+    CPU (``session.get_providers()[0]`` says which ran). The file is checked first (``check_model_file``)."""
     import onnxruntime as ort
 
     check_model_file(path, manifest)
@@ -340,11 +363,9 @@ def make_session(path: str, provider: str = "cpu", threads: int = 1, arena: bool
         # next block's chunk and so keep every chunk's buffer alive at once (measured: 4 chunks held 4x the memory)
         options.enable_mem_reuse = False
     options.log_severity_level = 3
-    providers = [PROVIDERS.get(provider, provider)]
-    if providers[0] != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")
+    providers = session_providers(provider, fallback)
     try:
-        return ort.InferenceSession(path, sess_options=options, providers=providers)
+        session = ort.InferenceSession(path, sess_options=options, providers=providers)
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
         text = str(err).strip()
         first = text.splitlines()[0] if text else type(err).__name__
@@ -352,6 +373,10 @@ def make_session(path: str, provider: str = "cpu", threads: int = 1, arena: bool
             if pattern.lower() in text.lower():
                 raise RunError(f"onnxruntime {ort.__version__} cannot load {path!r}: {advice} ({first[:160]})") from None
         raise RunError(f"onnxruntime cannot load {path!r}: {first[:300]}") from None
+    if session.get_providers()[0] != providers[0] and not fallback:  # listed, but it could not start (no driver)
+        raise RunError(f"--provider {provider}: {providers[0]} is installed but did not start (onnxruntime ran "
+                       f"{session.get_providers()[0]}); check the driver and libraries, or pass --allow-fallback")
+    return session
 
 
 def input_shape(session, batch: int) -> tuple[str, list[int]]:
@@ -441,7 +466,8 @@ def machine_info() -> dict[str, str]:
 
 def measure(path: str, data: str | None = None, provider: str = "cpu", threads: int = 1, warmup: int = 10,
             runs: int = 50, batch: int = 1, eval_limit: int | None = None, seed: int = 0,
-            accuracy: bool = True, arena: bool = True, manifest: bool = True) -> Measurement:
+            accuracy: bool = True, arena: bool = True, manifest: bool = True, fallback: bool = False
+            ) -> Measurement:
     """Load ``path`` and measure latency (``runs`` timed batches of ``batch``), peak RSS and, with labelled data,
     accuracy. Peak RSS counts from after the data are loaded to the end of the timed runs: model weights, arena
     and activations at ``batch`` (the accuracy pass afterwards is not counted)."""
@@ -457,7 +483,7 @@ def measure(path: str, data: str | None = None, provider: str = "cpu", threads: 
             images, labels = images[:eval_limit], (labels[:eval_limit] if labels is not None else None)
     reset_peak_rss()
     baseline = current_rss_mb()
-    session = make_session(path, provider, threads, arena, manifest)
+    session = make_session(path, provider, threads, arena, manifest, fallback)
     loaded = current_rss_mb()
     meta = dict(session.get_modelmeta().custom_metadata_map)
     name, shape = input_shape(session, batch)
@@ -483,7 +509,8 @@ def measure(path: str, data: str | None = None, provider: str = "cpu", threads: 
     result = Measurement(model=path, file_bytes=model_bytes(path), provider=session.get_providers()[0],
                          threads=threads, batch=batch, warmup=warmup, runs=runs, latency_ms=lat,
                          throughput_per_s=batch * 1e3 / lat["mean"], metadata=meta, machine=machine_info(),
-                         inputs=data or "random", arena=arena)
+                         inputs=data or "random", arena=arena,
+                         requested_provider=PROVIDERS.get(provider, provider))
     weights = weights_bytes(path)
     result.weights_mb = None if weights is None else weights / (1024.0 * 1024.0)
     if images is not None and labels is not None and accuracy:
@@ -498,13 +525,20 @@ def measure(path: str, data: str | None = None, provider: str = "cpu", threads: 
     return result
 
 
+def describe_provider(m: Measurement) -> str:
+    """The provider that ran, and what was asked for when that differs (--allow-fallback)."""
+    if m.requested_provider and m.requested_provider != m.provider:
+        return f"{m.provider} (asked for {m.requested_provider}, not available: fell back)"
+    return m.provider
+
+
 def format_report(m: Measurement) -> str:
     """Human-readable summary of a Measurement."""
     lat = m.latency_ms
     lines = [
         f"model       {m.model} ({m.file_bytes / 1e6:.2f} MB)",
         f"machine     {m.machine.get('machine')} {m.machine.get('cpu')}, {m.machine.get('cores')} cores, "
-        f"onnxruntime {m.machine.get('onnxruntime')}, {m.provider}, {m.threads} thread(s)",
+        f"onnxruntime {m.machine.get('onnxruntime')}, {describe_provider(m)}, {m.threads} thread(s)",
         f"inputs      {m.inputs}, batch {m.batch}, warm-up {m.warmup}, timed runs {m.runs}",
         f"latency     p50 {lat['p50']:.3f} ms  p90 {lat['p90']:.3f} ms  p99 {lat['p99']:.3f} ms  "
         f"(mean {lat['mean']:.3f}, min {lat['min']:.3f})",
@@ -548,11 +582,11 @@ class Soak:
 
 
 def soak(path: str, seconds: float, batch: int = 1, threads: int = 1, provider: str = "cpu",
-         interval_s: float = 0.5, seed: int = 0) -> Soak:
+         interval_s: float = 0.5, seed: int = 0, fallback: bool = False) -> Soak:
     """Run ``path`` on random inputs continuously for ``seconds`` and report whether its RSS grew (a leak check)."""
     if seconds <= 0:
         raise RunError(f"--duration must be > 0 seconds, got {seconds}")
-    session = make_session(path, provider, threads)
+    session = make_session(path, provider, threads, fallback=fallback)
     name, shape = input_shape(session, batch)
     feeds = [np.random.default_rng(seed + i).standard_normal(shape).astype(np.float32) for i in range(8)]
     for i in range(10):  # warm-up: the arena and caches reach their working size
@@ -608,7 +642,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10, help="untimed runs before timing (default 10)")
     parser.add_argument("--runs", type=int, default=50, help="timed runs (default 50)")
     parser.add_argument("--batch", type=int, default=1, help="images per timed run (default 1)")
-    parser.add_argument("--provider", default="cpu", help="cpu, cuda or tensorrt (CPU fallback); default cpu")
+    parser.add_argument("--provider", default="cpu",
+                        help="cpu, cuda or tensorrt (one this onnxruntime has, else an error); default cpu")
+    parser.add_argument("--allow-fallback", action="store_true",
+                        help="run on the CPU when --provider is not available (the report names the provider that ran)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate accuracy on the first N images only")
     parser.add_argument("--no-accuracy", action="store_true", help="time only; skip the accuracy pass over --data")
     parser.add_argument("--json", help="also write the measurement to this JSON file")
@@ -628,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.duration is not None:
-            result = soak(args.model, args.duration, args.batch, args.threads, args.provider)
+            result = soak(args.model, args.duration, args.batch, args.threads, args.provider,
+                          fallback=args.allow_fallback)
             print(result.summary())
             if args.json:
                 _write_json(args.json, asdict(result))
@@ -639,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
             dump_outputs(args.model, args.inputs, args.dump_outputs, args.threads)
         m = measure(args.model, args.data, args.provider, args.threads, args.warmup, args.runs, args.batch,
                     args.limit, accuracy=not args.no_accuracy, arena=not args.no_arena,
-                    manifest=not args.no_manifest)
+                    manifest=not args.no_manifest, fallback=args.allow_fallback)
         if (args.memory or args.report) and not args.no_arena:
             m.peak_rss_delta_no_arena_mb = _peak_without_arena(args)
     except RunError as err:
@@ -672,7 +710,8 @@ def _peak_without_arena(args: argparse.Namespace) -> float | None:
         out = os.path.join(tmp, "no-arena.json")
         cmd = [sys.executable, os.path.abspath(__file__), args.model, "--no-arena", "--no-accuracy", "--threads",
                str(args.threads), "--warmup", str(args.warmup), "--runs", str(args.runs), "--batch", str(args.batch),
-               "--provider", args.provider, "--json", out] + (["--data", args.data] if args.data else [])
+               "--provider", args.provider, "--json", out] + (["--data", args.data] if args.data else []) + \
+            (["--allow-fallback"] if args.allow_fallback else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.isfile(out):
             tail = (proc.stderr or proc.stdout).strip().splitlines()

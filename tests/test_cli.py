@@ -100,6 +100,17 @@ def test_bad_export_options(tmp_path, checkpoint, args, expected):
     assert not os.path.exists(out) or not os.listdir(out)
 
 
+@pytest.mark.parametrize("opset", ["5", "13", "26", "99"])
+def test_an_opset_outside_what_the_model_exports_at_is_refused_up_front(tmp_path, checkpoint, opset):
+    """Checked before loading or calibrating: one line naming the range (timm's attention from 14, onnxruntime up
+    to 25), exit 2, no folder."""
+    out = str(tmp_path / "out")
+    code, err, _ = _run(["export", "--model", "test_vit", "--checkpoint", checkpoint, "--k", "4", "--opset", opset,
+                         "--out", out])
+    _assert_one_line_error(code, err, f"--opset {opset} is outside 14..25", out)
+    assert not os.path.exists(out)
+
+
 def test_nan_weights_are_reported_before_anything_is_written(tmp_path):
     torch.manual_seed(0)
     model = create_model("test_vit", TINY_VIT)

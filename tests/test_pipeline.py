@@ -125,6 +125,26 @@ def test_bench_compares_three_models(exported):
     assert os.path.isfile(out / "bench.md")
 
 
+def test_bench_reports_the_provider_that_ran(exported):
+    """Asking for a provider this onnxruntime lacks is an error naming the ones it has, before anything runs;
+    with --allow-fallback the table's header says which provider ran and what was asked for."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    out, _ = exported
+    result = CliRunner().invoke(main, ["bench", "--run", str(out), "--provider", "cuda"])
+    err = result.stderr.strip()
+    assert result.exit_code == 2 and len(err.splitlines()) == 1 and "CPUExecutionProvider" in err, err
+    text = _ok(["bench", "--run", str(out), "--provider", "cuda", "--allow-fallback", "--runs", "2", "--warmup",
+                "1", "--repeats", "1"])
+    assert "onnxruntime" in text and "CPUExecutionProvider (asked for CUDAExecutionProvider: not available, fell " \
+        "back with --allow-fallback)" in text
+    bench = json.load(open(out / "bench.json"))
+    assert bench["provider"] == "CPUExecutionProvider" and bench["requested_provider"] == "CUDAExecutionProvider"
+    assert {r["provider"] for r in bench["rows"]} == {"CPUExecutionProvider"}
+
+
 def test_runtime_runs_alone_in_an_empty_folder(exported, tmp_path):
     """As on a board: run.py, tmlp.onnx and val.npz copied into an empty folder, run there in isolated mode."""
     out, _ = exported

@@ -303,7 +303,11 @@ def export(model: str, **flags) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 @main.command()
-@click.option("--provider", default="cpu", show_default=True, help="onnxruntime provider: cpu, cuda or tensorrt.")
+@click.option("--provider", default="cpu", show_default=True,
+              help="onnxruntime provider: cpu, cuda or tensorrt; one this onnxruntime lacks is an error naming the "
+                   "ones it has.")
+@click.option("--allow-fallback", is_flag=True,
+              help="Run on the CPU when --provider is not available; the table's header then says so.")
 @click.option("--run", "run_dir", default=None, help="Run folder written by `tmlp export` [default: the newest "
               "under runs/].")
 @click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads.")
@@ -316,7 +320,7 @@ def export(model: str, **flags) -> None:
               help="Instead of measuring: print the device reports REPORTS (runtime/run.py --report) side by side.")
 @click.argument("reports", nargs=-1, type=click.Path(dir_okay=False))
 @user_errors
-def bench(provider, run_dir, threads, warmup, runs, batch, repeats, compare, reports) -> None:
+def bench(provider, allow_fallback, run_dir, threads, warmup, runs, batch, repeats, compare, reports) -> None:
     """Original vs T-MLP vs onnxruntime int8 (and T-MLP + int8): accuracy, latency p50/p90, peak RSS, file size.
 
     Each model is measured in a fresh subprocess by runtime/run.py (the same code that runs on a device); results
@@ -335,7 +339,7 @@ def bench(provider, run_dir, threads, warmup, runs, batch, repeats, compare, rep
 
     run_dir = run_dir or find_run("runs")
     result = run_bench(run_dir, provider=provider, threads=threads, warmup=warmup, runs=runs, batch=batch,
-                       repeats=repeats)
+                       repeats=repeats, fallback=allow_fallback)
     click.echo(result["markdown"])
     click.echo(f"wrote {os.path.join(run_dir, 'bench.json')} and {os.path.join(run_dir, 'bench.md')}")
 

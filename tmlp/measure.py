@@ -39,7 +39,8 @@ def find_run(root: str = "runs") -> str:
 
 
 def measure_in_subprocess(model: str, data: str | None, provider: str, threads: int, warmup: int, runs: int,
-                          batch: int, accuracy: bool = True, arena: bool = True) -> dict[str, Any]:
+                          batch: int, accuracy: bool = True, arena: bool = True, fallback: bool = False
+                          ) -> dict[str, Any]:
     """Run runtime/run.py on ``model`` in a fresh Python process; returns its Measurement as a dict."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "m.json")
@@ -49,6 +50,8 @@ def measure_in_subprocess(model: str, data: str | None, provider: str, threads: 
             cmd += ["--data", data] + ([] if accuracy else ["--no-accuracy"])
         if not arena:
             cmd.append("--no-arena")
+        if fallback:
+            cmd.append("--allow-fallback")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.isfile(out):
             tail = (proc.stderr or proc.stdout).strip().splitlines()
@@ -58,7 +61,7 @@ def measure_in_subprocess(model: str, data: str | None, provider: str, threads: 
 
 
 def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int = 10, runs: int = 50,
-              batch: int = 1, repeats: int = 3, progress=print) -> dict[str, Any]:
+              batch: int = 1, repeats: int = 3, progress=print, fallback: bool = False) -> dict[str, Any]:
     """Measure original, int8 original, T-MLP and T-MLP + int8 in ``run_dir``; write bench.json and bench.md.
 
     Each variant is measured ``repeats`` times, each time in a fresh process, the variants interleaved, so that a
@@ -66,6 +69,10 @@ def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int
     repeats (each repeat's own figures are kept in bench.json), accuracy comes from the first."""
     if repeats < 1:
         raise TmlpError(f"--repeats must be >= 1, got {repeats}")
+    try:  # a provider this onnxruntime lacks is refused here, before anything is quantized or measured
+        runtime_run.session_providers(provider, fallback)
+    except runtime_run.RunError as err:
+        raise TmlpError(str(err)) from None
     manifest_path = os.path.join(run_dir, "manifest.json")
     if not os.path.isfile(manifest_path):
         raise TmlpError(f"{run_dir!r} has no manifest.json; pass a folder written by `tmlp export`")
@@ -94,7 +101,7 @@ def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int
             progress(f"measuring {label} [{rep + 1}/{repeats}]: {name} (fresh process, {threads} thread(s), "
                      f"{runs} runs of batch {batch})")
             measured[i].append(measure_in_subprocess(paths[i], data, provider, threads, warmup, runs, batch,
-                                                     accuracy=rep == 0))
+                                                     accuracy=rep == 0, fallback=fallback))
     rows = [{"variant": label, "file": name, **median_of(reps)} for (label, name, _, _), reps in zip(variants,
                                                                                                    measured)]
     base = rows[0]
@@ -104,13 +111,28 @@ def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int
     result = {"run": run_dir, "model": manifest.get("model"), "dataset": manifest.get("dataset"),
               "taylor_config": manifest.get("taylor_config"), "layers": manifest.get("layers"),
               "plan": (manifest.get("layer_plan") or {}).get("choice"),
-              "provider": provider, "threads": threads, "batch": batch, "warmup": warmup, "runs": runs,
+              "provider": ran_on(rows), "requested_provider": runtime_run.PROVIDERS.get(provider, provider),
+              "threads": threads, "batch": batch, "warmup": warmup, "runs": runs,
               "repeats": repeats,
               "machine": base["machine"], "rows": rows}
     result["markdown"] = format_table(result)
     write_json(os.path.join(run_dir, "bench.json"), {k: v for k, v in result.items() if k != "markdown"})
     write_text(os.path.join(run_dir, "bench.md"), result["markdown"] + "\n")
     return result
+
+
+def ran_on(rows: list[dict[str, Any]]) -> str:
+    """The provider(s) that ran the variants, as each measurement recorded it ("A / B" if they differ)."""
+    return " / ".join(dict.fromkeys(r["provider"] for r in rows))
+
+
+def provider_note(result: dict[str, Any]) -> str:
+    """'CPUExecutionProvider', or '... (asked for CUDAExecutionProvider: not available, fell back to the CPU
+    with --allow-fallback)'."""
+    asked = result.get("requested_provider")
+    if asked and asked != result["provider"]:
+        return f"{result['provider']} (asked for {asked}: not available, fell back with --allow-fallback)"
+    return result["provider"]
 
 
 def median_of(reps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -142,7 +164,7 @@ def format_table(result: dict[str, Any]) -> str:
         form = "shared basis" if ranks else form
     lines = [f"{result['model']} on {result['dataset']}: T-MLP {head}, order {cfg.get('order')}, {form}, "
              f"{len(result.get('layers') or [])} block(s) replaced. onnxruntime {m['onnxruntime']} "
-             f"{result['provider']}, {result['threads']} thread(s), batch {result['batch']}, {result['runs']} runs "
+             f"{provider_note(result)}, {result['threads']} thread(s), batch {result['batch']}, {result['runs']} runs "
              f"after {result['warmup']} warm-up, median of {result['repeats']} fresh processes per variant; "
              f"{m['cpu']} ({m['machine']}, {m['cores']} cores).", "",
              "| variant | accuracy | p50 ms | p90 ms | speed-up vs fp32 | peak RSS MiB | file MB | size vs fp32 |",

@@ -702,7 +702,10 @@ class ResolvedTarget:
 
 def resolve_target(spec: ExportSpec, log: Log = print) -> ResolvedTarget:
     """The opset and IR version an export writes: the spec's opset, capped by the board profile's onnxruntime."""
+    from tmlp.export.onnx_export import check_opset
+
     target = spec.target
+    check_opset(target.opset, spec.model)
     if target.device is None:
         return ResolvedTarget(None, target.opset, None)
     from tmlp.devices import load_profile
@@ -713,6 +716,7 @@ def resolve_target(spec: ExportSpec, log: Log = print) -> ResolvedTarget:
         log(f"--device {profile.name}: onnxruntime {profile.onnxruntime} reads opset <= {profile.max_opset} and IR "
             f"<= {profile.max_ir_version}; exporting opset {profile.max_opset}")
         opset = profile.max_opset
+        check_opset(opset, spec.model)
     return ResolvedTarget(profile, opset, profile.max_ir_version)
 
 

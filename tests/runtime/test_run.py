@@ -208,3 +208,27 @@ def test_interleaved_bench_times_models_in_turns_on_real_images(small_model, tmp
     bad = subprocess.run([sys.executable, os.path.join(root, "bench", "interleaved.py"), path, "--vs", other],
                          capture_output=True, text=True, cwd=root)
     assert bad.returncode != 0 and "is not among the models" in bad.stderr
+
+
+def test_a_provider_this_onnxruntime_lacks_is_refused_naming_the_ones_it_has(small_model, tmp_path):
+    """run.py reports the provider that ran: one this onnxruntime lacks is an error (exit 2, one line naming the
+    available ones) unless --allow-fallback, after which the report says it fell back."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    path, data, _ = small_model
+    proc = subprocess.run([sys.executable, RUN_PY, path, "--provider", "cuda", "--runs", "2"], capture_output=True,
+                          text=True, cwd=str(tmp_path))
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "--provider cuda" in err and "CPUExecutionProvider" in err and "--allow-fallback" in err
+    out = tmp_path / "m.json"
+    proc = subprocess.run([sys.executable, RUN_PY, path, "--provider", "cuda", "--allow-fallback", "--runs", "2",
+                           "--json", str(out)], capture_output=True, text=True, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "CPUExecutionProvider (asked for CUDAExecutionProvider, not available: fell back)" in proc.stdout
+    m = json.loads(out.read_text())
+    assert m["provider"] == "CPUExecutionProvider" and m["requested_provider"] == "CUDAExecutionProvider"
+    with pytest.raises(run.RunError, match="has no nosuchExecutionProvider"):
+        run.session_providers("nosuchExecutionProvider")
