@@ -81,6 +81,53 @@ def test_an_export_killed_at_random_points_leaves_no_partial_file(trained_tiny_v
     assert _check_complete(tmp_path / "whole") == list(FINAL)
 
 
+@pytest.fixture(scope="module")
+def earlier_export(trained_tiny_vit_path, tmp_path_factory):
+    """A whole export (--k 8) and how long it took, calibration cached from here on."""
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    start = time.time()
+    subprocess.run(_export_cmd(trained_tiny_vit_path, out), check=True, capture_output=True)
+    return out, time.time() - start
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_export_interrupted_at_random_points_leaves_the_earlier_export_whole(trained_tiny_vit_path, tmp_path,
+                                                                                earlier_export, signum):
+    """Ctrl-C or SIGTERM at a random point of an export into a folder that holds an earlier one (--k 6 over --k 8),
+    or into a new folder two levels down: the folder then holds the earlier export or the new one, whole (manifest
+    hashes match), never a mix; no staging folder or temporary file is left; a new folder that got nothing is not
+    left behind either."""
+    import shutil
+
+    shutil.copytree(earlier_export[0], tmp_path / "run")
+    earlier = json.load(open(tmp_path / "run" / "manifest.json"))["files"]
+    rng = random.Random(int(signum))
+    for i, fraction in enumerate(sorted(rng.uniform(0.2, 1.0) for _ in range(3))):
+        fresh = tmp_path / f"new{i}" / "deeper" / "run"
+        into_earlier = i % 2 == 0
+        cmd = _export_cmd(trained_tiny_vit_path, tmp_path / "run" if into_earlier else fresh)
+        cmd[cmd.index("--k") + 1] = "6"
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(fraction * earlier_export[1])
+        proc.send_signal(signum)
+        _, err = proc.communicate()
+        # 0: done before the signal; -signum: it came while the finished process shut down (Python's own handlers
+        # are gone by then); else the command unwound and said so
+        if proc.returncode not in (0, -signum):
+            assert proc.returncode == (130 if signum == signal.SIGINT else 143), err[-500:]
+            assert err.strip().splitlines()[-1].startswith(("interrupted;", "terminated;")), err[-500:]
+        assert _check_complete(tmp_path / "run") == list(FINAL)
+        now = json.load(open(tmp_path / "run" / "manifest.json"))["files"]
+        assert now == earlier or into_earlier  # only the export into it may have replaced it, whole
+        earlier = now
+        if fresh.exists():
+            assert _check_complete(fresh) == list(FINAL)
+        else:
+            assert not (tmp_path / f"new{i}").exists()
+        leftovers = [p for p in tmp_path.rglob(".*") if "staging" in p.name or p.name.endswith(".tmp")]
+        assert not leftovers, leftovers
+
+
 def test_a_disk_that_fills_up_mid_write_leaves_nothing(monkeypatch, tmp_path):
     """ENOSPC in the middle of writing an artifact: the error propagates and neither the final name nor the
     temporary file remains."""

@@ -13,18 +13,55 @@ from tmlp import __version__
 from tmlp.errors import TmlpError
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every temporary file and folder is cleaned up."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _signal_in_chain(err: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or Terminated that ``err`` was raised while handling, if any."""
+    seen = 0
+    while err is not None and seen < 16:
+        if isinstance(err, (KeyboardInterrupt, Terminated)):
+            return err
+        err, seen = err.__context__, seen + 1
+    return None
+
+
+def _stopped(err: BaseException) -> None:
+    what = "terminated" if isinstance(err, Terminated) else "interrupted"
+    click.echo(f"{what}; finished files are intact, nothing partial was left under a final name", err=True)
+    sys.exit(143 if isinstance(err, Terminated) else 130)
+
+
 def user_errors(fn):
-    """Turn a TmlpError (bad input) into ``error: <one line>`` on stderr and exit status 2."""
+    """Turn a TmlpError (bad input) into ``error: <one line>`` on stderr and exit status 2; Ctrl-C (130) and SIGTERM
+    (143) unwind like an error, so that nothing partial or temporary is left behind."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import signal
+        import threading
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except TmlpError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted; finished files are intact, nothing partial was left under a final name", err=True)
-            sys.exit(130)
+        except (KeyboardInterrupt, Terminated) as err:
+            _stopped(err)
+        except Exception as err:  # a library that turned the signal into its own error while unwinding
+            cause = _signal_in_chain(err)
+            if cause is None:
+                raise
+            _stopped(cause)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
     return wrapper
 
 

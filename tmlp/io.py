@@ -7,13 +7,15 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from typing import Any, Iterator
 
 from tmlp.errors import TmlpError
 
 __all__ = ["atomic_path", "cache_path", "cache_root", "check_can_write", "data_root", "ensure_writable_dir",
-           "file_sha256", "publish", "save_torch", "staging_folder", "write_json", "write_text"]
+           "file_sha256", "publish", "save_torch", "signals_deferred", "staging_folder", "write_json", "write_text"]
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> str:
@@ -63,14 +65,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 @contextlib.contextmanager
 def staging_folder(out_dir: str | os.PathLike) -> Iterator[str]:
     """A temporary folder beside ``out_dir`` (hidden, in the same file system) that a run writes its files into
-    before ``publish`` moves them under their final names; removed on exit, whatever happened."""
+    before ``publish`` moves them under their final names; removed on exit, whatever happened, with the folders
+    above ``out_dir`` that it had to create when nothing was published."""
     out_dir = os.path.abspath(os.fspath(out_dir))
+    missing = []
+    probe = os.path.dirname(out_dir)
+    while not os.path.exists(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
     parent = ensure_writable_dir(os.path.dirname(out_dir))
     path = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.staging-", dir=parent)
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(out_dir):
+            for folder in missing:  # deepest first
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while a few renames move a finished run into place, so that the run folder
+    holds either the earlier export or this one, whole; a signal that arrived meanwhile is delivered on exit."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def publish(staging: str, out_dir: str | os.PathLike, names: list[str]) -> dict[str, str]:
@@ -88,8 +114,8 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
     named after the random temporary file (the same object gives the same bytes, hence the same sha256)."""
     import torch
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, signals_deferred():
+        torch.save(obj, f)  # a Ctrl-C inside torch's zip writer would surface as its RuntimeError: held back
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

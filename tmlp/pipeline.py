@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tmlp import stages
-from tmlp.io import check_can_write, staging_folder
+from tmlp.io import check_can_write, signals_deferred, staging_folder
 from tmlp.quantization import quantize_stage
 from tmlp.spec import ExportSpec
 
@@ -60,9 +60,10 @@ def run_export(spec: ExportSpec, log=print, progress: bool = True) -> ExportResu
                                                   log)
         stages.report(loaded, spec, exported, log)
         exported.quantization = quantize_stage(loaded, spec, exported, staging, selection.fqns, log, progress)
-        files = stages.publish_run(staging, out_dir, exported)
-    summary = stages.summarize(spec, loaded, selection, built, target, plan, exported,
-                               {"calibration_seconds": round(calib_seconds, 1),
-                                "export_seconds": round(time.time() - started, 1)})
-    stages.write_manifest(out_dir, files, summary)
+        summary = stages.summarize(spec, loaded, selection, built, target, plan, exported,
+                                   {"calibration_seconds": round(calib_seconds, 1),
+                                    "export_seconds": round(time.time() - started, 1)})
+        with signals_deferred():  # the folder holds the earlier export or this one, never a mix
+            files = stages.publish_run(staging, out_dir, exported)
+            stages.write_manifest(out_dir, files, summary)
     return ExportResult(out_dir, files, summary)
