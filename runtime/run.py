@@ -634,22 +634,68 @@ def dump_outputs(path: str, inputs: str, out: str, threads: int = 1, batch: int 
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Measure an ONNX model with onnxruntime: latency, memory, accuracy.")
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: argument --runs: ... (see run.py --help)``, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(minimum: int, maximum: int = 10**9):
+    """An argparse type: an integer from ``minimum`` to ``maximum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"takes an integer from {minimum} to {maximum}, got {text!r}")
+        return value
+    parse.kind = int
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"takes a number of seconds > 0, got {text!r}")
+    return value
+
+
+_positive_seconds.kind = float
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    """An output file's folder must exist and the path must not be a folder (checked before any measuring)."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not path or os.path.isdir(path):
+        raise RunError(f"{flag} {path!r} is a folder or empty; pass a file name like out.json")
+    if not os.path.isdir(folder):
+        raise RunError(f"{flag} {path!r}: folder {folder!r} does not exist; create it first")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of run.py; bad values are one-line errors naming the option (exit 2)."""
+    parser = _Parser(description="Measure an ONNX model with onnxruntime: latency, memory, accuracy.")
     parser.add_argument("model", help="path of the .onnx file")
     parser.add_argument("--data", help=".npz with raw images x (uint8 [N,H,W,C]) and labels y; random inputs if absent")
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed runs before timing (default 10)")
-    parser.add_argument("--runs", type=int, default=50, help="timed runs (default 50)")
-    parser.add_argument("--batch", type=int, default=1, help="images per timed run (default 1)")
+    parser.add_argument("--threads", type=_at_least(1, 1024), default=1, help="onnxruntime intra-op threads (default 1)")
+    parser.add_argument("--warmup", type=_at_least(0), default=10, help="untimed runs before timing (default 10)")
+    parser.add_argument("--runs", type=_at_least(1), default=50, help="timed runs (default 50)")
+    parser.add_argument("--batch", type=_at_least(1, 65536), default=1, help="images per timed run (default 1)")
     parser.add_argument("--provider", default="cpu",
                         help="cpu, cuda or tensorrt (one this onnxruntime has, else an error); default cpu")
     parser.add_argument("--allow-fallback", action="store_true",
                         help="run on the CPU when --provider is not available (the report names the provider that ran)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate accuracy on the first N images only")
+    parser.add_argument("--limit", type=_at_least(1), default=None, help="evaluate accuracy on the first N images only")
     parser.add_argument("--no-accuracy", action="store_true", help="time only; skip the accuracy pass over --data")
     parser.add_argument("--json", help="also write the measurement to this JSON file")
-    parser.add_argument("--duration", type=float, default=None, metavar="S",
+    parser.add_argument("--duration", type=_positive_seconds, default=None, metavar="S",
                         help="soak test: run continuously for S seconds and report whether RSS grew (exit 1 if so)")
     parser.add_argument("--no-arena", action="store_true", help="turn onnxruntime's CPU memory arena off")
     parser.add_argument("--no-manifest", action="store_true",
@@ -662,8 +708,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dump-outputs", metavar="OUT.npz",
                         help="with --inputs: save every graph output on those inputs to OUT.npz, then measure")
     parser.add_argument("--inputs", metavar="IN.npz", help="preprocessed model inputs (array 'input') for --dump-outputs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        for path, flag in ((args.json, "--json"), (args.report, "--report"), (args.dump_outputs, "--dump-outputs")):
+            _check_output(path, flag)
         if args.duration is not None:
             result = soak(args.model, args.duration, args.batch, args.threads, args.provider,
                           fallback=args.allow_fallback)

@@ -101,6 +101,7 @@ BAD_INPUT_TESTS = (
     "test_wrong_image_dtype_is_refused", "test_config_round_trips_and_refuses_other_versions",
     "test_device_report_and_side_by_side_comparison", "test_an_opset_outside_what_the_model_exports_at",
     "test_a_provider_this_onnxruntime_lacks_is_refused", "test_bench_reports_the_provider_that_ran",
+    "test_each_option_alone", "test_random_combinations", "test_run_py_every_option",
 )
 
 

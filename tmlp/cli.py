@@ -65,7 +65,32 @@ def user_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class OneLineErrors(click.Group):
+    """A click group whose usage errors (a bad value, a missing option, an unknown flag) are one line on stderr,
+    ``error: <what click says> (see <command> --help)``, exit status 2, like every other tmlp error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as err:  # `tmlp` or `tmlp models` alone: the help text
+            err.show()
+            sys.exit(err.exit_code)
+        except click.UsageError as err:
+            where = err.ctx.command_path if err.ctx is not None else "tmlp"
+            click.echo(f"error: {err.format_message()} (see {where} --help)", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="tmlp")
 def main() -> None:
     """T-MLP: replace the MLP blocks of a trained network by Taylor expansions around K-means centres, export the
@@ -86,9 +111,9 @@ def main() -> None:
               help="digits, cifar10, cifar100, npz:PATH (file, or folder with train.npz/val.npz), imagefolder:PATH.")
 @click.option("--path", "out_dir", default=None, help="Run folder for last.pt/best.pt/train_log.jsonl "
               "[default: runs/train-<model>-<dataset>]. An interrupted run in it resumes.")
-@click.option("--epoch", "epochs", type=int, default=200, show_default=True, help="Epochs to train.")
+@click.option("--epoch", "epochs", type=click.IntRange(1), default=200, show_default=True, help="Epochs to train.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: 0.05 for sgd, 5e-4 for adamw].")
-@click.option("--batch_size", "--batch-size", "batch_size", type=int, default=128, show_default=True)
+@click.option("--batch_size", "--batch-size", "batch_size", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--weight_decay", "--weight-decay", "weight_decay", type=float, default=None,
               help="[default: 1e-4 for sgd, 0.05 for adamw]")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
@@ -102,16 +127,16 @@ def main() -> None:
               help="bf16 autocast is faster only where the CPU/GPU has fast bf16 matmuls: measure.")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
               help="Share of the training data held out for validation (data sets without their own split).")
-@click.option("--patience", type=int, default=20, show_default=True,
+@click.option("--patience", type=click.IntRange(1), default=20, show_default=True,
               help="Stop after this many epochs without a better validation accuracy.")
-@click.option("--eval-every", type=int, default=10, show_default=True, help="Print validation accuracy every N epochs.")
-@click.option("--img-size", type=int, default=None, help="Model input size (ViT img_size; images are resized).")
-@click.option("--patch-size", type=int, default=None, help="ViT patch size.")
+@click.option("--eval-every", type=click.IntRange(1), default=10, show_default=True, help="Print validation accuracy every N epochs.")
+@click.option("--img-size", type=click.IntRange(1, 4096), default=None, help="Model input size (ViT img_size; images are resized).")
+@click.option("--patch-size", type=click.IntRange(1, 4096), default=None, help="ViT patch size.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1 or auto.")
-@click.option("--num_workers", "--num-workers", "num_workers", type=int, default=0, show_default=True,
+@click.option("--num_workers", "--num-workers", "num_workers", type=click.IntRange(0, 256), default=0, show_default=True,
               help="DataLoader worker processes.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads [default: torch's choice].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="torch CPU threads [default: torch's choice].")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--data-root", default=None, help="Where cifar10/100 live or download to [default: $TMLP_DATA or "
               "~/.cache/tmlp/data].")
 @click.option("--download/--no-download", default=False, help="Download cifar10/100 if missing.")
@@ -132,7 +157,11 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
     Checkpoints (last.pt every epoch and every 5 minutes, best.pt on each improvement) make the run resumable:
     run the same command again after an interruption.
     """
+    from tmlp.io import check_file_target
     from tmlp.train import TrainConfig, train as run_train
+
+    if fp16_copy:
+        check_file_target(fp16_copy, "--fp16-copy")  # before hours of training, not after
 
     adam = optimizer == "adamw"
     model_config = {k: v for k, v in {"img_size": img_size, "patch_size": patch_size,
@@ -243,7 +272,7 @@ EPOCHS = _NumberOrWord(int, "auto", None)
                   "coordinates (0: all input dimensions). Shrinks the nearest-centre MatMul, the largest cost of a "
                   "shared-basis block, from d*k to q*(d+k) multiply-adds per token; on the CIFAR DeiT-Small q=16 "
                   "cells fit as well as full ones (bench/fit_error.py).")
-@spec_option("--seed", field="calibration.seed", type=int, help="K-means seed.")
+@spec_option("--seed", field="calibration.seed", type=click.IntRange(0, 2**32 - 1), help="K-means seed.")
 @spec_option("--layers", field="blocks.layers",
              help="Blocks to replace: 'all', indices (0,1,2) or module names (blocks.0.mlp,blocks.5.mlp).")
 @spec_option("--block-k", field="blocks.block_k",
@@ -347,11 +376,11 @@ def export(model: str, **flags) -> None:
               help="Run on the CPU when --provider is not available; the table's header then says so.")
 @click.option("--run", "run_dir", default=None, help="Run folder written by `tmlp export` [default: the newest "
               "under runs/].")
-@click.option("--threads", type=int, default=1, show_default=True, help="onnxruntime intra-op threads.")
-@click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--runs", type=int, default=50, show_default=True, help="Timed runs per model.")
-@click.option("--batch", type=int, default=1, show_default=True, help="Images per timed run.")
-@click.option("--repeats", type=int, default=3, show_default=True,
+@click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--warmup", type=click.IntRange(0), default=10, show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=50, show_default=True, help="Timed runs per model.")
+@click.option("--batch", type=click.IntRange(1, 65536), default=1, show_default=True, help="Images per timed run.")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
               help="Fresh processes per variant (interleaved); latency is their median.")
 @click.option("--compare", is_flag=True,
               help="Instead of measuring: print the device reports REPORTS (runtime/run.py --report) side by side.")
@@ -428,6 +457,9 @@ def models_fp16_copy(src, dst) -> None:
     back as fp32). Works on a checkpoint of a run still training (its best.pt). SRC may also be a run's last.pt: DST
     then carries the run's schedule position and log too, and `tmlp train --init DST` with the same options
     continues that run on another machine (with a fresh optimizer state)."""
+    from tmlp.io import check_file_target
+
+    check_file_target(dst, "DST")
     if os.path.basename(src) == "last.pt":
         from tmlp.train import write_run_snapshot
 
@@ -510,7 +542,7 @@ def devices_show(name) -> None:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", default=None, help="Raw images (.npz x/y) to feed [default: val.npz beside the model, else "
                                            "random inputs].")
-@click.option("--n", "n_inputs", type=int, default=16, show_default=True, help="Inputs to compare.")
+@click.option("--n", "n_inputs", type=click.IntRange(1, 4096), default=16, show_default=True, help="Inputs to compare.")
 @user_errors
 def devices_check(name, model, data, n_inputs) -> None:
     """Run MODEL with runtime/run.py on an emulated board NAME (qemu-user, the profile's CPU) and compare its outputs

@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 
 from tmlp.errors import TmlpError
-from tmlp.io import data_root
+from tmlp.io import data_root, folder_kept_on_success
 
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
@@ -41,11 +41,16 @@ def download_dataset(name: str, root: str | None = None, url: str | None = None,
             return folder
         except TmlpError:
             pass  # damaged: download again
-    from torchvision.datasets.utils import check_integrity, download_url
-
     official_url, filename, official_md5 = cifar_source(name)
     url, md5 = url or official_url, md5 or (official_md5 if url is None else None)
-    os.makedirs(root, exist_ok=True)
+    with folder_kept_on_success(root, "--dir"):  # a failed download leaves no new empty folder
+        return _fetch_and_extract(name, root, folder, url, filename, md5)
+
+
+def _fetch_and_extract(name: str, root: str, folder: str, url: str, filename: str, md5: str | None) -> str:
+    """Download ``url`` into ``root``, check its MD5, extract it to ``folder`` and read it back; returns ``folder``."""
+    from torchvision.datasets.utils import check_integrity, download_url
+
     archive = os.path.join(root, os.path.basename(url) or filename)
     try:
         download_url(url, root, os.path.basename(archive), md5)

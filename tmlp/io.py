@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from tmlp.errors import TmlpError
 
 __all__ = ["atomic_path", "cache_path", "cache_root", "check_can_write", "data_root", "ensure_writable_dir",
-           "file_sha256", "publish", "save_torch", "signals_deferred", "staging_folder", "write_json", "write_text"]
+           "check_file_target", "file_sha256", "folder_kept_on_success", "publish", "save_torch", "signals_deferred", "staging_folder", "write_json", "write_text"]
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> str:
@@ -30,16 +30,24 @@ def ensure_writable_dir(path: str | os.PathLike) -> str:
     return path
 
 
-def check_can_write(path: str | os.PathLike) -> str:
+def check_can_write(path: str | os.PathLike, flag: str = "--out") -> str:
     """Fail early, creating nothing, unless folder ``path`` exists writable or could be created."""
     path = os.path.abspath(os.fspath(path))
     probe = path
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise TmlpError(f"output folder {path!r} cannot be created: {probe!r} is a file; choose another --out")
+        raise TmlpError(f"output folder {path!r} cannot be created: {probe!r} is a file; choose another {flag}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise TmlpError(f"output folder {path!r} is not writable ({probe!r}); choose another --out")
+        raise TmlpError(f"output folder {path!r} is not writable ({probe!r}); choose another {flag}")
+    return path
+
+
+def check_file_target(path: str, flag: str) -> str:
+    """Fail early, creating nothing, unless a file could be written at ``path`` (named by option ``flag``)."""
+    if not path or os.path.isdir(path):
+        raise TmlpError(f"{flag} {path!r} is {'a folder' if path else 'empty'}; pass a file name")
+    check_can_write(os.path.dirname(os.path.abspath(path)), flag)
     return path
 
 
@@ -47,6 +55,9 @@ def check_can_write(path: str | os.PathLike) -> str:
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, on any error delete it."""
     path = os.fspath(path)
+    if not path or os.path.isdir(path):
+        raise TmlpError(f"cannot write a file at {path!r}: it is {'a folder' if path else 'an empty path'}; pass a "
+                        "file name")
     folder = os.path.dirname(os.path.abspath(path))
     ensure_writable_dir(folder)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -83,6 +94,28 @@ def staging_folder(out_dir: str | os.PathLike) -> Iterator[str]:
             for folder in missing:  # deepest first
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def folder_kept_on_success(path: str | os.PathLike, flag: str = "--out") -> Iterator[str]:
+    """Create folder ``path`` (and missing parents) for a job that writes into it as it goes (a training run); if the
+    job fails or is interrupted before writing anything, remove the folders this created, so that a bad option
+    never leaves an empty folder behind. Folders that hold files (a resumable checkpoint) stay."""
+    path = os.path.abspath(os.fspath(path))
+    check_can_write(path, flag)
+    missing = []
+    probe = path
+    while not os.path.exists(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    ensure_writable_dir(path)
+    try:
+        yield path
+    except BaseException:
+        for folder in missing:  # deepest first; rmdir refuses a folder that is not empty
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tmlp.data import ImageSplit, augment_batch, load_dataset, to_tensor
 from tmlp.errors import TmlpError
-from tmlp.io import ensure_writable_dir, save_torch
+from tmlp.io import check_can_write, folder_kept_on_success, save_torch
 from tmlp.models import COMMIT_FILE_MB, create_model, input_size, read_checkpoint, resolve_config, save_checkpoint
 
 __all__ = ["Run", "TrainConfig", "batches", "evaluate", "load_initial_weights", "train", "write_run_snapshot"]
@@ -71,9 +71,13 @@ class TrainConfig:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise TmlpError(f"--device {name!r} is not a device; use cpu, cuda, cuda:1 or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise TmlpError(f"--device {name} asked for, but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
+    return device
 
 
 class BatchSource(torch.utils.data.Dataset):
@@ -171,8 +175,9 @@ class Run:
 
 
 def build_run(cfg: TrainConfig, out_dir: str) -> Run:
-    """Data, model and optimizer of ``cfg`` (the model freshly initialised from ``cfg.seed``)."""
-    ensure_writable_dir(out_dir)
+    """Data, model and optimizer of ``cfg`` (the model freshly initialised from ``cfg.seed``); creates nothing (the
+    caller creates ``out_dir``)."""
+    check_can_write(out_dir, "--path")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -291,11 +296,12 @@ def train(cfg: TrainConfig, out_dir: str, progress: bool = True, log=print,
     with the best validation accuracy and the checkpoint path."""
     run = build_run(cfg, out_dir)
     run.init_from = init_from
-    restore(run, log)
-    while run.state["epoch"] < cfg.epochs and run.state["stale"] < cfg.patience:
-        start = time.time()
-        train_loss, seen = train_epoch(run, progress)
-        end_epoch(run, train_loss, seen, time.time() - start, log)
+    with folder_kept_on_success(out_dir, "--path"):
+        restore(run, log)
+        while run.state["epoch"] < cfg.epochs and run.state["stale"] < cfg.patience:
+            start = time.time()
+            train_loss, seen = train_epoch(run, progress)
+            end_epoch(run, train_loss, seen, time.time() - start, log)
     if run.state["stale"] >= cfg.patience:
         log(f"early stop: no better validation accuracy for {cfg.patience} epochs")
     return {"best_acc": run.state["best_acc"], "best_epoch": run.state["best_epoch"] + 1,
