@@ -241,3 +241,19 @@ def test_hidden_partition_is_recorded_and_exports_with_parity(trained, tmp_path)
     assert meta["tmlp.partition"] == "hidden"
     assert (meta["tmlp.rank"], meta["tmlp.rank_out"]) == ("8", "12")
     assert manifest["taylor_config"]["_data"]["rank_out"] == 12
+
+
+def test_token_reduction_stage_reduces_the_tmlp_model_only(trained, tmp_path):
+    """--token-keep: tmlp.onnx keeps fewer tokens after the chosen blocks (TopK + GatherElements, parity checked
+    like any export), original.onnx stays whole, and the schedule is in the manifest; tmlp bench measures it."""
+    out = tmp_path / "tokens"
+    log = _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "8",
+               "--token-keep", "0.5", "--token-layers", "1,3", "--out", str(out)])
+    assert "token reduction after blocks [1, 3] (keep 0.5, fused)" in log
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["token_reduction"]["patch_tokens_per_block"] == [16, 16, 9, 9, 5, 5]
+    assert manifest["spec"]["_data"]["tokens"] == {"keep": 0.5, "layers": [1, 3], "fuse": True}
+    assert manifest["parity"]["tmlp.onnx"]["top1_agree"] == 1.0
+    tmlp_ops = [n.op_type for n in onnx.load(str(out / "tmlp.onnx")).graph.node]
+    original_ops = {n.op_type for n in onnx.load(str(out / "original.onnx")).graph.node}
+    assert tmlp_ops.count("TopK") == 2 and "TopK" not in original_ops

@@ -348,6 +348,13 @@ EPOCHS = _NumberOrWord(int, "auto", None)
              help="How --quantize static sets each activation's range from the calibration images.")
 @spec_option("--quant-images", field="quantize.images", type=int,
              help="Training images --quantize static calibrates the activation ranges on.")
+@spec_option("--token-keep", field="tokens.keep", type=click.FloatRange(0, 1, min_open=True),
+             help="Token reduction of the T-MLP model (ViTs): after --token-layers keep this share of the patch "
+                  "tokens the class token attends to most, plus one token fusing the rest (TopK + GatherElements "
+                  "in ONNX). Applied before distillation and the budget check; original.onnx stays unreduced.")
+@spec_option("--token-layers", field="tokens.layers",
+             help="Block indices that reduce tokens, e.g. 3,6,9 (none: the 4th, 7th and 10th of 12, scaled to the "
+                  "depth).")
 @click.option("--out", "out_dir", default=None, help="Run folder [default: runs/<model>-<dataset>].")
 @user_errors
 def export(model: str, **flags) -> None:
@@ -359,8 +366,9 @@ def export(model: str, **flags) -> None:
     from tmlp.pipeline import run_export
     from tmlp.spec import ExportSpec, parse_int_list
 
-    for key, flag in (("plan__k_choices", "--plan-k"), ("plan__rank_choices", "--plan-rank")):
-        flags[key] = parse_int_list(flags[key], flag)
+    for key, flag in (("plan__k_choices", "--plan-k"), ("plan__rank_choices", "--plan-rank"),
+                      ("tokens__layers", "--token-layers")):
+        flags[key] = parse_int_list(flags[key], flag, allow_zero=key == "tokens__layers")
     result = run_export(ExportSpec.from_flags(model, flags))
     click.echo(f"done in {result.summary['export_seconds']:.0f} s: {result.out_dir}/ holds "
                f"{', '.join(sorted(os.path.basename(p) for p in result.files.values()))} and manifest.json; next: "

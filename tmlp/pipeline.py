@@ -1,6 +1,6 @@
 """The whole export from one spec: it only chains the stages of ``tmlp.stages``.
 
-    load -> select -> calibrate -> plan -> build -> distil -> export (fit memory, export, verify)
+    load -> select -> calibrate -> plan -> build -> reduce tokens (--token-keep) -> distil -> export (fit memory, export, verify)
          -> hold the budget (measure in onnxruntime, back off) -> report -> static int8 (--quantize static)
          -> publish -> manifest
 
@@ -52,6 +52,7 @@ def run_export(spec: ExportSpec, log=print, progress: bool = True) -> ExportResu
     if spec.plan.max_acc_drop is not None:
         selection, calibration, plan = stages.plan_stage(loaded, selection, calibration, spec, log, progress)
     built = stages.build(loaded, selection, calibration, spec.calibration, spec.source, log)
+    built = stages.reduce_tokens(loaded, built, spec, log)
     built = stages.distil(loaded, built, spec, log, progress)
     with staging_folder(out_dir) as staging:
         exported = stages.export_models(loaded, selection, built, spec, target, plan, staging, log)

@@ -274,11 +274,30 @@ class QuantizeSpec:
         _positive_int(self.images, "--quant-images", " (training images the int8 ranges are calibrated on)")
 
 
+@dataclass(frozen=True)
+class TokensSpec:
+    """Token reduction of the T-MLP model (tmlp.tokens; ViTs with a class token): after the attention of ``layers``
+    (block indices; empty: EViT's 4th, 7th and 10th of 12, scaled to the depth) keep the ``keep`` share of the patch
+    tokens the class token attends to most, plus one fused token of the rest (``fuse``). ``keep`` None: off. The
+    reduction is applied after the Taylor blocks are built and before distillation, so distillation and the
+    accuracy budget see it; original.onnx stays the unreduced reference."""
+
+    keep: float | None = None
+    layers: tuple[int, ...] = ()
+    fuse: bool = True
+
+    def __post_init__(self) -> None:
+        if self.keep is not None and not (isinstance(self.keep, (int, float)) and 0 < self.keep <= 1):
+            raise TmlpError(f"--token-keep must be in (0, 1], the share of patch tokens kept, got {self.keep!r}")
+        if any(not isinstance(i, int) or i < 0 for i in self.layers):
+            raise TmlpError(f"--token-layers takes block indices >= 0 like 3,6,9, got {self.layers!r}")
+
+
 NO_BUDGET = "none"  # --max-acc-drop none: no accuracy budget
 
 SECTIONS: dict[str, type] = {"source": SourceSpec, "blocks": BlocksSpec, "calibration": TaylorConfig,
                              "plan": PlanSpec, "distill": DistillSpec, "target": TargetSpec,
-                             "quantize": QuantizeSpec}
+                             "quantize": QuantizeSpec, "tokens": TokensSpec}
 
 
 @dataclass(frozen=True)
@@ -286,7 +305,7 @@ class ExportSpec:
     """One export, complete: the model name, a section per stage, and the output folder (None:
     runs/<model>-<dataset>)."""
 
-    VERSION: ClassVar[int] = 4
+    VERSION: ClassVar[int] = 5
     model: str
     source: SourceSpec = field(default_factory=SourceSpec)
     blocks: BlocksSpec = field(default_factory=BlocksSpec)
@@ -295,6 +314,7 @@ class ExportSpec:
     distill: DistillSpec = field(default_factory=DistillSpec)
     target: TargetSpec = field(default_factory=TargetSpec)
     quantize: QuantizeSpec = field(default_factory=QuantizeSpec)
+    tokens: TokensSpec = field(default_factory=TokensSpec)
     out_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -358,14 +378,15 @@ def default_of(path: str) -> Any:
     return {f.name: f.default for f in fields(SECTIONS[section])}[name]
 
 
-def parse_int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
-    """'25,50,100' -> (25, 50, 100); None stays None."""
+def parse_int_list(text: str | None, flag: str, allow_zero: bool = False) -> tuple[int, ...] | None:
+    """'25,50,100' -> (25, 50, 100); None stays None. ``allow_zero``: indices (0 and up) instead of counts."""
     if text is None:
         return None
+    kind = "indices >= 0 like 3,6,9" if allow_zero else "positive integers like 25,50,100"
     try:
         values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
     except ValueError:
-        raise TmlpError(f"{flag} takes comma-separated positive integers like 25,50,100, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise TmlpError(f"{flag} takes comma-separated positive integers like 25,50,100, got {text!r}")
+        raise TmlpError(f"{flag} takes comma-separated {kind}, got {text!r}") from None
+    if not values or values[0] < (0 if allow_zero else 1):
+        raise TmlpError(f"{flag} takes comma-separated {kind}, got {text!r}")
     return values

@@ -36,7 +36,7 @@ __all__ = ["Built", "ChooseSplitChecks", "Exported", "Loaded", "ResolvedTarget",
            "calibrate_selection", "clear_run_folder", "common_metadata", "distil", "distillation_may_run",
            "embedded_default_checkpoint", "export_models", "export_tmlp", "export_verified", "hold_budget", "load",
            "load_model_and_data", "parity_examples", "parse_block_k", "parse_layers", "plan_options", "plan_stage",
-           "planning_budget", "publish_run", "report", "resolve_target", "select", "summarize", "tensor_batches",
+           "planning_budget", "publish_run", "reduce_tokens", "report", "resolve_target", "select", "summarize", "tensor_batches",
            "tmlp_metadata", "versions", "write_manifest", "write_val_images"]
 
 Log = Callable[[str], None]
@@ -385,11 +385,12 @@ class Built:
     choose_original: float
     choose: float
     distillation: dict[str, Any] | None = None
+    tokens: dict[str, Any] | None = None  # the token-reduction schedule (tmlp.tokens), when the spec asks for one
 
     def with_model(self, model: torch.nn.Module, choose: float, accuracy: float,
                    distillation: dict[str, Any] | None = None) -> "Built":
         return Built(model, self.accuracy_original, accuracy, self.n_val, self.choose_original, choose,
-                     distillation if distillation is not None else self.distillation)
+                     distillation if distillation is not None else self.distillation, self.tokens)
 
 
 def build(loaded: Loaded, selection: Selection, calibration: dict[str, BlockCalibration], config: TaylorConfig,
@@ -409,6 +410,25 @@ def build(loaded: Loaded, selection: Selection, calibration: dict[str, BlockCali
             f"{100 * acc[name, 'original']:.2f}%, T-MLP {100 * acc[name, 'tmlp']:.2f}%")
     return Built(model, acc["report", "original"], acc["report", "tmlp"], len(splits.report),
                  acc["choose", "original"], acc["choose", "tmlp"])
+
+
+def reduce_tokens(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print) -> Built:
+    """Stage 5b (``spec.tokens.keep`` set): token reduction of the T-MLP model in place (tmlp.tokens), before
+    distillation so that it adapts to it; original.onnx stays the unreduced reference."""
+    from tmlp.tokens import TokenReduction, apply_token_reduction_
+
+    t = spec.tokens
+    if t.keep is None:
+        return built
+    record = apply_token_reduction_(built.model, TokenReduction(keep=t.keep, layers=t.layers, fuse=t.fuse))
+    splits, cpu = loaded.val_splits(spec.source), torch.device("cpu")
+    choose, report = (evaluate(built.model, getattr(splits, n), loaded.spec, cpu) for n in ("choose", "report"))
+    log(f"token reduction after blocks {record['layers']} (keep {t.keep:g}{', fused' if t.fuse else ''}): patch "
+        f"tokens per block {record['patch_tokens_per_block']}; PyTorch T-MLP accuracy on the report split "
+        f"{100 * built.accuracy:.2f}% -> {100 * report:.2f}%")
+    reduced = built.with_model(built.model, choose, report)
+    reduced.tokens = record
+    return reduced
 
 
 def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, progress: bool = True) -> Built:
@@ -684,7 +704,7 @@ def summarize(spec: ExportSpec, loaded: Loaded, selection: Selection, built: Bui
                                                                    "tmlp": built.accuracy, "split": "report"},
             "pytorch_choose_accuracy": {"original": built.choose_original, "tmlp": built.choose},
             "n_val": built.n_val, "calibration_seconds": timings["calibration_seconds"],
-            "distillation": built.distillation, "layer_plan": None if plan is None else plan.to_dict(),
+            "distillation": built.distillation, "token_reduction": built.tokens, "layer_plan": None if plan is None else plan.to_dict(),
             "budget": exported.budget, "report": exported.report, "quantization": exported.quantization,
             "device": None if target.profile is None else target.profile.to_dict(), "opset": target.opset,
             "memory": exported.memory, "parity": exported.parity, "versions": versions(),
