@@ -106,7 +106,7 @@ def plot(result: dict, path: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        print("matplotlib not installed (pip install -e '.[plot]'): no plot")
+        print("matplotlib not installed (pip install -e .): no plot")
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -4,7 +4,7 @@ variant, the Pareto front (no other point both faster and more accurate) drawn a
     python bench/plot.py A/bench.json B/bench.json --labels "all 12 MLPs" "block 0 kept" --out plot.png
 
 The x axis is each variant's speed-up over the fp32 original *of the same run*, so runs timed in different hours
-stay comparable. Needs matplotlib (`pip install -e ".[plot]"`).
+stay comparable. Needs matplotlib (a tmlp dependency).
 """
 from __future__ import annotations
 

@@ -257,3 +257,26 @@ def test_token_reduction_stage_reduces_the_tmlp_model_only(trained, tmp_path):
     tmlp_ops = [n.op_type for n in onnx.load(str(out / "tmlp.onnx")).graph.node]
     original_ops = {n.op_type for n in onnx.load(str(out / "original.onnx")).graph.node}
     assert tmlp_ops.count("TopK") == 2 and "TopK" not in original_ops
+
+
+def test_pareto_bench_builds_measures_and_draws_every_variant(exported, tmp_path):
+    """tmlp bench --pareto on the tiny run: every variant is an ONNX file under the run folder, measured on val.npz;
+    pareto.json has the documented fields, the front is non-dominated, pareto.png is drawn."""
+    run = tmp_path / "run"
+    shutil.copytree(exported[0], run)
+    log = _ok(["bench", "--pareto", "--run", str(run), "--runs", "3", "--warmup", "1", "--repeats", "1",
+               "--finetune-images", "64"])
+    assert "pareto.json" in log
+    result = json.load(open(run / "pareto.json"))
+    names = [v["name"] for v in result["variants"]]
+    assert names[:2] == ["fp32 original", "T-MLP"]
+    for wanted in ("int8 static", "T-MLP + int8 static", "tokens 0.7", "T-MLP + tokens 0.7",
+                   "T-MLP + tokens 0.7 + int8 static", "prune MLPs", "low-rank MLPs"):
+        assert wanted in names, names
+    for v in result["variants"]:
+        assert {"name", "methods", "onnx", "accuracy", "p50_ms", "p90_ms", "file_mb", "peak_rss_mib"} <= set(v)
+        assert (run / v["onnx"]).is_file() and 0 <= v["accuracy"] <= 100 and v["p90_ms"] >= v["p50_ms"] > 0
+    front = [v for v in result["variants"] if v["on_front"]]
+    for v in front:  # nothing is both faster and more accurate than a point of the front
+        assert not any(w["p50_ms"] < v["p50_ms"] and w["accuracy"] > v["accuracy"] for w in result["variants"])
+    assert (run / "pareto.png").stat().st_size > 10_000 and 0 < result["mlp_keep"] < 1

@@ -392,9 +392,21 @@ def export(model: str, **flags) -> None:
               help="Fresh processes per variant (interleaved); latency is their median.")
 @click.option("--compare", is_flag=True,
               help="Instead of measuring: print the device reports REPORTS (runtime/run.py --report) side by side.")
+@click.option("--pareto", is_flag=True,
+              help="Build every compressor and composition (int8 dynamic/static, T-MLP, token reduction, pruned and "
+                   "low-rank MLPs, Tucker convolutions for CNNs) into RUN/pareto/ and measure them interleaved: "
+                   "pareto.json, pareto.md and pareto.png (accuracy vs latency, the front drawn) in the run folder.")
+@click.option("--token-keep", type=click.FloatRange(0, 1, min_open=True), default=0.7, show_default=True,
+              help="--pareto: share of patch tokens the token-reduction variants keep.")
+@click.option("--finetune-images", type=click.IntRange(0), default=5000, show_default=True,
+              help="--pareto: training images of the distillation fine-tune of the pruned/low-rank/Tucker variants.")
+@click.option("--mlp-keep", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="--pareto: share of MLP multiply-adds the pruned and low-rank variants keep [default: the "
+                   "T-MLP's own share].")
 @click.argument("reports", nargs=-1, type=click.Path(dir_okay=False))
 @user_errors
-def bench(provider, allow_fallback, run_dir, threads, warmup, runs, batch, repeats, compare, reports) -> None:
+def bench(provider, allow_fallback, run_dir, threads, warmup, runs, batch, repeats, compare, pareto, token_keep,
+          finetune_images, mlp_keep, reports) -> None:
     """Original vs T-MLP vs onnxruntime int8 (and T-MLP + int8): accuracy, latency p50/p90, peak RSS, file size.
 
     Each model is measured in a fresh subprocess by runtime/run.py (the same code that runs on a device); results
@@ -412,6 +424,15 @@ def bench(provider, allow_fallback, run_dir, threads, warmup, runs, batch, repea
         return
 
     run_dir = run_dir or find_run("runs")
+    if pareto:
+        from tmlp.pareto import run_pareto
+
+        result = run_pareto(run_dir, provider=provider, threads=threads, warmup=warmup, runs=runs, batch=batch,
+                            repeats=repeats, fallback=allow_fallback, token_keep=token_keep,
+                            finetune_images=finetune_images, mlp_keep=mlp_keep, log=click.echo)
+        click.echo(result["markdown"])
+        click.echo(f"wrote {os.path.join(run_dir, 'pareto.json')}, pareto.md and pareto.png")
+        return
     result = run_bench(run_dir, provider=provider, threads=threads, warmup=warmup, runs=runs, batch=batch,
                        repeats=repeats, fallback=allow_fallback)
     click.echo(result["markdown"])

@@ -1,0 +1,329 @@
+"""`tmlp bench --pareto`: every compressor and sensible composition on one accuracy–latency–size front.
+
+From a run folder written by ``tmlp export`` (its spec and files), build each variant as an ONNX file under
+``DIR/pareto/`` — the float original, onnxruntime dynamic and static int8, T-MLP, token reduction, hidden-unit
+pruning and low-rank MLPs (ViTs; Tucker-2 convolutions for CNNs) at the T-MLP's MLP multiply-add share, each with
+a short distillation fine-tune, and their compositions (T-MLP + static int8 + token reduction among them) — then
+measure them all with ``runtime/run.py`` in fresh processes, interleaved, on the run's report split (val.npz), and
+write ``DIR/pareto.json``, ``DIR/pareto.md`` and ``DIR/pareto.png``.
+
+    variant = (name, methods, how it is built); built once, cached by file: a second run measures again only
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from tmlp.errors import TmlpError
+from tmlp.io import write_json, write_text
+
+__all__ = ["Variant", "pareto_front", "plot_pareto", "run_pareto"]
+
+Log = Callable[[str], None]
+FOLDER = "pareto"
+
+
+@dataclass
+class Variant:
+    """One point of the front: ``onnx`` relative to the run folder; ``methods`` the compressors it composes."""
+
+    name: str
+    methods: tuple[str, ...]
+    onnx: str
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def pareto_front(latency: list[float], accuracy: list[float]) -> list[int]:
+    """Indices of the points no other point beats on both (lower latency, higher accuracy), by latency."""
+    order = sorted(range(len(latency)), key=lambda i: (latency[i], -accuracy[i]))
+    front, best = [], -float("inf")
+    for i in order:
+        if accuracy[i] > best:
+            front.append(i)
+            best = accuracy[i]
+    return front
+
+
+class _Builder:
+    """Builds the variants of one run folder (the model and data loaded once, on first need)."""
+
+    def __init__(self, run_dir: str, manifest: dict[str, Any], log: Log, progress: bool, token_keep: float,
+                 finetune_images: int, mlp_keep: float | None):
+        from tmlp.spec import ExportSpec
+
+        self.run_dir, self.manifest, self.log, self.progress = run_dir, manifest, log, progress
+        self.spec = ExportSpec.from_dict(manifest["spec"])
+        self.token_keep, self.finetune_images, self.mlp_keep_given = token_keep, finetune_images, mlp_keep
+        self._loaded = None
+        os.makedirs(os.path.join(run_dir, FOLDER), exist_ok=True)
+
+    def path(self, rel: str) -> str:
+        return os.path.join(self.run_dir, rel)
+
+    @property
+    def loaded(self):
+        if self._loaded is None:
+            from tmlp import stages
+
+            checkpoint = self.spec.source.checkpoint
+            if checkpoint and not os.path.isfile(checkpoint):
+                raise TmlpError(f"the run's checkpoint {checkpoint!r} is not here; run tmlp bench --pareto from the "
+                                "folder the export ran in")
+            self._loaded = stages.load(self.spec, self.log, self.progress)
+        return self._loaded
+
+    @property
+    def has_class_token(self) -> bool:
+        return int(getattr(self.loaded.model, "num_prefix_tokens", 0) or 0) >= 1 and hasattr(self.loaded.model,
+                                                                                                 "blocks")
+
+    def mlp_keep(self) -> float:
+        """The share of MLP multiply-adds the baselines keep: the T-MLP's own (its plan's, or its form's)."""
+        if self.mlp_keep_given is not None:
+            return self.mlp_keep_given
+        plan = self.manifest.get("layer_plan") or {}
+        if plan.get("mac_ratio"):
+            return float(plan["mac_ratio"])
+        from tmlp.plan import BlockOption, mlp_macs, option_macs
+
+        cfg = self.spec.calibration
+        ratios = []
+        for fqn in self.manifest["layers"]:
+            block = self.loaded.model.get_submodule(fqn)
+            fc1, fc2 = getattr(block, "fc1", None), getattr(block, "fc2", None)
+            if fc1 is None or fc2 is None:
+                continue
+            d_in, d_out = fc1.weight.shape[1], fc2.weight.shape[0]
+            option = BlockOption(cfg.k, cfg.rank if cfg.basis == "shared" else None)
+            ratios.append(option_macs(option, d_in, d_out, cfg.order) / mlp_macs(block, d_in, d_out))
+        return float(np.mean(ratios)) if ratios else 0.25
+
+    def export(self, net: torch.nn.Module, rel: str, kind: str) -> str:
+        """Export PyTorch ``net`` to ``rel`` (checker and parity as every export), unless it is already there."""
+        from tmlp import stages
+
+        path = self.path(rel)
+        if os.path.isfile(path):
+            return rel
+        target = stages.resolve_target(self.spec, lambda s: None)
+        example, parity_inputs = stages.parity_examples(self.loaded, self.spec)
+        meta = {**stages.common_metadata(self.loaded, self.spec.model, None), "tmlp.kind": kind}
+        stages.export_verified(net.eval(), path, meta, example, parity_inputs, target, self.log)
+        return rel
+
+    def quantized(self, src_rel: str, how: str, taylor: list[str] | None) -> str:
+        """``src_rel`` in int8: onnxruntime dynamic (MatMul/Gemm weights) or static QDQ; Taylor blocks stay float."""
+        stem = src_rel[:-len(".onnx")]
+        rel = f"{stem}.int8{'-static' if how == 'static' else ''}.onnx"
+        if os.path.isfile(self.path(rel)):
+            return rel
+        if how == "dynamic":
+            from tmlp.export.quantize import quantize_int8_dynamic
+
+            quantize_int8_dynamic(self.path(src_rel), self.path(rel), op_types=["MatMul", "Gemm"],
+                                  exclude_scopes=taylor or None)
+        else:
+            from tmlp.export.static_quant import quantize_int8_static
+            from tmlp.quantization import calibration_images
+
+            images = calibration_images(self.loaded, self.spec.quantize.images)
+            quantize_int8_static(self.path(src_rel), self.path(rel), images, self.spec.quantize.calibration,
+                                 exclude_scopes=taylor or None)
+        return rel
+
+    def finetuned(self, net: torch.nn.Module) -> torch.nn.Module:
+        """A short distillation fine-tune of every weight of ``net`` against the original (one pass over
+        ``finetune_images`` training images; tmlp.finetune)."""
+        from tmlp.finetune import finetune_
+
+        if self.finetune_images <= 0:
+            return net
+        gen, n_batches = self.loaded.labelled_batches("train", self.finetune_images, 64)
+        finetune_(net, self.loaded.model, gen, n_batches, epochs=1, lr_taylor=1e-3, lr_model=1e-4,
+                  progress=self.progress, require_taylor=False)
+        return net
+
+    def tmlp_with_tokens(self) -> str:
+        """T-MLP + token reduction: the run's export again (same spec: calibration from the cache, same budget)
+        with ``--token-keep``, into pareto/tmlp-tokens/."""
+        from tmlp.pipeline import run_export
+        from tmlp.spec import TokensSpec
+
+        rel = os.path.join(FOLDER, "tmlp-tokens", "tmlp.onnx")
+        if not os.path.isfile(self.path(rel)):
+            spec = dataclasses.replace(self.spec, tokens=TokensSpec(keep=self.token_keep),
+                                       out_dir=self.path(os.path.join(FOLDER, "tmlp-tokens")))
+            run_export(spec, log=self.log, progress=self.progress)
+        return rel
+
+
+def _variants(b: _Builder) -> list[Variant]:
+    """Build every variant (or reuse the file from an earlier run); the list in the order they are timed."""
+    from tmlp.baselines import low_rank_, prune_hidden_, tucker_conv_
+    from tmlp.tokens import TokenReduction, apply_token_reduction_
+
+    taylor = b.manifest.get("layers") or []
+    out = [Variant("fp32 original", (), "original.onnx"), Variant("T-MLP", ("tmlp",), "tmlp.onnx")]
+    for how in ("dynamic", "static"):
+        out.append(Variant(f"int8 {how}", (f"int8-{how}",), b.quantized("original.onnx", how, None)))
+        out.append(Variant(f"T-MLP + int8 {how}", ("tmlp", f"int8-{how}"), b.quantized("tmlp.onnx", how, taylor)))
+    keep = b.mlp_keep()
+    b.log(f"baselines keep {100 * keep:.1f}% of the MLP multiply-adds (the T-MLP's share)")
+    if b.has_class_token:
+        net = copy.deepcopy(b.loaded.model)
+        schedule = apply_token_reduction_(net, TokenReduction(keep=b.token_keep))
+        rel = b.export(net, os.path.join(FOLDER, f"tokens-{b.token_keep:g}.onnx"), "tokens")
+        out.append(Variant(f"tokens {b.token_keep:g}", ("tokens",), rel, {"schedule": schedule}))
+        out.append(Variant(f"tokens {b.token_keep:g} + int8 dynamic", ("tokens", "int8-dynamic"),
+                           b.quantized(rel, "dynamic", None)))
+        try:
+            rel = b.tmlp_with_tokens()
+        except TmlpError as err:
+            b.log(f"T-MLP + tokens skipped: {err}")
+        else:
+            out.append(Variant(f"T-MLP + tokens {b.token_keep:g}", ("tmlp", "tokens"), rel))
+            mlp_layers = json.load(open(b.path(os.path.join(FOLDER, "tmlp-tokens", "manifest.json"))))["layers"]
+            for how in ("dynamic", "static"):
+                out.append(Variant(f"T-MLP + tokens {b.token_keep:g} + int8 {how}", ("tmlp", "tokens", f"int8-{how}"),
+                                   b.quantized(rel, how, mlp_layers)))
+    for method, fn in (("prune", prune_hidden_), ("low-rank", low_rank_)):
+        rel = os.path.join(FOLDER, f"{method}-{keep:.3f}.onnx")
+        if not os.path.isfile(b.path(rel)):
+            net = copy.deepcopy(b.loaded.model)
+            record = fn(net, taylor, keep)
+            if not record["blocks"]:
+                b.log(f"{method} skipped: no block it can shrink ({record['skipped']})")
+                continue
+            b.log(f"{method}: {len(record['blocks'])} MLP block(s) at {100 * keep:.1f}% of their multiply-adds; "
+                  f"fine-tuning on {b.finetune_images} training images")
+            b.export(b.finetuned(net), rel, method)
+        out.append(Variant(f"{method} MLPs", (method,), rel))
+        out.append(Variant(f"{method} MLPs + int8 dynamic", (method, "int8-dynamic"), b.quantized(rel, "dynamic", None)))
+    if not b.has_class_token:
+        rel = os.path.join(FOLDER, "tucker-0.5.onnx")
+        if not os.path.isfile(b.path(rel)):
+            net = copy.deepcopy(b.loaded.model)
+            record = tucker_conv_(net, 0.5)
+            if record["layers"]:
+                b.export(b.finetuned(net), rel, "tucker")
+        if os.path.isfile(b.path(rel)):
+            out.append(Variant("Tucker convs 0.5", ("tucker",), rel))
+            out.append(Variant("Tucker convs 0.5 + int8 dynamic", ("tucker", "int8-dynamic"),
+                               b.quantized(rel, "dynamic", None)))
+    return out
+
+
+def run_pareto(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int = 10, runs: int = 50,
+               batch: int = 1, repeats: int = 3, fallback: bool = False, token_keep: float = 0.7,
+               finetune_images: int = 5000, mlp_keep: float | None = None, log: Log = print,
+               progress: bool = True) -> dict[str, Any]:
+    """Build and measure every variant of ``run_dir``; write pareto.json, pareto.md and pareto.png there."""
+    from tmlp.measure import measure_in_subprocess, ran_on
+    from tmlp.runtime import run as runtime_run
+
+    manifest_path = os.path.join(run_dir, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise TmlpError(f"{run_dir!r} has no manifest.json; pass a folder written by `tmlp export`")
+    manifest = json.load(open(manifest_path))
+    if "spec" not in manifest:
+        raise TmlpError(f"{manifest_path} has no export spec (written by an older tmlp); export again")
+    try:  # a provider this onnxruntime lacks is refused before anything is built
+        runtime_run.session_providers(provider, fallback)
+    except runtime_run.RunError as err:
+        raise TmlpError(str(err)) from None
+    builder = _Builder(run_dir, manifest, log, progress, token_keep, finetune_images, mlp_keep)
+    variants = _variants(builder)
+    data = os.path.join(run_dir, "val.npz")
+    measured: list[list[dict[str, Any]]] = [[] for _ in variants]
+    for rep in range(repeats):
+        for i, v in enumerate(variants):
+            log(f"measuring {v.name} [{rep + 1}/{repeats}] ({v.onnx})")
+            measured[i].append(measure_in_subprocess(builder.path(v.onnx), data, provider, threads, warmup, runs,
+                                                     batch, accuracy=rep == 0, fallback=fallback))
+    rows = []
+    for v, reps in zip(variants, measured):
+        first = reps[0]
+        rows.append({"name": v.name, "methods": list(v.methods), "onnx": v.onnx, "accuracy": 100 * first["accuracy"],
+                     "p50_ms": statistics.median(r["latency_ms"]["p50"] for r in reps),
+                     "p90_ms": statistics.median(r["latency_ms"]["p90"] for r in reps),
+                     "file_mb": first["file_bytes"] / 2**20,
+                     "peak_rss_mib": statistics.median(r["peak_rss_delta_mb"] for r in reps
+                                                       if r.get("peak_rss_delta_mb") is not None)
+                     if any(r.get("peak_rss_delta_mb") is not None for r in reps) else None,
+                     "p50_ms_each_repeat": [r["latency_ms"]["p50"] for r in reps], **v.notes})
+    base = rows[0]
+    for row in rows:
+        row["speedup_vs_fp32"] = base["p50_ms"] / row["p50_ms"]
+        row["accuracy_drop_points"] = base["accuracy"] - row["accuracy"]
+    front = pareto_front([r["p50_ms"] for r in rows], [r["accuracy"] for r in rows])
+    for i, row in enumerate(rows):
+        row["on_front"] = i in front
+    result = {"run": run_dir, "model": manifest.get("model"), "dataset": manifest.get("dataset"),
+              "n_eval": measured[0][0].get("n_eval"), "provider": ran_on([{"provider": m[0]["provider"]}
+                                                                           for m in measured]),
+              "threads": threads, "batch": batch, "runs": runs, "repeats": repeats,
+              "token_keep": token_keep, "mlp_keep": builder.mlp_keep(), "finetune_images": finetune_images,
+              "machine": measured[0][0].get("machine"), "variants": rows}
+    result["markdown"] = format_pareto(result)
+    write_json(os.path.join(run_dir, "pareto.json"), {k: v for k, v in result.items() if k != "markdown"})
+    write_text(os.path.join(run_dir, "pareto.md"), result["markdown"] + "\n")
+    plot_pareto(result, os.path.join(run_dir, "pareto.png"))
+    return result
+
+
+def format_pareto(result: dict[str, Any]) -> str:
+    lines = [f"{result['model']} on {result['dataset']} ({result['n_eval']} report-split images), onnxruntime "
+             f"{result['provider']}, {result['threads']} thread(s), batch {result['batch']}, medians of "
+             f"{result['repeats']} interleaved repeats; * on the accuracy–latency front", "",
+             "| variant | accuracy | drop (points) | p50 ms | p90 ms | speed-up | file MB | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["variants"]:
+        rss = "–" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.1f}"
+        lines.append(f"| {'*' if r['on_front'] else ''}{r['name']} | {r['accuracy']:.2f}% | "
+                     f"{r['accuracy_drop_points']:+.2f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+                     f"{r['speedup_vs_fp32']:.2f}x | {r['file_mb']:.1f} | {rss} |")
+    return "\n".join(lines)
+
+
+def plot_pareto(result: dict[str, Any], path: str) -> str | None:
+    """Accuracy vs p50 latency, one labelled point per variant, the front drawn; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = result["variants"]
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    front = sorted((r for r in rows if r["on_front"]), key=lambda r: r["p50_ms"])
+    ax.plot([r["p50_ms"] for r in front], [r["accuracy"] for r in front], "-", color="tab:green", lw=2, zorder=1,
+            label="front (no variant faster and more accurate)")
+    for r in rows:
+        colour = "tab:red" if "tmlp" in r["methods"] else "tab:blue"
+        ax.scatter(r["p50_ms"], r["accuracy"], s=60 if r["on_front"] else 30, color=colour, zorder=2,
+                   edgecolor="black" if r["on_front"] else "none")
+        ax.annotate(r["name"], (r["p50_ms"], r["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    base = rows[0]
+    ax.axhline(base["accuracy"] - 1.0, color="grey", ls=":", lw=1, label="1 point below the fp32 original")
+    ax.scatter([], [], color="tab:red", label="with T-MLP")
+    ax.scatter([], [], color="tab:blue", label="without T-MLP")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency, ms (log scale; batch {result['batch']}, {result['threads']} thread(s))")
+    ax.set_ylabel("top-1 accuracy on the report split, %")
+    ax.set_title(f"{result['model']} on {result['dataset']}: accuracy vs latency")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
