@@ -175,6 +175,10 @@ def train(model, dataset, out_dir, epochs, lr, batch_size, weight_decay, optimiz
                       threads=threads, data_root=data_root, download=download, label_smoothing=label_smoothing)
     out_dir = out_dir or os.path.join("runs", f"train-{model}-{dataset.replace(':', '-').replace('/', '_')}")
     summary = run_train(cfg, out_dir, init_from=init_from)
+    from tmlp.distributed import world
+
+    if not world().main:  # under torchrun rank 0 reports and writes the fp16 copy
+        return
     click.echo(f"best validation accuracy {100 * summary['best_acc']:.2f}% at epoch {summary['best_epoch']}; "
                f"checkpoint {summary['checkpoint']}")
     if fp16_copy:

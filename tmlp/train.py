@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tmlp.data import ImageSplit, augment_batch, load_dataset, to_tensor
+from tmlp.distributed import World, all_reduce_sum, barrier, batch_share, world
 from tmlp.errors import TmlpError
 from tmlp.io import check_can_write, folder_kept_on_success, save_torch
 from tmlp.models import COMMIT_FILE_MB, create_model, input_size, read_checkpoint, resolve_config, save_checkpoint
@@ -81,40 +82,53 @@ def pick_device(name: str) -> torch.device:
 
 
 class BatchSource(torch.utils.data.Dataset):
-    """Item b is batch b of a fixed order over ``split``: (float inputs [B, C, H, W], labels [B])."""
+    """Item b is batch b of a fixed order over ``split``: (float inputs [B, C, H, W], labels [B]); under torchrun,
+    this rank's share of it (``share``; a last batch smaller than the number of ranks is repeated to fill them)."""
 
-    def __init__(self, split: ImageSplit, spec: dict[str, Any], order: np.ndarray, batch_size: int):
-        self.split, self.spec, self.order, self.batch_size = split, spec, order, batch_size
+    def __init__(self, split: ImageSplit, spec: dict[str, Any], order: np.ndarray, batch_size: int,
+                 share: World | None = None):
+        self.split, self.spec, self.order, self.batch_size, self.share = split, spec, order, batch_size, share
 
     def __len__(self) -> int:
         return (len(self.order) + self.batch_size - 1) // self.batch_size
 
     def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = self.order[b * self.batch_size:(b + 1) * self.batch_size]
+        if self.share is not None and self.share.distributed:
+            index = batch_share(np.resize(index, max(len(index), self.share.size)), self.share)
         return to_tensor(self.split.images(index), self.spec), torch.from_numpy(self.split.y[index])
 
 
 def batches(split: ImageSplit, spec: dict[str, Any], batch_size: int, order: np.ndarray | None = None,
-            start: int = 0, num_workers: int = 0):
-    """DataLoader over whole batches of ``split`` in ``order`` (default: as stored), from batch ``start``."""
+            start: int = 0, num_workers: int = 0, share: World | None = None):
+    """DataLoader over whole batches of ``split`` in ``order`` (default: as stored), from batch ``start``; with
+    ``share`` (torchrun) each batch is this rank's share of it."""
     order = np.arange(len(split)) if order is None else order
-    source = BatchSource(split, spec, order, batch_size)
+    source = BatchSource(split, spec, order, batch_size, share)
     sampler = range(start, len(source))
     return torch.utils.data.DataLoader(source, batch_size=None, sampler=sampler, num_workers=num_workers)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: ImageSplit, spec: dict[str, Any], device: torch.device, batch_size: int = 256,
-             precision: str = "fp32", num_workers: int = 0, limit: int | None = None) -> float:
-    """Top-1 accuracy (fraction) of ``model`` on ``split``."""
+             precision: str = "fp32", num_workers: int = 0, limit: int | None = None,
+             share: World | None = None) -> float:
+    """Top-1 accuracy (fraction) of ``model`` on ``split``; with ``share`` (torchrun) each rank scores its share of
+    every batch and the counts are summed over the ranks."""
     model.eval()
     correct = total = 0
     order = np.arange(len(split) if limit is None else min(limit, len(split)))
+    if share is not None and share.distributed:  # no repeated items: a rank may get an empty share
+        order_batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        mine = np.concatenate([batch_share(b, share) for b in order_batches] or [order[:0]])
+        order = mine
     for x, y in batches(split, spec, batch_size, order, num_workers=num_workers):
         with autocast(device, precision):
             logits = model(x.to(device))
         correct += int((logits.argmax(1).cpu() == y).sum())
         total += len(y)
+    if share is not None and share.distributed:
+        correct, total = (int(v) for v in all_reduce_sum([correct, total]))
     return correct / max(1, total)
 
 
@@ -155,6 +169,8 @@ class Run:
     device: torch.device
     optimizer: torch.optim.Optimizer
     init_from: str | None = None  # the checkpoint whose weights started the run (recorded in best.pt)
+    world: World = field(default_factory=World)  # this process under torchrun (rank 0 of 1 without)
+    forward: nn.Module | None = None  # what the steps call: the model, or its DistributedDataParallel wrapper
     state: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "batch": 0, "best_acc": -1.0,
                                                            "best_epoch": -1, "stale": 0, "seconds": 0.0})
 
@@ -170,6 +186,8 @@ class Run:
         return os.path.join(self.out_dir, name)
 
     def save_last(self) -> None:
+        if not self.world.main:
+            return
         save_torch({"identity": self.identity, "model": self.model.state_dict(),
                     "optimizer": self.optimizer.state_dict(), "state": self.state}, self.path("last.pt"))
 
@@ -189,9 +207,20 @@ def build_run(cfg: TrainConfig, out_dir: str) -> Run:
     chans, h, w = input_size(cfg.model, mcfg)
     if chans != data.channels:
         raise TmlpError(f"model takes {chans} input channels, {cfg.dataset} has {data.channels}; set in_chans")
-    torch.manual_seed(cfg.seed)
+    from tmlp.distributed import init
+
+    w_ = init(device)  # torchrun: join the process group (one process: nothing to do)
+    if device.type == "cuda" and w_.distributed:
+        device = torch.device("cuda", w_.local_rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = create_model(cfg.model, mcfg).to(device)
-    return Run(cfg, out_dir, model, mcfg, data, data.preprocessing((h, w)), device, make_optimizer(model, cfg))
+    run = Run(cfg, out_dir, model, mcfg, data, data.preprocessing((h, w)), device, make_optimizer(model, cfg),
+              world=w_, forward=model)
+    if w_.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        run.forward = DistributedDataParallel(model, device_ids=[w_.local_rank] if device.type == "cuda" else None)
+    return run
 
 
 def restore(run: Run, log=print) -> None:
@@ -215,8 +244,9 @@ def restore(run: Run, log=print) -> None:
         if carried and same_run(carried["train_config"], run.identity["train_config"]):
             # the position carries over; best.pt (not carried) starts again in this folder
             run.state = {**carried["state"], "best_acc": -1.0, "best_epoch": -1, "stale": 0}
-            with open(run.path("train_log.jsonl"), "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in carried["log"])
+            if run.world.main:
+                with open(run.path("train_log.jsonl"), "w") as f:
+                    f.writelines(json.dumps(row) + "\n" for row in carried["log"])
             log(f"continuing the run snapshot {run.init_from} at epoch {run.state['epoch'] + 1}, batch "
                 f"{run.state['batch']} (fresh optimizer state)")
         else:
@@ -230,12 +260,16 @@ def train_epoch(run: Run, progress: bool) -> tuple[float, int]:
     steps, total_steps = run.steps_per_epoch, cfg.epochs * run.steps_per_epoch
     warmup_steps = int(round(cfg.warmup_epochs * steps))
     augment = run.data.augment if cfg.augment == "auto" else cfg.augment
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # summed over this rank's share, divided by the whole batch, times the ranks: DDP's gradient average is then
+    # the gradient of the single-process mean loss over the whole batch
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
     run.model.train()
     order = torch.randperm(len(run.data.train), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-    bar = tqdm(batches(run.data.train, run.spec, cfg.batch_size, order.numpy(), state["batch"], cfg.num_workers),
-               total=steps, initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-               leave=False)
+    whole = np.minimum(cfg.batch_size, len(run.data.train) - np.arange(steps) * cfg.batch_size)  # each batch's size
+    bar = tqdm(batches(run.data.train, run.spec, cfg.batch_size, order.numpy(), state["batch"], cfg.num_workers,
+                       share=run.world),
+               total=steps, initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not progress or not run.world.main, leave=False)
     t0 = last_save = time.time()
     loss_sum, seen = 0.0, 0
     for x, y in bar:
@@ -244,7 +278,7 @@ def train_epoch(run: Run, progress: bool) -> tuple[float, int]:
         for group in run.optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, total_steps, warmup_steps)
         with autocast(run.device, cfg.precision):
-            loss = criterion(run.model(x), y.to(run.device))
+            loss = criterion(run.forward(x), y.to(run.device)) * (run.world.size / int(whole[state["batch"]]))
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad:
@@ -253,7 +287,7 @@ def train_epoch(run: Run, progress: bool) -> tuple[float, int]:
         if not math.isfinite(loss.item()):
             raise TmlpError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr or add "
                             "--clip-grad 1.0")
-        loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
+        loss_sum, seen = loss_sum + loss.item() * int(whole[state["batch"]]) / run.world.size, seen + len(y)
         state["batch"] += 1
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
         if time.time() - last_save > 60 * cfg.checkpoint_minutes:
@@ -261,6 +295,9 @@ def train_epoch(run: Run, progress: bool) -> tuple[float, int]:
             t0 = last_save = time.time()
             run.save_last()
     state["seconds"] += time.time() - t0
+    if run.world.distributed:
+        loss_sum, seen = (float(v) for v in all_reduce_sum([loss_sum, seen]))
+        seen = int(seen)
     return loss_sum / max(1, seen), seen
 
 
@@ -268,20 +305,22 @@ def end_epoch(run: Run, train_loss: float, seen: int, train_seconds: float, log=
     """Validate, keep ``best.pt`` on improvement, append the log row, save ``last.pt``."""
     cfg, state, epoch = run.cfg, run.state, run.state["epoch"]
     acc = evaluate(run.model, run.data.val, run.spec, run.device, precision=cfg.precision,
-                   num_workers=cfg.num_workers)
+                   num_workers=cfg.num_workers, share=run.world)
     if acc > state["best_acc"]:
         state.update(best_acc=acc, best_epoch=epoch, stale=0)
-        save_checkpoint(run.path("best.pt"), run.model, cfg.model, run.model_config,
-                        {"dataset": cfg.dataset, "preprocessing": run.spec, "train_config": asdict(cfg),
-                         "epoch": epoch + 1, "val_acc": acc,
-                         **({"init_from": run.init_from} if run.init_from else {})})
+        if run.world.main:
+            save_checkpoint(run.path("best.pt"), run.model, cfg.model, run.model_config,
+                            {"dataset": cfg.dataset, "preprocessing": run.spec, "train_config": asdict(cfg),
+                             "epoch": epoch + 1, "val_acc": acc,
+                             **({"init_from": run.init_from} if run.init_from else {})})
     else:
         state["stale"] += 1
     row = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": acc, "lr": run.optimizer.param_groups[0]["lr"],
            "train_seconds": round(train_seconds, 1), "images_per_s": round(seen / max(1e-9, train_seconds), 1),
            "precision": cfg.precision}
-    with open(run.path("train_log.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    if run.world.main:
+        with open(run.path("train_log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
     state.update(epoch=epoch + 1, batch=0)
     run.save_last()
     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or epoch == 0:
@@ -296,12 +335,17 @@ def train(cfg: TrainConfig, out_dir: str, progress: bool = True, log=print,
     with the best validation accuracy and the checkpoint path."""
     run = build_run(cfg, out_dir)
     run.init_from = init_from
-    with folder_kept_on_success(out_dir, "--path"):
+    if not run.world.main:  # under torchrun rank 0 alone prints and writes
+        log = lambda s: None  # noqa: E731
+    folder = folder_kept_on_success(out_dir, "--path") if run.world.main else contextlib.nullcontext()
+    with folder:
+        barrier()  # rank 0 has created the folder; every rank reads the same last.pt
         restore(run, log)
         while run.state["epoch"] < cfg.epochs and run.state["stale"] < cfg.patience:
             start = time.time()
             train_loss, seen = train_epoch(run, progress)
             end_epoch(run, train_loss, seen, time.time() - start, log)
+        barrier()  # rank 0 has written its last files
     if run.state["stale"] >= cfg.patience:
         log(f"early stop: no better validation accuracy for {cfg.patience} epochs")
     return {"best_acc": run.state["best_acc"], "best_epoch": run.state["best_epoch"] + 1,
