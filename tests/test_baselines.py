@@ -79,7 +79,7 @@ def test_tucker_at_full_rank_is_exact_and_reduces_vgg_convolutions():
         torch.testing.assert_close(tucker_conv(conv, 16, 8)(x), conv(x), atol=1e-5, rtol=1e-5)
     vgg = create_model("vgg16", {"img_size": 32, "hidden": 64, "num_classes": 10, "in_chans": 3}).eval()
     before = _params(vgg)
-    record = tucker_conv_(vgg, 0.3)
+    record = tucker_conv_(vgg, 0.3, iterations=0)  # HOSVD alone: fast enough for CI
     assert len(record["layers"]) == 12  # 13 convolutions, the first left whole
     assert _params(vgg) < 0.5 * before
     with torch.no_grad():

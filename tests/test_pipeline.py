@@ -243,29 +243,16 @@ def test_hidden_partition_is_recorded_and_exports_with_parity(trained, tmp_path)
     assert manifest["taylor_config"]["_data"]["rank_out"] == 12
 
 
-def test_token_reduction_stage_reduces_the_tmlp_model_only(trained, tmp_path):
-    """--token-keep: tmlp.onnx keeps fewer tokens after the chosen blocks (TopK + GatherElements, parity checked
-    like any export), original.onnx stays whole, and the schedule is in the manifest; tmlp bench measures it."""
-    out = tmp_path / "tokens"
-    log = _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "8",
-               "--token-keep", "0.5", "--token-layers", "1,3", "--out", str(out)])
-    assert "token reduction after blocks [1, 3] (keep 0.5, fused)" in log
-    manifest = json.load(open(out / "manifest.json"))
-    assert manifest["token_reduction"]["patch_tokens_per_block"] == [16, 16, 9, 9, 5, 5]
-    assert manifest["spec"]["_data"]["tokens"] == {"keep": 0.5, "layers": [1, 3], "fuse": True}
-    assert manifest["parity"]["tmlp.onnx"]["top1_agree"] == 1.0
-    tmlp_ops = [n.op_type for n in onnx.load(str(out / "tmlp.onnx")).graph.node]
-    original_ops = {n.op_type for n in onnx.load(str(out / "original.onnx")).graph.node}
-    assert tmlp_ops.count("TopK") == 2 and "TopK" not in original_ops
-
-
 def test_pareto_bench_builds_measures_and_draws_every_variant(exported, tmp_path):
     """tmlp bench --pareto on the tiny run: every variant is an ONNX file under the run folder, measured on val.npz;
-    pareto.json has the documented fields, the front is non-dominated, pareto.png is drawn."""
+    pareto.json has the documented fields, the front is non-dominated, pareto.png is drawn. Its T-MLP + tokens
+    variant is an export with --token-keep 0.7 (the token-reduction stage): tmlp.onnx keeps fewer tokens after blocks
+    2, 3 and 4 (TopK + GatherElements, parity checked like any export), original.onnx stays whole, and the schedule
+    is in the manifest."""
     run = tmp_path / "run"
     shutil.copytree(exported[0], run)
     log = _ok(["bench", "--pareto", "--run", str(run), "--runs", "3", "--warmup", "1", "--repeats", "1",
-               "--finetune-images", "64"])
+               "--finetune-images", "32"])
     assert "pareto.json" in log
     result = json.load(open(run / "pareto.json"))
     names = [v["name"] for v in result["variants"]]
@@ -280,3 +267,12 @@ def test_pareto_bench_builds_measures_and_draws_every_variant(exported, tmp_path
     for v in front:  # nothing is both faster and more accurate than a point of the front
         assert not any(w["p50_ms"] < v["p50_ms"] and w["accuracy"] > v["accuracy"] for w in result["variants"])
     assert (run / "pareto.png").stat().st_size > 10_000 and 0 < result["mlp_keep"] < 1
+    tokens = run / "pareto" / "tmlp-tokens"
+    manifest = json.load(open(tokens / "manifest.json"))
+    assert manifest["token_reduction"]["layers"] == [2, 3, 4]
+    assert manifest["token_reduction"]["patch_tokens_per_block"] == [16, 16, 16, 12, 9, 7]
+    assert manifest["spec"]["_data"]["tokens"] == {"keep": 0.7, "layers": [], "fuse": True}
+    assert manifest["parity"]["tmlp.onnx"]["top1_agree"] == 1.0
+    tmlp_ops = [n.op_type for n in onnx.load(str(tokens / "tmlp.onnx")).graph.node]
+    original_ops = {n.op_type for n in onnx.load(str(tokens / "original.onnx")).graph.node}
+    assert tmlp_ops.count("TopK") == 3 and "GatherElements" in tmlp_ops and "TopK" not in original_ops

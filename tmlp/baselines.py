@@ -168,7 +168,7 @@ def tucker_conv(conv: nn.Conv2d, rank_out: int, rank_in: int, iterations: int = 
     return nn.Sequential(first, middle, last).to(conv.weight.device)
 
 
-def tucker_conv_(model: nn.Module, keep: float, skip_first: bool = True) -> dict[str, Any]:
+def tucker_conv_(model: nn.Module, keep: float, skip_first: bool = True, iterations: int = 2) -> dict[str, Any]:
     """Tucker-2 every k×k convolution of ``model`` (k > 1; the first, 3-channel one left whole with ``skip_first``)
     with both ranks the share √keep·(1 + …) that keeps about ``keep`` of its multiply-adds; returns {"method",
     "keep", "layers": {fqn: [rank_out, rank_in]}}."""
@@ -187,6 +187,6 @@ def tucker_conv_(model: nn.Module, keep: float, skip_first: bool = True) -> dict
         r_out, r_in = max(1, min(c_out, round(a * c_out))), max(1, min(c_in, round(a * c_in)))
         if c_in * r_in + r_in * r_out * kh * kw + r_out * c_out >= full:
             continue
-        replace_module(model, fqn, tucker_conv(conv, r_out, r_in))
+        replace_module(model, fqn, tucker_conv(conv, r_out, r_in, iterations))
         record["layers"][fqn] = [r_out, r_in]
     return record

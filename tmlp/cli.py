@@ -429,11 +429,11 @@ def bench(provider, allow_fallback, run_dir, threads, warmup, runs, batch, repea
 
     run_dir = run_dir or find_run("runs")
     if pareto:
-        from tmlp.pareto import run_pareto
+        from tmlp.pareto import ParetoOptions, run_pareto
 
         result = run_pareto(run_dir, provider=provider, threads=threads, warmup=warmup, runs=runs, batch=batch,
-                            repeats=repeats, fallback=allow_fallback, token_keep=token_keep,
-                            finetune_images=finetune_images, mlp_keep=mlp_keep, log=click.echo)
+                            repeats=repeats, fallback=allow_fallback,
+                            options=ParetoOptions(token_keep, finetune_images, mlp_keep), log=click.echo)
         click.echo(result["markdown"])
         click.echo(f"wrote {os.path.join(run_dir, 'pareto.json')}, pareto.md and pareto.png")
         return

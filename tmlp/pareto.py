@@ -25,10 +25,21 @@ import torch
 from tmlp.errors import TmlpError
 from tmlp.io import write_json, write_text
 
-__all__ = ["Variant", "pareto_front", "plot_pareto", "run_pareto"]
+__all__ = ["ParetoOptions", "Variant", "pareto_front", "plot_pareto", "run_pareto"]
 
 Log = Callable[[str], None]
 FOLDER = "pareto"
+
+
+@dataclass(frozen=True)
+class ParetoOptions:
+    """How the variants are built: ``token_keep`` the share of patch tokens token reduction keeps; ``finetune_images``
+    the training images of the pruned/low-rank/Tucker variants' distillation fine-tune (0: none); ``mlp_keep`` the
+    share of MLP multiply-adds pruning and low rank keep (None: the T-MLP's own)."""
+
+    token_keep: float = 0.7
+    finetune_images: int = 5000
+    mlp_keep: float | None = None
 
 
 @dataclass
@@ -222,9 +233,8 @@ def _variants(b: _Builder) -> list[Variant]:
 
 
 def run_pareto(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int = 10, runs: int = 50,
-               batch: int = 1, repeats: int = 3, fallback: bool = False, token_keep: float = 0.7,
-               finetune_images: int = 5000, mlp_keep: float | None = None, log: Log = print,
-               progress: bool = True) -> dict[str, Any]:
+               batch: int = 1, repeats: int = 3, fallback: bool = False, options: ParetoOptions = ParetoOptions(),
+               log: Log = print, progress: bool = True) -> dict[str, Any]:
     """Build and measure every variant of ``run_dir``; write pareto.json, pareto.md and pareto.png there."""
     from tmlp.measure import measure_in_subprocess, ran_on
     from tmlp.runtime import run as runtime_run
@@ -239,7 +249,8 @@ def run_pareto(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: in
         runtime_run.session_providers(provider, fallback)
     except runtime_run.RunError as err:
         raise TmlpError(str(err)) from None
-    builder = _Builder(run_dir, manifest, log, progress, token_keep, finetune_images, mlp_keep)
+    builder = _Builder(run_dir, manifest, log, progress, options.token_keep, options.finetune_images,
+                       options.mlp_keep)
     variants = _variants(builder)
     data = os.path.join(run_dir, "val.npz")
     measured: list[list[dict[str, Any]]] = [[] for _ in variants]
@@ -270,7 +281,8 @@ def run_pareto(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: in
               "n_eval": measured[0][0].get("n_eval"), "provider": ran_on([{"provider": m[0]["provider"]}
                                                                            for m in measured]),
               "threads": threads, "batch": batch, "runs": runs, "repeats": repeats,
-              "token_keep": token_keep, "mlp_keep": builder.mlp_keep(), "finetune_images": finetune_images,
+              "token_keep": options.token_keep, "mlp_keep": builder.mlp_keep(),
+              "finetune_images": options.finetune_images,
               "machine": measured[0][0].get("machine"), "variants": rows}
     result["markdown"] = format_pareto(result)
     write_json(os.path.join(run_dir, "pareto.json"), {k: v for k, v in result.items() if k != "markdown"})
