@@ -16,6 +16,10 @@ from tmlp.models import create_model
 
 TINY_VIT = {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10}
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two xdist workers share the cores: one thread each, subprocesses too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
