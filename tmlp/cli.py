@@ -366,6 +366,9 @@ def export(model: str, **flags) -> None:
 
     Each replaced block becomes ArgMin over centre distances, Gather of the per-centre tensors and MatMul. Every
     export runs onnx.checker (full_check) and an onnxruntime vs PyTorch parity check on real inputs.
+
+    Scale-out: `torchrun --standalone --nproc_per_node N -m tmlp export ...` splits calibration, distillation and
+    fine-tuning over N processes (same model as one process); rank 0 writes (docs/distributed.md).
     """
     from tmlp.pipeline import run_export
     from tmlp.spec import ExportSpec, parse_int_list
@@ -374,6 +377,8 @@ def export(model: str, **flags) -> None:
                       ("tokens__layers", "--token-layers")):
         flags[key] = parse_int_list(flags[key], flag, allow_zero=key == "tokens__layers")
     result = run_export(ExportSpec.from_flags(model, flags))
+    if not result.files:  # under torchrun rank 0 reports
+        return
     click.echo(f"done in {result.summary['export_seconds']:.0f} s: {result.out_dir}/ holds "
                f"{', '.join(sorted(os.path.basename(p) for p in result.files.values()))} and manifest.json; next: "
                f"tmlp bench --provider cpu --run {result.out_dir}")

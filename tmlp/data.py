@@ -46,6 +46,8 @@ class ImageSplit:
         if self.x is not None:
             return self.x[index]
         rows = np.asarray(index) if self.rows is None else self.rows[np.asarray(index)]
+        if not len(rows):  # a rank's empty share of a small last batch (torchrun)
+            return np.zeros((0, self.size, self.size, 3), dtype=np.uint8)
         return np.stack([_load_folder_image(self.folder, int(i), self.size) for i in rows])
 
     def subset(self, start: int, stop: int) -> "ImageSplit":

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tmlp.distributed import all_reduce_grads_
 from tmlp.errors import TmlpError
 from tmlp.taylor import SharedTaylorMLP, TaylorMLP
 
@@ -65,7 +66,9 @@ def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Itera
              progress: bool = True, schedule: str = "constant", check: Check | None = None) -> list[float]:
     """Fine-tune the Taylor parameters of ``student`` in place to match ``teacher``'s logits over ``batches()``
     (model inputs [B, C, H, W]; called once per epoch) for ``epochs`` passes of ``n_batches``
-    steps; returns the mean loss of each epoch. ``check`` (see ``run_epochs``) may stop it early."""
+    steps; returns the mean loss of each epoch. ``check`` (see ``run_epochs``) may stop it early. Under torchrun each
+    rank passes its share of every batch: the gradients are summed over the ranks (tmlp.distributed.all_reduce_grads_),
+    so each step is the one-process step on the whole batch."""
     if epochs < 0 or lr <= 0:
         raise TmlpError(f"--distill-epochs must be >= 0 and --distill-lr > 0, got {epochs}, {lr}")
     if schedule not in SCHEDULES:
@@ -90,14 +93,18 @@ def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Itera
     student.eval()  # dropout etc. off; the Taylor parameters still receive gradients
 
     def step(x: torch.Tensor) -> tuple[float, int]:
-        with torch.no_grad():
-            target = teacher(x)
-        loss = kl_to_teacher(student(x), target, temperature)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = 0.0
+        if len(x):  # under torchrun a rank's share of a small last batch may be empty
+            with torch.no_grad():
+                target = teacher(x)
+            loss = kl_to_teacher(student(x), target, temperature) * len(x)
+            loss.backward()
+            loss_sum = loss.item()
+        mean, n = all_reduce_grads_(params, loss_sum, len(x))
         optimizer.step()
         scheduler.step()
-        return loss.item(), len(x)
+        return mean, n
     try:
         losses = run_epochs(step, batches, n_batches, epochs, "distil", "kl", progress, check)
     finally:

@@ -9,12 +9,14 @@ constant, gradient norm clipped. The model runs in eval mode (dropout off, batch
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from tmlp.distill import TRAINABLE, Check, _to_buffers, _to_parameters, kl_to_teacher, run_epochs, taylor_blocks
+from tmlp.distributed import all_reduce_grads_
 from tmlp.errors import TmlpError
 
 __all__ = ["finetune_"]
@@ -28,7 +30,8 @@ def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batche
     """Fine-tune all of ``student`` (a model with Taylor blocks; any model with ``require_taylor=False``, for
     comparisons) in place against ``teacher`` (the original) over ``batches()`` — (inputs [B, C, H, W], labels [B])
     pairs, called once per epoch — for ``epochs`` passes of ``n_batches`` steps; returns the mean loss of each
-    epoch. ``check`` (see ``tmlp.distill.run_epochs``) may stop it early."""
+    epoch. ``check`` (see ``tmlp.distill.run_epochs``) may stop it early. Under torchrun each rank passes its share of
+    every batch and the gradients are summed over the ranks before clipping, as in ``tmlp.distill.distill_``."""
     if epochs < 0 or lr_taylor <= 0 or lr_model < 0 or ce_weight < 0:
         raise TmlpError(f"--finetune-epochs must be >= 0, the learning rates > 0 (the model's >= 0) and the label "
                         f"weight >= 0, got {epochs}, {lr_taylor}, {lr_model}, {ce_weight}")
@@ -50,19 +53,25 @@ def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batche
     teacher.eval()
     student.eval()
 
+    trained = taylor + (rest if lr_model > 0 else [])
+
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, int]:
         x, y = batch
-        with torch.no_grad():
-            target = teacher(x)
-        logits = student(x)
-        loss = kl_to_teacher(logits, target) + ce_weight * nn.functional.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(taylor + (rest if lr_model > 0 else []), clip_grad)
+        loss_sum = 0.0
+        if len(x):  # under torchrun a rank's share of a small last batch may be empty
+            with torch.no_grad():
+                target = teacher(x)
+            logits = student(x)
+            loss = (kl_to_teacher(logits, target) + ce_weight * nn.functional.cross_entropy(logits, y)) * len(x)
+            loss.backward()
+            loss_sum = loss.item()
+        mean, n = all_reduce_grads_(trained, loss_sum, len(x))  # the whole batch's mean gradient on every rank
+        nn.utils.clip_grad_norm_(trained, clip_grad)
         optimizer.step()
-        if not torch.isfinite(loss):
-            raise TmlpError(f"fine-tuning diverged (loss {loss.item()}); lower --finetune-lr")
-        return loss.item(), len(x)
+        if not math.isfinite(mean):
+            raise TmlpError(f"fine-tuning diverged (loss {mean}); lower --finetune-lr")
+        return mean, n
     try:
         losses = run_epochs(step, batches, n_batches, epochs, "fine-tune", "loss", progress, check)
     finally:

@@ -19,9 +19,10 @@ import torch
 
 import tmlp
 from tmlp.calibration.calibrate import BlockCalibration, calibrate, calibrate_many
-from tmlp.calibration.record import tokens_per_image
+from tmlp.calibration.record import IndexedBatch, tokens_per_image
 from tmlp.data import DataSet, ImageSplit, load_dataset, to_tensor
 from tmlp.distill import distill_
+from tmlp.distributed import World, batch_share, world
 from tmlp.finetune import finetune_
 from tmlp.errors import TmlpError
 from tmlp.io import atomic_path, cache_path, ensure_writable_dir, file_sha256, publish, write_json
@@ -106,20 +107,26 @@ class Loaded:
         n_choose = min(n - 1, max(1, round(n * source.choose_fraction)))
         return ValSplits(val.subset(0, n_choose), val.subset(n_choose, n))
 
-    def batches(self, split: str, limit: int, batch_size: int = 64):
-        """(gen, n_batches): ``gen()`` yields model inputs of the first ``limit`` images of ``split``."""
-        return tensor_batches(self.data, self.spec, split, limit, batch_size)
+    def batches(self, split: str, limit: int, batch_size: int = 64, share: World | None = None):
+        """(gen, n_batches): ``gen()`` yields model inputs of the first ``limit`` images of ``split``; with ``share``
+        (calibration, under torchrun or not) IndexedBatch items holding this rank's share of each batch."""
+        return tensor_batches(self.data, self.spec, split, limit, batch_size, share)
 
-    def labelled_batches(self, split: str, limit: int, batch_size: int = 64):
-        """(gen, n_batches): ``gen()`` yields (model inputs, labels) of the first ``limit`` images of ``split``."""
+    def labelled_batches(self, split: str, limit: int, batch_size: int = 64, share: World | None = None):
+        """(gen, n_batches): ``gen()`` yields (model inputs, labels) of the first ``limit`` images of ``split``;
+        with ``share`` (torchrun) this rank's share of each batch (possibly empty)."""
         part = getattr(self.data, split)
         n = min(limit, len(part))
 
         def gen():
             for s in range(0, n, batch_size):
-                index = np.arange(s, min(n, s + batch_size))
+                index = _share(np.arange(s, min(n, s + batch_size)), share)
                 yield to_tensor(part.images(index), self.spec), torch.from_numpy(part.y[index]).long()
         return gen, (n + batch_size - 1) // batch_size
+
+
+def _share(index: np.ndarray, share: World | None) -> np.ndarray:
+    return index if share is None else batch_share(index, share)
 
 
 @dataclass
@@ -131,14 +138,21 @@ class ValSplits:
     report: ImageSplit
 
 
-def tensor_batches(data: DataSet, spec: dict[str, Any], split: str, limit: int, batch_size: int = 64):
-    """(gen, n_batches): ``gen()`` yields model inputs [B, C, H, W] of the first ``limit`` images of ``split``."""
+def tensor_batches(data: DataSet, spec: dict[str, Any], split: str, limit: int, batch_size: int = 64,
+                   share: World | None = None):
+    """(gen, n_batches): ``gen()`` yields model inputs [B, C, H, W] of the first ``limit`` images of ``split``; with
+    ``share``, IndexedBatch items: this rank's share of each batch with the images' positions (tmlp.distributed)."""
     part = getattr(data, split)
     n = min(limit, len(part))
 
     def gen():
         for s in range(0, n, batch_size):
-            yield to_tensor(part.images(np.arange(s, min(n, s + batch_size))), spec)
+            index = np.arange(s, min(n, s + batch_size))
+            if share is None:
+                yield to_tensor(part.images(index), spec)
+            else:
+                mine = batch_share(index, share)
+                yield IndexedBatch(mine, to_tensor(part.images(mine), spec), n)
     return gen, (n + batch_size - 1) // batch_size
 
 
@@ -286,7 +300,7 @@ def calibrate_selection(loaded: Loaded, selection: Selection, config: TaylorConf
     n = min(calib_images, len(loaded.data.train))
     log(f"calibrating {len(fqns)} block(s) ({fqns[0]}{' ...' if len(fqns) > 1 else ''}) with k={config.k}, order "
         f"{config.order}, {config.describe()}, on {n} training images of {loaded.dataset}")
-    batches, n_batches = loaded.batches("train", calib_images)
+    batches, n_batches = loaded.batches("train", calib_images, share=world())  # torchrun: this rank's shares
     key = loaded.calibration_key(calib_images)
     calibration = calibrate(loaded.model, fqns, batches, n_batches, config, progress=progress, log=log, key=key)
     # Blocks with their own k are calibrated again at that k. The run above still includes them, so that it keeps
@@ -333,7 +347,7 @@ def plan_stage(loaded: Loaded, selection: Selection, calibration: dict[str, Bloc
     config, model = spec.calibration, loaded.model
     options = plan_options(spec.plan, config, selection.available_tokens)
     max_rank = max(o.rank or config.rank for o in options)
-    batches, n_batches = loaded.batches("train", spec.source.calib_images)
+    batches, n_batches = loaded.batches("train", spec.source.calib_images, share=world())
     calibrations = {}
     wider = {}
     for k in sorted({o.k for o in options}):
@@ -451,18 +465,18 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
     n_images = min(images, len(loaded.data.train))
     splits = loaded.val_splits(spec.source)
     cpu = torch.device("cpu")
-    checks = ChooseSplitChecks(built.model, lambda m: evaluate(m, splits.choose, loaded.spec, cpu), built.choose,
-                               d.check_images, log) if auto else None
-    train = dict(epochs=1 if auto else d.epochs, progress=progress, check=checks)
+    w = world()  # under torchrun each rank trains on its share of every batch and scores its share of the checks
+    checks = ChooseSplitChecks(built.model, lambda m: evaluate(m, splits.choose, loaded.spec, cpu, share=w),
+                               built.choose, d.check_images, log) if auto else None
+    train = dict(epochs=1 if auto else d.epochs, progress=progress and w.main, check=checks)
+    batches, n_batches = loaded.labelled_batches("train", images, share=w)
     if d.finetune:
-        batches, n_batches = loaded.labelled_batches("train", images)
         losses = finetune_(built.model, loaded.model, batches, n_batches, lr_taylor=d.lr, lr_model=d.finetune_lr,
                            ce_weight=d.label_weight, **train)
         what = (f"fine-tuning of the whole model (KL + {d.label_weight} x cross-entropy, lr {d.lr} Taylor / "
                 f"{d.finetune_lr} rest)")
     else:
-        batches, n_batches = loaded.batches("train", images)
-        losses = distill_(built.model, loaded.model, batches, n_batches, lr=d.lr, train_basis=d.train_basis,
+        losses = distill_(built.model, loaded.model, lambda: (x for x, _ in batches()), n_batches, lr=d.lr, train_basis=d.train_basis,
                           schedule=d.schedule, **train)
         what = f"distillation of the Taylor tensors (logit KL, lr {d.lr} {d.schedule})"
     seen = checks.restore_best() if auto else n_images * d.epochs
@@ -708,7 +722,7 @@ def summarize(spec: ExportSpec, loaded: Loaded, selection: Selection, built: Bui
             "budget": exported.budget, "report": exported.report, "quantization": exported.quantization,
             "device": None if target.profile is None else target.profile.to_dict(), "opset": target.opset,
             "memory": exported.memory, "parity": exported.parity, "versions": versions(),
-            "export_seconds": timings["export_seconds"]}
+            "export_seconds": timings["export_seconds"], "processes": timings.get("processes", 1)}
 
 
 @dataclass

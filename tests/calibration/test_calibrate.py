@@ -4,7 +4,10 @@ import os
 import pytest
 import torch
 
-from tmlp.calibration.calibrate import calibrate, collect_inputs, kmeans
+import numpy as np
+
+from tmlp.calibration.calibrate import calibrate, collect_inputs, image_rows, kmeans
+from tmlp.calibration.record import IndexedBatch
 from tmlp.io import cache_path
 from tmlp.errors import TmlpError
 from tmlp.taylor import TaylorConfig
@@ -17,6 +20,20 @@ def test_collect_keeps_at_most_max_tokens_and_leaves_outputs_untouched(tiny_vit,
     assert rows["blocks.0.mlp"].shape == (300, 64) and rows["blocks.3.mlp"].shape == (300, 64)
     assert torch.equal(before, tiny_vit(digit_batches[0]))  # the recording hooks returned None and were removed
     assert not tiny_vit.blocks[0].mlp._forward_pre_hooks
+
+
+def test_the_token_sample_does_not_depend_on_how_images_are_split(tiny_vit, digit_batches):
+    """Each image's rows are drawn from its own seeded generator: streaming the images in other batches (as the
+    ranks of a torchrun job do) or as IndexedBatch gives the same sample, in the same order."""
+    x = torch.cat(digit_batches)  # 4 batches
+    n = len(x)
+    plain = collect_inputs(tiny_vit, ["blocks.1.mlp"], iter(digit_batches), 4, max_tokens=150, progress=False)
+    odd = [IndexedBatch(np.arange(s, min(n, s + 7)), x[s:s + 7], n) for s in range(0, n, 7)]
+    split = collect_inputs(tiny_vit, ["blocks.1.mlp"], iter(odd), len(odd), max_tokens=150, progress=False)
+    assert torch.equal(plain["blocks.1.mlp"], split["blocks.1.mlp"])
+    a_image, a_row = image_rows(np.array([5, 9]), 17, 3, seed=0)
+    b_image, b_row = image_rows(np.array([9]), 17, 3, seed=0)
+    assert list(a_image) == [0, 0, 0, 1, 1, 1] and list(a_row[3:]) == list(b_row)  # image 9's rows, either way
 
 
 def test_kmeans_is_deterministic_for_a_seed():

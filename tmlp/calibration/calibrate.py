@@ -22,13 +22,15 @@ from tmlp.taylor.derivatives import (BlockDerivatives, SharedDerivatives, block_
                               refuse_full_hessian, shared_derivatives)
 from tmlp.errors import TmlpError
 from tmlp.taylor.fit import CellSums, accumulate_, solve_cells
-from tmlp.calibration.record import block_rows, get_module, stream_blocks
+from tmlp.calibration.record import IndexedBatch, block_rows, get_module, stream_blocks
+from tmlp.distributed import all_gather_objects, all_reduce_, broadcast_object, world
 from tmlp.io import cache_path, save_torch
 from tmlp.taylor.partition import (centres_from_projected, nearest_centre, partition_projection,
                             project)
 from tmlp.spec import TaylorConfig
 
 KMEANS_FULL_LIMIT = 100_000  # above this many rows, mini-batch K-means
+SAMPLE_VERSION = "per-image-1"  # how collect_inputs draws its tokens (part of the cache key)
 
 
 @dataclass
@@ -54,25 +56,72 @@ class BlockCalibration:
 
 
 @torch.no_grad()
-def collect_inputs(model: nn.Module, fqns: list[str], batches: Iterable[torch.Tensor], n_batches: int,
+def collect_inputs(model: nn.Module, fqns: list[str], batches: Iterable[torch.Tensor | IndexedBatch], n_batches: int,
                    max_tokens: int, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Run ``model`` over ``batches`` and keep, for each block in ``fqns``, a uniform sample of at most
-    ``max_tokens`` of its input rows; returns {fqn: [n, d_in] float32}."""
-    per_batch = max(1, math.ceil(max_tokens / max(1, n_batches)))
-    rng = torch.Generator().manual_seed(seed)
-    kept: dict[str, list[torch.Tensor]] = {f: [] for f in fqns}
+    """Run ``model`` over ``batches`` and keep, for each block in ``fqns``, a sample of at most ``max_tokens`` of its
+    input rows; returns {fqn: [n, d_in] float32}.
+
+    Each image contributes ``ceil(max_tokens / images)`` of its rows, chosen by a generator seeded with (``seed``,
+    the image's position), and the sample is ordered by image, then row: it is the same whichever process streams
+    which image. Under torchrun (``batches`` yielding each rank's share as IndexedBatch) the ranks' samples are
+    gathered, so every rank returns the sample one process draws. Plain tensors are numbered in the order they come;
+    their stream is taken to hold ``n_batches`` × the first batch's size images."""
+    state: dict = {"index": None, "total": None, "picks": {}}
+    kept: dict[str, list[tuple[np.ndarray, np.ndarray, torch.Tensor]]] = {f: [] for f in fqns}
+
+    def numbered():
+        start = 0
+        for item in batches:
+            if isinstance(item, IndexedBatch):
+                state.update(index=item.index, total=item.total)
+            else:
+                state.update(index=np.arange(start, start + len(item)),
+                             total=state["total"] or max(1, n_batches * len(item)))
+                start += len(item)
+            state["picks"] = {}
+            yield item
 
     def record(fqn: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        rows = x.float()
-        if not torch.isfinite(rows).all():
+        index = state["index"]
+        if not torch.isfinite(x).all():
             raise TmlpError(f"block {fqn} received NaN or Inf activations; check the checkpoint and the "
                             "input preprocessing")
-        if rows.shape[0] > per_batch:
-            rows = rows[torch.randperm(rows.shape[0], generator=rng)[:per_batch]]
-        kept[fqn].append(rows.clone())
+        per_image = x.shape[0] // len(index)
+        if per_image * len(index) != x.shape[0]:
+            raise TmlpError(f"block {fqn} sees {x.shape[0]} rows for {len(index)} images; calibration needs the same "
+                            "number of rows per image")
+        if per_image not in state["picks"]:
+            state["picks"][per_image] = image_rows(index, per_image, math.ceil(max_tokens / state["total"]), seed)
+        image, row = state["picks"][per_image]
+        kept[fqn].append((index[image], row, x[torch.from_numpy(image * per_image + row)].float().clone()))
 
-    stream_blocks(model, fqns, batches, record, n_batches, "calibrate: collect inputs", progress)
-    return {f: torch.cat(rows)[:max_tokens] for f, rows in kept.items()}
+    stream_blocks(model, fqns, numbered(), record, n_batches, "calibrate: collect inputs", progress)
+    return {f: _ordered_sample(parts, max_tokens) for f, parts in kept.items()}
+
+
+def image_rows(index: np.ndarray, rows_per_image: int, take: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image [m], row [m]): for each image of a batch (its stream positions ``index`` [B]), ``take`` of its
+    ``rows_per_image`` rows (all if fewer), drawn by a generator seeded with (``seed``, position), rows ascending;
+    ``image`` gives each pick's place in the batch."""
+    if rows_per_image <= take:
+        picks = [np.arange(rows_per_image)] * len(index)
+    else:
+        picks = [np.sort(np.random.default_rng([seed, int(i)]).choice(rows_per_image, take, replace=False))
+                 for i in index]
+    image = np.repeat(np.arange(len(index)), [len(p) for p in picks])
+    return image, np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
+
+
+def _ordered_sample(parts: list[tuple[np.ndarray, np.ndarray, torch.Tensor]], max_tokens: int) -> torch.Tensor:
+    """All ranks' picks (stream position, row, values) of one block, ordered by image then row, first
+    ``max_tokens``."""
+    gathered = [p for rank_parts in all_gather_objects(parts) for p in rank_parts]
+    if not gathered:
+        raise TmlpError("no calibration images reached the blocks; calibrate on more images")
+    image = np.concatenate([p[0] for p in gathered])
+    row = np.concatenate([p[1] for p in gathered])
+    order = np.lexsort((row, image))[:max_tokens]
+    return torch.cat([p[2] for p in gathered])[torch.from_numpy(order)]
 
 
 def kmeans(rows: torch.Tensor, k: int, seed: int, n_init: int) -> torch.Tensor:
@@ -126,9 +175,14 @@ def calibrate_many(model: nn.Module, fqns: list[str], batches: Callable[[], Iter
             raise refuse_full_hessian(config.k, layers[-1].shape[0], layers[0].shape[1])
     for f in fqns:
         get_module(model, f)
+    w = world()
+    progress = progress and w.main
     paths = [None if key is None else cache_path("calibration", "calib-" + cache_key(
-        {"key": key, "fqns": fqns, "config": c.to_dict(), "n_batches": n_batches}) + ".pt") for c in configs]
-    results: list[dict[str, BlockCalibration] | None] = [_cached(path, log) for path in paths]
+        {"key": key, "fqns": fqns, "config": c.to_dict(), "n_batches": n_batches, "sample": SAMPLE_VERSION}) + ".pt")
+        for c in configs]
+    # rank 0 reads the cache and hands what it found to the others (their disks may not hold it)
+    results: list[dict[str, BlockCalibration] | None] = broadcast_object(
+        [_cached(path, log) for path in paths] if w.main else None)
     todo = [i for i, r in enumerate(results) if r is None]
     inputs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for i in todo:
@@ -137,9 +191,9 @@ def calibrate_many(model: nn.Module, fqns: list[str], batches: Callable[[], Iter
         if sample not in inputs:
             inputs[sample] = collect_inputs(model, fqns, batches(), n_batches, config.max_tokens, config.seed,
                                             progress)
-        results[i] = {fqn: centres_and_tensors(block_rows(model, fqn), fqn, inputs[sample][fqn], config)
-                      for fqn in tqdm(fqns, desc=f"calibrate: K-means k={config.k} + order-{config.order} tensors",
-                                      disable=not progress, leave=False)}
+        results[i] = split_over_ranks(
+            fqns, lambda fqn: centres_and_tensors(block_rows(model, fqn), fqn, inputs[sample][fqn], config),
+            f"calibrate: K-means k={config.k} + order-{config.order} tensors", progress)
     fitting = [i for i in todo if configs[i].fit == "lstsq"]
     if fitting:
         fitted = fit_least_squares_many(
@@ -149,9 +203,20 @@ def calibrate_many(model: nn.Module, fqns: list[str], batches: Callable[[], Iter
         for i, tensors in zip(fitting, fitted):
             results[i] = {f: replace(r, derivatives=tensors[f]) for f, r in results[i].items()}
     for i in todo:
-        if paths[i] is not None:
+        if paths[i] is not None and w.main:
             save_torch({f: r.to_dict() for f, r in results[i].items()}, paths[i])
     return results
+
+
+def split_over_ranks(fqns: list[str], compute: Callable[[str], BlockCalibration], desc: str, progress: bool
+                     ) -> dict[str, BlockCalibration]:
+    """{fqn: compute(fqn)}, under torchrun with the blocks dealt out over the ranks (block j on rank j mod N) and the
+    results gathered, so every rank holds them all."""
+    w = world()
+    mine = fqns[w.rank::w.size]
+    done = {f: compute(f) for f in tqdm(mine, desc=desc, disable=not progress, leave=False)}
+    merged = {f: r for part in all_gather_objects(done) for f, r in part.items()}
+    return {f: merged[f] for f in fqns}
 
 
 def _cached(path: str | None, log: Callable[[str], None] | None) -> dict[str, BlockCalibration] | None:
@@ -220,6 +285,9 @@ def fit_least_squares_many(model: nn.Module, groups: list[dict[str, tuple[torch.
 
     fqns = list(dict.fromkeys(f for blocks in groups for f in blocks))
     stream_blocks(model, fqns, batches, record, n_batches, "calibrate: least-squares fit", progress)
+    for group_sums in sums:  # under torchrun each rank summed its share of the images
+        for cell in group_sums.values():
+            all_reduce_([cell.n, cell.f, cell.y, cell.ff, cell.uyf])
     results = []
     for g, (blocks, (_order, ridge)) in enumerate(zip(groups, fits)):
         results.append({})
