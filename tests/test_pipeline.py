@@ -258,7 +258,8 @@ def test_pareto_bench_builds_measures_and_draws_every_variant(exported, tmp_path
     names = [v["name"] for v in result["variants"]]
     assert names[:2] == ["fp32 original", "T-MLP"]
     for wanted in ("int8 static", "T-MLP + int8 static", "tokens 0.7", "T-MLP + tokens 0.7",
-                   "T-MLP + tokens 0.7 + int8 static", "prune MLPs", "low-rank MLPs"):
+                   "T-MLP + tokens 0.7 + int8 static", "tokens 0.7 learned", "T-MLP + tokens 0.7 learned",
+                   "prune MLPs", "low-rank MLPs"):
         assert wanted in names, names
     for v in result["variants"]:
         assert {"name", "methods", "onnx", "accuracy", "p50_ms", "p90_ms", "file_mb", "peak_rss_mib"} <= set(v)
@@ -271,8 +272,11 @@ def test_pareto_bench_builds_measures_and_draws_every_variant(exported, tmp_path
     manifest = json.load(open(tokens / "manifest.json"))
     assert manifest["token_reduction"]["layers"] == [2, 3, 4]
     assert manifest["token_reduction"]["patch_tokens_per_block"] == [16, 16, 16, 12, 9, 7]
-    assert manifest["spec"]["_data"]["tokens"] == {"keep": 0.7, "layers": [], "fuse": True}
+    assert manifest["spec"]["_data"]["tokens"] == {"keep": 0.7, "layers": [], "fuse": True, "policy": "attention",
+                                                   "policy_images": 10000}
     assert manifest["parity"]["tmlp.onnx"]["top1_agree"] == 1.0
     tmlp_ops = [n.op_type for n in onnx.load(str(tokens / "tmlp.onnx")).graph.node]
     original_ops = {n.op_type for n in onnx.load(str(tokens / "original.onnx")).graph.node}
     assert tmlp_ops.count("TopK") == 3 and "GatherElements" in tmlp_ops and "TopK" not in original_ops
+    learned = json.load(open(run / "pareto" / "tmlp-tokens-learned" / "manifest.json"))["token_reduction"]
+    assert learned["policy"] == "learned" and learned["policy_training"]["images"] == 32

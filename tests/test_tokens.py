@@ -76,3 +76,66 @@ def test_bad_keep_shares_and_layers_are_refused(tiny_vit, keep):
         TokenReduction(keep=keep)
     with pytest.raises(TmlpError, match="--token-layers"):
         apply_token_reduction_(tiny_vit, TokenReduction(layers=(99,)))
+
+
+def _labelled(batches, digits):
+    y = torch.from_numpy(digits.train.y[:sum(len(b) for b in batches)]).long()
+    out, start = [], 0
+    for b in batches:
+        out.append((b, y[start:start + len(b)]))
+        start += len(b)
+    return out
+
+
+def test_an_untrained_learned_policy_ranks_as_the_attention_policy(trained_tiny_vit, digit_batches):
+    x = digit_batches[0][:8]
+    attention = copy.deepcopy(trained_tiny_vit)
+    apply_token_reduction_(attention, TokenReduction(keep=0.5))
+    record = apply_token_reduction_(trained_tiny_vit, TokenReduction(keep=0.5, policy="learned"))
+    assert record["policy"] == "learned"
+    with torch.no_grad():  # the scorers' last layer starts at zero
+        torch.testing.assert_close(trained_tiny_vit(x), attention(x), atol=1e-5, rtol=1e-5)
+    assert any(k.endswith("scorer.fc2.weight") for k in trained_tiny_vit.state_dict())
+
+
+def test_training_the_learned_policy_moves_only_the_scorers_and_lowers_its_loss(trained_tiny_vit, digit_batches,
+                                                                               digits, tmp_path):
+    from tmlp.tokens import train_token_scorers_
+
+    teacher = copy.deepcopy(trained_tiny_vit)
+    apply_token_reduction_(trained_tiny_vit, TokenReduction(keep=0.4, policy="learned"))
+    before = {k: v.clone() for k, v in trained_tiny_vit.state_dict().items()}
+    data = _labelled(digit_batches, digits)
+    losses = train_token_scorers_(trained_tiny_vit, teacher, lambda: iter(data), len(data), epochs=3, lr=3e-3,
+                                  progress=False)
+    after = trained_tiny_vit.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(".scorer." in k for k in moved)  # nothing but the score predictors trained
+    assert losses[-1] < 0.8 * losses[0]  # the rankings moved towards the last block's attention
+    assert all(p.requires_grad for p in teacher.parameters())  # flags restored on both models
+    assert all(b.index is None for b in trained_tiny_vit.blocks if isinstance(b, TopKTokenBlock))
+    # the trained policy is the same TopK + GatherElements graph, with parity
+    import onnxruntime as ort
+
+    from tmlp.export.onnx_export import export_onnx
+
+    x = digit_batches[0][:8]
+    path = str(tmp_path / "learned.onnx")
+    export_onnx(trained_tiny_vit.eval(), x, path, {})
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"TopK", "GatherElements"} <= ops and not {"ScatterElements", "ScatterND"} & ops
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = trained_tiny_vit(x).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4 * (1 + np.abs(want).max()), rtol=1e-4)
+
+
+def test_a_learned_policy_needs_scorers_and_a_known_name(tiny_vit, digit_batches):
+    from tmlp.tokens import train_token_scorers_
+
+    with pytest.raises(TmlpError, match="--token-policy"):
+        TokenReduction(policy="random")
+    apply_token_reduction_(tiny_vit, TokenReduction(keep=0.5))
+    with pytest.raises(TmlpError, match="no learned token policy"):
+        train_token_scorers_(tiny_vit, tiny_vit, lambda: iter([]), 0)

@@ -359,6 +359,12 @@ EPOCHS = _NumberOrWord(int, "auto", None)
 @spec_option("--token-layers", field="tokens.layers",
              help="Block indices that reduce tokens, e.g. 3,6,9 (none: the 4th, 7th and 10th of 12, scaled to the "
                   "depth).")
+@spec_option("--token-policy", field="tokens.policy", type=click.Choice(["attention", "learned"]),
+             help="How --token-keep ranks tokens: 'attention' by the class token's attention (training-free); "
+                  "'learned' adds a small score predictor per reducing block (DynamicViT-style), trained against the "
+                  "original's logits on --token-policy-images training images.")
+@spec_option("--token-policy-images", field="tokens.policy_images", type=click.IntRange(1),
+             help="Training images the learned token policy trains on (one pass).")
 @click.option("--out", "out_dir", default=None, help="Run folder [default: runs/<model>-<dataset>].")
 @user_errors
 def export(model: str, **flags) -> None:

@@ -162,17 +162,32 @@ class _Builder:
                   progress=self.progress, require_taylor=False)
         return net
 
-    def tmlp_with_tokens(self) -> str:
+    def tmlp_with_tokens(self, policy: str = "attention") -> str:
         """T-MLP + token reduction: the run's export again (same spec: calibration from the cache, same budget)
-        with ``--token-keep``, into pareto/tmlp-tokens/."""
+        with ``--token-keep`` and ``--token-policy``, into pareto/tmlp-tokens[-learned]/."""
         from tmlp.pipeline import run_export
         from tmlp.spec import TokensSpec
 
-        rel = os.path.join(FOLDER, "tmlp-tokens", "tmlp.onnx")
+        folder = os.path.join(FOLDER, "tmlp-tokens" + ("" if policy == "attention" else f"-{policy}"))
+        rel = os.path.join(folder, "tmlp.onnx")
         if not os.path.isfile(self.path(rel)):
-            spec = dataclasses.replace(self.spec, tokens=TokensSpec(keep=self.token_keep),
-                                       out_dir=self.path(os.path.join(FOLDER, "tmlp-tokens")))
-            run_export(spec, log=self.log, progress=self.progress)
+            learned = {"policy_images": max(1, self.finetune_images)} if policy == "learned" else {}
+            tokens = TokensSpec(keep=self.token_keep, policy=policy, **learned)
+            run_export(dataclasses.replace(self.spec, tokens=tokens, out_dir=self.path(folder)), log=self.log,
+                       progress=self.progress)
+        return rel
+
+    def learned_tokens(self) -> str:
+        """The original with the learned token policy (scorers trained on ``finetune_images`` training images)."""
+        from tmlp.tokens import TokenReduction, apply_token_reduction_, train_token_scorers_
+
+        rel = os.path.join(FOLDER, f"tokens-{self.token_keep:g}-learned.onnx")
+        if not os.path.isfile(self.path(rel)):
+            net = copy.deepcopy(self.loaded.model)
+            apply_token_reduction_(net, TokenReduction(keep=self.token_keep, policy="learned"))
+            gen, n_batches = self.loaded.labelled_batches("train", max(1, self.finetune_images), 64)
+            train_token_scorers_(net, self.loaded.model, gen, n_batches, progress=self.progress)
+            self.export(net, rel, "tokens")
         return rel
 
 
@@ -195,16 +210,21 @@ def _variants(b: _Builder) -> list[Variant]:
         out.append(Variant(f"tokens {b.token_keep:g}", ("tokens",), rel, {"schedule": schedule}))
         out.append(Variant(f"tokens {b.token_keep:g} + int8 dynamic", ("tokens", "int8-dynamic"),
                            b.quantized(rel, "dynamic", None)))
-        try:
-            rel = b.tmlp_with_tokens()
-        except TmlpError as err:
-            b.log(f"T-MLP + tokens skipped: {err}")
-        else:
-            out.append(Variant(f"T-MLP + tokens {b.token_keep:g}", ("tmlp", "tokens"), rel))
-            mlp_layers = json.load(open(b.path(os.path.join(FOLDER, "tmlp-tokens", "manifest.json"))))["layers"]
+        rel = b.learned_tokens()
+        out.append(Variant(f"tokens {b.token_keep:g} learned", ("tokens-learned",), rel))
+        out.append(Variant(f"tokens {b.token_keep:g} learned + int8 dynamic", ("tokens-learned", "int8-dynamic"),
+                           b.quantized(rel, "dynamic", None)))
+        for policy, method, label in (("attention", "tokens", ""), ("learned", "tokens-learned", " learned")):
+            try:
+                rel = b.tmlp_with_tokens(policy)
+            except TmlpError as err:
+                b.log(f"T-MLP + tokens{label} skipped: {err}")
+                continue
+            out.append(Variant(f"T-MLP + tokens {b.token_keep:g}{label}", ("tmlp", method), rel))
+            mlp_layers = json.load(open(b.path(os.path.join(os.path.dirname(rel), "manifest.json"))))["layers"]
             for how in ("dynamic", "static"):
-                out.append(Variant(f"T-MLP + tokens {b.token_keep:g} + int8 {how}", ("tmlp", "tokens", f"int8-{how}"),
-                                   b.quantized(rel, how, mlp_layers)))
+                out.append(Variant(f"T-MLP + tokens {b.token_keep:g}{label} + int8 {how}",
+                                   ("tmlp", method, f"int8-{how}"), b.quantized(rel, how, mlp_layers)))
     for method, fn in (("prune", prune_hidden_), ("low-rank", low_rank_)):
         rel = os.path.join(FOLDER, f"{method}-{keep:.3f}.onnx")
         if not os.path.isfile(b.path(rel)):

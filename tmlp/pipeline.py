@@ -62,7 +62,7 @@ def run_export(spec: ExportSpec, log=print, progress: bool = True) -> ExportResu
         if spec.plan.max_acc_drop is not None:
             selection, calibration, plan = stages.plan_stage(loaded, selection, calibration, spec, log, progress)
         built = stages.build(loaded, selection, calibration, spec.calibration, spec.source, log)
-        built = stages.reduce_tokens(loaded, built, spec, log)
+        built = stages.reduce_tokens(loaded, built, spec, log, progress)
         built = stages.distil(loaded, built, spec, log, progress)
     except RuntimeError as err:
         raise lost_rank(err, w) from None

@@ -278,19 +278,27 @@ class QuantizeSpec:
 class TokensSpec:
     """Token reduction of the T-MLP model (tmlp.tokens; ViTs with a class token): after the attention of ``layers``
     (block indices; empty: EViT's 4th, 7th and 10th of 12, scaled to the depth) keep the ``keep`` share of the patch
-    tokens the class token attends to most, plus one fused token of the rest (``fuse``). ``keep`` None: off. The
-    reduction is applied after the Taylor blocks are built and before distillation, so distillation and the
-    accuracy budget see it; original.onnx stays the unreduced reference."""
+    tokens ranked highest, plus one fused token of the rest (``fuse``). ``keep`` None: off. ``policy`` "attention"
+    ranks by the class token's attention (training-free); "learned" adds a score predictor per reducing block,
+    trained on ``policy_images`` training images against the original's logits before distillation. The reduction
+    is applied after the Taylor blocks are built and before distillation, so distillation and the accuracy budget
+    see it; original.onnx stays the unreduced reference."""
 
     keep: float | None = None
     layers: tuple[int, ...] = ()
     fuse: bool = True
+    policy: str = "attention"
+    policy_images: int = 10000
 
     def __post_init__(self) -> None:
+        from tmlp.tokens import POLICIES
+
         if self.keep is not None and not (isinstance(self.keep, (int, float)) and 0 < self.keep <= 1):
             raise TmlpError(f"--token-keep must be in (0, 1], the share of patch tokens kept, got {self.keep!r}")
         if any(not isinstance(i, int) or i < 0 for i in self.layers):
             raise TmlpError(f"--token-layers takes block indices >= 0 like 3,6,9, got {self.layers!r}")
+        _one_of(self.policy, POLICIES, "--token-policy")
+        _positive_int(self.policy_images, "--token-policy-images")
 
 
 NO_BUDGET = "none"  # --max-acc-drop none: no accuracy budget
@@ -305,7 +313,7 @@ class ExportSpec:
     """One export, complete: the model name, a section per stage, and the output folder (None:
     runs/<model>-<dataset>)."""
 
-    VERSION: ClassVar[int] = 5
+    VERSION: ClassVar[int] = 6
     model: str
     source: SourceSpec = field(default_factory=SourceSpec)
     blocks: BlocksSpec = field(default_factory=BlocksSpec)

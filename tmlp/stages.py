@@ -426,20 +426,36 @@ def build(loaded: Loaded, selection: Selection, calibration: dict[str, BlockCali
                  acc["choose", "original"], acc["choose", "tmlp"])
 
 
-def reduce_tokens(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print) -> Built:
+def reduce_tokens(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, progress: bool = True) -> Built:
     """Stage 5b (``spec.tokens.keep`` set): token reduction of the T-MLP model in place (tmlp.tokens), before
-    distillation so that it adapts to it; original.onnx stays the unreduced reference."""
-    from tmlp.tokens import TokenReduction, apply_token_reduction_
+    distillation so that it adapts to it; the learned policy's score predictors are trained here (one pass over
+    ``policy_images`` training images, every other weight fixed); original.onnx stays the unreduced reference."""
+    from tmlp.tokens import TokenReduction, apply_token_reduction_, train_token_scorers_
 
     t = spec.tokens
     if t.keep is None:
         return built
-    record = apply_token_reduction_(built.model, TokenReduction(keep=t.keep, layers=t.layers, fuse=t.fuse))
+    record = apply_token_reduction_(built.model, TokenReduction(keep=t.keep, layers=t.layers, fuse=t.fuse,
+                                                                policy=t.policy))
     splits, cpu = loaded.val_splits(spec.source), torch.device("cpu")
-    choose, report = (evaluate(built.model, getattr(splits, n), loaded.spec, cpu) for n in ("choose", "report"))
-    log(f"token reduction after blocks {record['layers']} (keep {t.keep:g}{', fused' if t.fuse else ''}): patch "
-        f"tokens per block {record['patch_tokens_per_block']}; PyTorch T-MLP accuracy on the report split "
-        f"{100 * built.accuracy:.2f}% -> {100 * report:.2f}%")
+    accuracy = lambda name: evaluate(built.model, getattr(splits, name), loaded.spec, cpu)  # noqa: E731
+    if t.policy == "learned":
+        before = accuracy("choose")
+        w = world()
+        batches, n_batches = loaded.labelled_batches("train", t.policy_images, share=w)
+        t0 = time.time()
+        losses = train_token_scorers_(built.model, loaded.model, batches, n_batches, progress=progress and w.main)
+        record["policy_training"] = {"images": min(t.policy_images, len(loaded.data.train)), "loss": losses,
+                                     "choose_before": before, "seconds": round(time.time() - t0, 1)}
+    choose, report = accuracy("choose"), accuracy("report")
+    if t.policy == "learned":
+        record["policy_training"]["choose_after"] = choose
+        log(f"learned token policy trained on {record['policy_training']['images']} training images: choose-split "
+            f"accuracy {100 * record['policy_training']['choose_before']:.2f}% (attention ranking) -> "
+            f"{100 * choose:.2f}%")
+    log(f"token reduction after blocks {record['layers']} (keep {t.keep:g}, {t.policy} policy"
+        f"{', fused' if t.fuse else ''}): patch tokens per block {record['patch_tokens_per_block']}; PyTorch T-MLP "
+        f"accuracy on the report split {100 * built.accuracy:.2f}% -> {100 * report:.2f}%")
     reduced = built.with_model(built.model, choose, report)
     reduced.tokens = record
     return reduced

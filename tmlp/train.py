@@ -119,9 +119,8 @@ def evaluate(model: nn.Module, split: ImageSplit, spec: dict[str, Any], device: 
     correct = total = 0
     order = np.arange(len(split) if limit is None else min(limit, len(split)))
     if share is not None and share.distributed:  # no repeated items: a rank may get an empty share
-        order_batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-        mine = np.concatenate([batch_share(b, share) for b in order_batches] or [order[:0]])
-        order = mine
+        order = np.concatenate([batch_share(order[i:i + batch_size], share)
+                                for i in range(0, len(order), batch_size)] or [order[:0]])
     for x, y in batches(split, spec, batch_size, order, num_workers=num_workers):
         with autocast(device, precision):
             logits = model(x.to(device))
