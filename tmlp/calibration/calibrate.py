@@ -118,10 +118,11 @@ def _ordered_sample(parts: list[tuple[np.ndarray, np.ndarray, torch.Tensor]], ma
     gathered = [p for rank_parts in all_gather_objects(parts) for p in rank_parts]
     if not gathered:
         raise TmlpError("no calibration images reached the blocks; calibrate on more images")
-    image = np.concatenate([p[0] for p in gathered])
-    row = np.concatenate([p[1] for p in gathered])
-    order = np.lexsort((row, image))[:max_tokens]
-    return torch.cat([p[2] for p in gathered])[torch.from_numpy(order)]
+    image = np.concatenate([p[0] for p in gathered]).astype(np.int64)
+    row = np.concatenate([p[1] for p in gathered]).astype(np.int64)
+    # np.unique sorts by (image, row) and keeps one copy of a pick two ranks both made
+    _, first = np.unique(image * (int(row.max()) + 1) + row, return_index=True)
+    return torch.cat([p[2] for p in gathered])[torch.from_numpy(first[:max_tokens])]
 
 
 def kmeans(rows: torch.Tensor, k: int, seed: int, n_init: int) -> torch.Tensor:
