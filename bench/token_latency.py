@@ -34,7 +34,7 @@ def build(tokens: int, keeps: list[float], folder: str) -> list[dict]:
     """ONNX files of DeiT-Small at ``tokens`` tokens: unreduced, then one per keep share; with parity checked."""
     import onnxruntime as ort
 
-    from tmlp.export.onnx_export import export_onnx
+    from tmlp.export import export_onnx
     from tmlp.models import create_model
     from tmlp.tokens import TokenReduction, apply_token_reduction_, token_schedule
 

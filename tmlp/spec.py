@@ -274,6 +274,9 @@ class QuantizeSpec:
         _positive_int(self.images, "--quant-images", " (training images the int8 ranges are calibrated on)")
 
 
+TOKEN_POLICIES = ("attention", "learned")  # how token reduction ranks tokens (tmlp.tokens)
+
+
 @dataclass(frozen=True)
 class TokensSpec:
     """Token reduction of the T-MLP model (tmlp.tokens; ViTs with a class token): after the attention of ``layers``
@@ -291,13 +294,11 @@ class TokensSpec:
     policy_images: int = 10000
 
     def __post_init__(self) -> None:
-        from tmlp.tokens import POLICIES
-
         if self.keep is not None and not (isinstance(self.keep, (int, float)) and 0 < self.keep <= 1):
             raise TmlpError(f"--token-keep must be in (0, 1], the share of patch tokens kept, got {self.keep!r}")
         if any(not isinstance(i, int) or i < 0 for i in self.layers):
             raise TmlpError(f"--token-layers takes block indices >= 0 like 3,6,9, got {self.layers!r}")
-        _one_of(self.policy, POLICIES, "--token-policy")
+        _one_of(self.policy, TOKEN_POLICIES, "--token-policy")
         _positive_int(self.policy_images, "--token-policy-images")
 
 

@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from tmlp.errors import TmlpError
+from tmlp.spec import TOKEN_POLICIES
 
 __all__ = ["POLICIES", "TokenReduction", "TokenScorer", "TopKTokenBlock", "apply_token_reduction_", "default_layers",
            "token_schedule", "train_token_scorers_"]
 
-POLICIES = ("attention", "learned")
+POLICIES = TOKEN_POLICIES
 
 
 @dataclass(frozen=True)
