@@ -93,16 +93,11 @@ def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Itera
     student.eval()  # dropout etc. off; the Taylor parameters still receive gradients
 
     def step(x: torch.Tensor) -> tuple[float, int]:
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        if len(x):  # under torchrun a rank's share of a small last batch may be empty
+        def loss_sum() -> torch.Tensor:
             with torch.no_grad():
                 target = teacher(x)
-            loss = kl_to_teacher(student(x), target, temperature) * len(x)
-            loss.backward()
-            loss_sum = loss.item()
-        mean, n = all_reduce_grads_(params, loss_sum, len(x))
-        optimizer.step()
+            return kl_to_teacher(student(x), target, temperature) * len(x)
+        mean, n = shared_step(optimizer, params, len(x), loss_sum)
         scheduler.step()
         return mean, n
     try:
@@ -111,6 +106,25 @@ def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Itera
         for block in blocks:
             _to_buffers(block)
     return losses
+
+
+def shared_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], share_size: int,
+                loss_sum: Callable[[], torch.Tensor], clip_grad: float | None = None) -> tuple[float, int]:
+    """One optimizer step on this rank's share of a batch (``share_size`` items; under torchrun possibly 0):
+    back-propagate ``loss_sum()`` (the loss summed over the share), sum gradients, losses and counts over the ranks
+    (tmlp.distributed.all_reduce_grads_: the one-process step on the whole batch), clip, step. Returns (mean loss,
+    items) of the whole batch. Shared by distillation, fine-tuning and the learned token policy."""
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    if share_size:
+        loss = loss_sum()
+        loss.backward()
+        total = loss.item()
+    mean, n = all_reduce_grads_(params, total, share_size)
+    if clip_grad:
+        nn.utils.clip_grad_norm_(params, clip_grad)
+    optimizer.step()
+    return mean, n
 
 
 def run_epochs(step: Callable[[Any], tuple[float, int]], batches: Callable[[], Iterable[Any]], n_batches: int,

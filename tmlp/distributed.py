@@ -160,12 +160,8 @@ def broadcast_object(obj, src: int = 0):
 def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
     """Element-wise sum over the ranks (float64 on the CPU for gloo); the values themselves with one process."""
     t = torch.as_tensor(values, dtype=torch.float64).clone()
-    if dist.is_available() and dist.is_initialized():
-        backend = dist.get_backend()
-        if backend == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-    return t.cpu()
+    all_reduce_([t])
+    return t
 
 
 def batch_share(index: np.ndarray, w: World) -> np.ndarray:

@@ -15,8 +15,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from tmlp.distill import TRAINABLE, Check, _to_buffers, _to_parameters, kl_to_teacher, run_epochs, taylor_blocks
-from tmlp.distributed import all_reduce_grads_
+from tmlp.distill import (TRAINABLE, Check, _to_buffers, _to_parameters, kl_to_teacher, run_epochs, shared_step,
+                          taylor_blocks)
 from tmlp.errors import TmlpError
 
 __all__ = ["finetune_"]
@@ -57,18 +57,13 @@ def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batche
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, int]:
         x, y = batch
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        if len(x):  # under torchrun a rank's share of a small last batch may be empty
+
+        def loss_sum() -> torch.Tensor:
             with torch.no_grad():
                 target = teacher(x)
             logits = student(x)
-            loss = (kl_to_teacher(logits, target) + ce_weight * nn.functional.cross_entropy(logits, y)) * len(x)
-            loss.backward()
-            loss_sum = loss.item()
-        mean, n = all_reduce_grads_(trained, loss_sum, len(x))  # the whole batch's mean gradient on every rank
-        nn.utils.clip_grad_norm_(trained, clip_grad)
-        optimizer.step()
+            return (kl_to_teacher(logits, target) + ce_weight * nn.functional.cross_entropy(logits, y)) * len(x)
+        mean, n = shared_step(optimizer, trained, len(x), loss_sum, clip_grad)
         if not math.isfinite(mean):
             raise TmlpError(f"fine-tuning diverged (loss {mean}); lower --finetune-lr")
         return mean, n

@@ -209,8 +209,7 @@ def train_token_scorers_(student: nn.Module, teacher: nn.Module,
     pulled towards ``teacher``'s (the unreduced original's) last-block class attention on the same patches (KL,
     summed over the reducing blocks); AdamW at ``lr``; under torchrun each rank passes its share of every batch and
     the gradients are summed over the ranks. Returns the mean loss of each epoch."""
-    from tmlp.distill import run_epochs
-    from tmlp.distributed import all_reduce_grads_
+    from tmlp.distill import run_epochs, shared_step
 
     blocks = [m for m in student.modules() if isinstance(m, TopKTokenBlock) and m.scorer is not None]
     if not blocks:
@@ -228,9 +227,8 @@ def train_token_scorers_(student: nn.Module, teacher: nn.Module,
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, int]:
         x = batch[0]
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        if len(x):
+
+        def loss_sum() -> torch.Tensor:
             target = last_block_class_attention(teacher, x)  # [B, N]
             target = target / target.sum(dim=1, keepdim=True).clamp_min(1e-12)
             student(x)
@@ -242,12 +240,8 @@ def train_token_scorers_(student: nn.Module, teacher: nn.Module,
                     loss = loss + nn.functional.kl_div(block.logits.log_softmax(dim=1), target.clamp_min(1e-12).log(),
                                                        log_target=True, reduction="sum")
                 target = _kept_target(target, block.index, block.fuse)
-            loss.backward()
-            loss_sum = loss.item()
-        mean, n = all_reduce_grads_(params, loss_sum, len(x))
-        nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        return mean, n
+            return loss
+        return shared_step(optimizer, params, len(x), loss_sum, 1.0)
 
     for b in reducers:
         b.record = True
