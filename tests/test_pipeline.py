@@ -95,9 +95,9 @@ def exported(trained, tmp_path_factory):
 
 def test_export_writes_the_artifacts_and_manifest(exported):
     out, _ = exported
-    assert sorted(os.listdir(out)) == ["manifest.json", "original.onnx", "tmlp.onnx", "val.npz"]
+    assert sorted(os.listdir(out)) == ["manifest.json", "original.onnx", "tmlp.onnx", "tmlp.pt", "val.npz"]
     manifest = json.load(open(out / "manifest.json"))
-    for name in ("original.onnx", "tmlp.onnx", "val.npz"):
+    for name in ("original.onnx", "tmlp.onnx", "tmlp.pt", "val.npz"):
         assert manifest["files"][name]["bytes"] == os.path.getsize(out / name)
     assert manifest["parity"]["tmlp.onnx"]["max_abs"] < 1e-3
     assert manifest["distillation"] is None and manifest["layer_plan"] is None
@@ -106,6 +106,26 @@ def test_export_writes_the_artifacts_and_manifest(exported):
     assert meta["tmlp.fit"] == "lstsq"  # --fit auto: least squares for the (default) shared basis
     assert len(meta["tmlp.source_checkpoint_sha256"]) == 64 and meta["tmlp.version"]
     assert json.loads(meta["tmlp.preprocessing"])["input_size"] == [16, 16]
+
+
+def test_the_saved_pytorch_model_is_the_exported_one(exported):
+    """tmlp.pt holds the final T-MLP module: its logits match tmlp.onnx in onnxruntime and it names its blocks."""
+    import onnxruntime as ort
+    import torch
+
+    from tmlp.stages import load_tmlp_model
+
+    out, _ = exported
+    model, layers = load_tmlp_model(str(out))
+    manifest = json.load(open(out / "manifest.json"))
+    assert layers == manifest["layers"] and len(layers) == 6
+    assert all(type(model.get_submodule(f)).__name__.endswith("TaylorMLP") for f in layers)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x).numpy()
+    session = ort.InferenceSession(str(out / "tmlp.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
 
 
 def test_bench_compares_three_models(exported):
@@ -246,9 +266,8 @@ def test_hidden_partition_is_recorded_and_exports_with_parity(trained, tmp_path)
 def test_pareto_bench_builds_measures_and_draws_every_variant(exported, tmp_path):
     """tmlp bench --pareto on the tiny run: every variant is an ONNX file under the run folder, measured on val.npz;
     pareto.json has the documented fields, the front is non-dominated, pareto.png is drawn. Its T-MLP + tokens
-    variant is an export with --token-keep 0.7 (the token-reduction stage): tmlp.onnx keeps fewer tokens after blocks
-    2, 3 and 4 (TopK + GatherElements, parity checked like any export), original.onnx stays whole, and the schedule
-    is in the manifest."""
+    variants are the run's own T-MLP model (tmlp.pt) with token reduction: the Taylor blocks and TopK +
+    GatherElements in one graph, and their static int8 leaves the Taylor blocks float."""
     run = tmp_path / "run"
     shutil.copytree(exported[0], run)
     log = _ok(["bench", "--pareto", "--run", str(run), "--runs", "3", "--warmup", "1", "--repeats", "1",
@@ -268,15 +287,29 @@ def test_pareto_bench_builds_measures_and_draws_every_variant(exported, tmp_path
     for v in front:  # nothing is both faster and more accurate than a point of the front
         assert not any(w["p50_ms"] < v["p50_ms"] and w["accuracy"] > v["accuracy"] for w in result["variants"])
     assert (run / "pareto.png").stat().st_size > 10_000 and 0 < result["mlp_keep"] < 1
-    tokens = run / "pareto" / "tmlp-tokens"
-    manifest = json.load(open(tokens / "manifest.json"))
-    assert manifest["token_reduction"]["layers"] == [2, 3, 4]
-    assert manifest["token_reduction"]["patch_tokens_per_block"] == [16, 16, 16, 12, 9, 7]
-    assert manifest["spec"]["_data"]["tokens"] == {"keep": 0.7, "layers": [], "fuse": True, "policy": "attention",
-                                                   "policy_images": 10000}
+    by_name = {v["name"]: v for v in result["variants"]}
+    for name in ("T-MLP + tokens 0.7", "T-MLP + tokens 0.7 learned"):
+        ops = [n.op_type for n in onnx.load(str(run / by_name[name]["onnx"])).graph.node]
+        assert ops.count("TopK") == 3 and "GatherElements" in ops and ops.count("ArgMin") == 6, name
+        static = onnx.load(str(run / by_name[name + " + int8 static"]["onnx"])).graph.node
+        assert sum(n.op_type == "ArgMin" for n in static) == 6 and any(n.op_type == "QuantizeLinear" for n in static)
+    assert not (run / "pareto" / "tmlp-tokens").exists()  # built from tmlp.pt, no second export
+
+
+def test_export_with_token_reduction(trained, tmp_path):
+    """tmlp export --token-keep 0.7 --token-policy learned: tmlp.onnx keeps fewer tokens after blocks 2, 3 and 4
+    (TopK + GatherElements, parity checked like any export), original.onnx stays whole, the learned policy was
+    trained on the images asked for, and the schedule is in the manifest."""
+    out = tmp_path / "run"
+    _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "16", "--token-keep",
+         "0.7", "--token-policy", "learned", "--token-policy-images", "32", "--out", str(out)])
+    manifest = json.load(open(out / "manifest.json"))
+    record = manifest["token_reduction"]
+    assert record["layers"] == [2, 3, 4] and record["patch_tokens_per_block"] == [16, 16, 16, 12, 9, 7]
+    assert record["policy"] == "learned" and record["policy_training"]["images"] == 32
+    assert manifest["spec"]["_data"]["tokens"] == {"keep": 0.7, "layers": [], "fuse": True, "policy": "learned",
+                                                   "policy_images": 32}
     assert manifest["parity"]["tmlp.onnx"]["top1_agree"] == 1.0
-    tmlp_ops = [n.op_type for n in onnx.load(str(tokens / "tmlp.onnx")).graph.node]
-    original_ops = {n.op_type for n in onnx.load(str(tokens / "original.onnx")).graph.node}
+    tmlp_ops = [n.op_type for n in onnx.load(str(out / "tmlp.onnx")).graph.node]
+    original_ops = {n.op_type for n in onnx.load(str(out / "original.onnx")).graph.node}
     assert tmlp_ops.count("TopK") == 3 and "GatherElements" in tmlp_ops and "TopK" not in original_ops
-    learned = json.load(open(run / "pareto" / "tmlp-tokens-learned" / "manifest.json"))["token_reduction"]
-    assert learned["policy"] == "learned" and learned["policy_training"]["images"] == 32

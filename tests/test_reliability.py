@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-FINAL = ("original.onnx", "tmlp.onnx", "val.npz", "manifest.json")
+FINAL = ("original.onnx", "tmlp.onnx", "tmlp.pt", "val.npz", "manifest.json")
 
 
 def _export_cmd(ckpt: str, out) -> list[str]:
@@ -36,7 +36,7 @@ def test_the_same_export_writes_the_same_bytes(trained_tiny_vit_path, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "calibration cache hit" not in proc.stdout + proc.stderr
         outs.append(out)
-    for name in ("original.onnx", "tmlp.onnx", "val.npz"):
+    for name in ("original.onnx", "tmlp.onnx", "tmlp.pt", "val.npz"):
         assert _sha(outs[0] / name) == _sha(outs[1] / name), name
     manifests = [json.load(open(o / "manifest.json")) for o in outs]
     assert manifests[0]["files"] == manifests[1]["files"]  # sha256 and size of every file
@@ -55,6 +55,9 @@ def _check_complete(folder) -> list[str]:
         elif name == "val.npz":
             with np.load(folder / name) as z:
                 assert len(z["x"]) == len(z["y"]) > 0
+        elif name.endswith(".pt"):
+            import torch
+            assert torch.load(folder / name, weights_only=False)["format"] == "tmlp.model"
         else:
             manifest = json.load(open(folder / name))
             for listed, entry in manifest["files"].items():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tmlp.errors import TmlpError
-from tmlp.tokens import TokenReduction, TopKTokenBlock, apply_token_reduction_, default_layers, token_schedule
+from tmlp.tokens import (TokenReduction, TopKTokenBlock, apply_token_reduction_, default_layers, fused_token,
+                         token_schedule)
 
 
 def test_keeping_every_token_changes_nothing(tiny_vit, digit_batches):
@@ -52,6 +53,42 @@ def test_reduced_model_exports_to_plain_onnx_with_parity(tiny_vit, digit_batches
         with torch.no_grad():
             want = tiny_vit(batch).numpy()
         np.testing.assert_allclose(got, want, atol=1e-4 * (1 + np.abs(want).max()), rtol=1e-4)
+
+
+def test_the_fused_token_is_the_weighted_mean_of_the_dropped_tokens_even_when_they_get_no_attention():
+    """A trained class token can give the dropped patches 1e-6 of its attention: the fused token is still their
+    attention-weighted mean to float32 precision (summed over the dropped tokens, not all minus kept)."""
+    g = torch.Generator().manual_seed(0)
+    patches = 20 * torch.randn(3, 64, 32, generator=g)
+    weight = torch.rand(3, 64, generator=g)
+    index = weight.topk(45, dim=1).indices
+    dropped = torch.ones(3, 64, dtype=torch.bool)
+    dropped[torch.arange(3).unsqueeze(1), index] = False
+    weight = torch.where(dropped, weight * 1e-6, weight)  # the dropped patches get ~1e-6 of the attention
+    w64 = weight.double() * dropped
+    want = (w64.unsqueeze(-1) * patches.double()).sum(1) / w64.sum(1, keepdim=True)
+    got = fused_token(patches, weight, index).double()
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_parity_holds_when_the_class_token_attends_sharply(tiny_vit, digit_batches, tmp_path):
+    """Peaked class attention (scaled-up logits) leaves almost nothing to the dropped tokens; PyTorch and onnxruntime
+    still agree, so rounding noise is not amplified into the fused token."""
+    import onnxruntime as ort
+
+    from tmlp.export.onnx_export import export_onnx
+
+    for block in tiny_vit.blocks:
+        block.attn.scale = block.attn.scale * 400  # the dropped patches get ~1e-6..1e-4 of the attention
+    apply_token_reduction_(tiny_vit, TokenReduction(keep=0.6))
+    x = digit_batches[0][:16]
+    path = str(tmp_path / "sharp.onnx")
+    export_onnx(tiny_vit, x, path, {})
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = tiny_vit(x).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4 * (1 + np.abs(want).max()), rtol=1e-4)
 
 
 def test_composes_with_taylor_blocks(trained_tiny_vit, digit_batches):

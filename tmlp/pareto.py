@@ -162,20 +162,48 @@ class _Builder:
                   progress=self.progress, require_taylor=False)
         return net
 
-    def tmlp_with_tokens(self, policy: str = "attention") -> str:
-        """T-MLP + token reduction: the run's export again (same spec: calibration from the cache, same budget)
-        with ``--token-keep`` and ``--token-policy``, into pareto/tmlp-tokens[-learned]/."""
+    def tmlp_with_tokens(self, policy: str = "attention") -> tuple[str, list[str]]:
+        """T-MLP + token reduction and the Taylor blocks' module paths. From the run's final model (tmlp.pt): token
+        reduction (``--token-keep``, ``policy``; the learned policy's scorers trained first), then one fine-tuning
+        pass over ``finetune_images`` training images with the export's recipe, into pareto/. A run folder without
+        tmlp.pt (an older export) runs the export again with tokens instead, into pareto/tmlp-tokens[-policy]/."""
+        from tmlp import stages
+
+        suffix = "" if policy == "attention" else f"-{policy}"
+        if not os.path.isfile(self.path(stages.MODEL_FILE)):
+            return self._export_again_with_tokens(policy, suffix)
+        rel = os.path.join(FOLDER, f"tmlp-tokens-{self.token_keep:g}{suffix}.onnx")
+        net, layers = stages.load_tmlp_model(self.run_dir)
+        if not os.path.isfile(self.path(rel)):
+            from tmlp.finetune import finetune_
+            from tmlp.tokens import TokenReduction, apply_token_reduction_, train_token_scorers_
+
+            apply_token_reduction_(net, TokenReduction(keep=self.token_keep, policy=policy))
+            if policy == "learned":
+                gen, n_batches = self.loaded.labelled_batches("train", max(1, self.finetune_images), 64)
+                train_token_scorers_(net, self.loaded.model, gen, n_batches, progress=self.progress)
+            if self.finetune_images > 0:
+                d = self.spec.distill
+                self.log(f"T-MLP + tokens {self.token_keep:g}{suffix}: fine-tuning on {self.finetune_images} "
+                         "training images")
+                gen, n_batches = self.loaded.labelled_batches("train", self.finetune_images, 64)
+                finetune_(net, self.loaded.model, gen, n_batches, epochs=1, lr_taylor=d.lr, lr_model=d.finetune_lr,
+                          ce_weight=d.label_weight, progress=self.progress)
+            self.export(net, rel, "tmlp+tokens")
+        return rel, layers
+
+    def _export_again_with_tokens(self, policy: str, suffix: str) -> tuple[str, list[str]]:
         from tmlp.pipeline import run_export
         from tmlp.spec import TokensSpec
 
-        folder = os.path.join(FOLDER, "tmlp-tokens" + ("" if policy == "attention" else f"-{policy}"))
+        folder = os.path.join(FOLDER, "tmlp-tokens" + suffix)
         rel = os.path.join(folder, "tmlp.onnx")
         if not os.path.isfile(self.path(rel)):
             learned = {"policy_images": max(1, self.finetune_images)} if policy == "learned" else {}
             tokens = TokensSpec(keep=self.token_keep, policy=policy, **learned)
             run_export(dataclasses.replace(self.spec, tokens=tokens, out_dir=self.path(folder)), log=self.log,
                        progress=self.progress)
-        return rel
+        return rel, json.load(open(self.path(os.path.join(folder, "manifest.json"))))["layers"]
 
     def learned_tokens(self) -> str:
         """The original with the learned token policy (scorers trained on ``finetune_images`` training images)."""
@@ -216,12 +244,11 @@ def _variants(b: _Builder) -> list[Variant]:
                            b.quantized(rel, "dynamic", None)))
         for policy, method, label in (("attention", "tokens", ""), ("learned", "tokens-learned", " learned")):
             try:
-                rel = b.tmlp_with_tokens(policy)
+                rel, mlp_layers = b.tmlp_with_tokens(policy)
             except TmlpError as err:
                 b.log(f"T-MLP + tokens{label} skipped: {err}")
                 continue
             out.append(Variant(f"T-MLP + tokens {b.token_keep:g}{label}", ("tmlp", method), rel))
-            mlp_layers = json.load(open(b.path(os.path.join(os.path.dirname(rel), "manifest.json"))))["layers"]
             for how in ("dynamic", "static"):
                 out.append(Variant(f"T-MLP + tokens {b.token_keep:g}{label} + int8 {how}",
                                    ("tmlp", method, f"int8-{how}"), b.quantized(rel, how, mlp_layers)))

@@ -1,11 +1,11 @@
 """The whole export from one spec: it only chains the stages of ``tmlp.stages``.
 
-    load -> select -> calibrate -> plan -> build -> reduce tokens (--token-keep) -> distil -> export (fit memory, export, verify)
-         -> hold the budget (measure in onnxruntime, back off) -> report -> static int8 (--quantize static)
-         -> publish -> manifest
+    load -> select -> calibrate -> plan -> build -> reduce tokens (--token-keep) -> distil
+         -> export (fit memory, export, verify) -> hold the budget (measure in onnxruntime, back off)
+         -> save tmlp.pt -> report -> static int8 (--quantize static) -> publish -> manifest
 
-It writes original.onnx, tmlp.onnx, val.npz (and with --quantize static original.int8-static.onnx and
-tmlp.int8-static.onnx) and manifest.json (last) into one run folder.
+It writes original.onnx, tmlp.onnx, tmlp.pt (the final model as a PyTorch module), val.npz (and with --quantize
+static original.int8-static.onnx and tmlp.int8-static.onnx) and manifest.json (last) into one run folder.
 """
 from __future__ import annotations
 
@@ -74,6 +74,7 @@ def run_export(spec: ExportSpec, log=print, progress: bool = True) -> ExportResu
         if spec.plan.max_acc_drop is not None:
             selection, built = stages.hold_budget(loaded, selection, built, spec, target, plan, staging, exported,
                                                   log)
+        stages.save_model(built, selection, staging, exported)
         stages.report(loaded, spec, exported, log)
         exported.quantization = quantize_stage(loaded, spec, exported, staging, selection.fqns, log, progress)
         summary = stages.summarize(spec, loaded, selection, built, target, plan, exported,

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from tmlp.distill import distill_
 from tmlp.distributed import World, batch_share, world
 from tmlp.finetune import finetune_
 from tmlp.errors import TmlpError
-from tmlp.io import atomic_path, cache_path, ensure_writable_dir, file_sha256, publish, write_json
+from tmlp.io import atomic_path, cache_path, ensure_writable_dir, file_sha256, publish, save_torch, write_json
 from tmlp.models import (create_model, input_size, load_checkpoint, model_names, resolve_config,
                          smallest_input_config)
 from tmlp.plan import BlockOption, Plan, held_out_tokens, option_calibration, plan_blocks
@@ -70,7 +71,10 @@ def embedded_recipe(model: str) -> dict[str, Any]:
 
 # Files `tmlp bench` derives from an export; a new export into the same folder removes them.
 DERIVED_FILES = ("original.int8.onnx", "tmlp.int8.onnx", "tmlp.int8-all.onnx", "original.int8-static.onnx",
-                 "tmlp.int8-static.onnx", "bench.json", "bench.md")
+                 "tmlp.int8-static.onnx", "bench.json", "bench.md", "pareto.json", "pareto.md", "pareto.png")
+DERIVED_FOLDERS = ("pareto",)  # `tmlp bench --pareto` builds its variants here
+MODEL_FILE = "tmlp.pt"
+PARITY_WARN_REL = 1e-3  # export_verified warns above this relative error between onnxruntime and PyTorch  # the final T-MLP model as a PyTorch module (save_model / load_tmlp_model)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -574,6 +578,9 @@ def clear_run_folder(out_dir: str) -> None:
     for stale in ("manifest.json", "original.onnx.data", "tmlp.onnx.data") + DERIVED_FILES:
         if os.path.isfile(os.path.join(out_dir, stale)):
             os.unlink(os.path.join(out_dir, stale))
+    for stale in DERIVED_FOLDERS:
+        if os.path.isdir(os.path.join(out_dir, stale)):
+            shutil.rmtree(os.path.join(out_dir, stale))
 
 
 def export_verified(net: torch.nn.Module, path: str, metadata: dict[str, str], example: torch.Tensor,
@@ -598,6 +605,10 @@ def export_verified(net: torch.nn.Module, path: str, metadata: dict[str, str], e
     check = parity(path, net, parity_inputs)
     log(f"wrote {os.path.basename(path)} ({os.path.getsize(path) / 1e6:.1f} MB, {time.time() - t0:.0f} s); onnx.checker "
         f"full_check passed; onnxruntime vs PyTorch: {check}")
+    if check.max_rel > PARITY_WARN_REL:
+        log(f"warning: onnxruntime and PyTorch disagree on {os.path.basename(path)} (relative error "
+            f"{check.max_rel:.1e} > {PARITY_WARN_REL:g}); near-ties in a nearest-centre or top-k choice can do this "
+            "for a few inputs, anything more is a bug: please report it with the manifest")
     return {"ops": ops, "parity": check, "files": [path, *external_data_files(path)]}
 
 
@@ -698,6 +709,32 @@ def hold_budget(loaded: Loaded, selection: Selection, built: Built, spec: Export
         built = built.with_model(built.model, evaluate(built.model, choose, loaded.spec, cpu),
                                  evaluate(built.model, splits.report, loaded.spec, cpu))
     return selection, built
+
+
+def save_model(built: Built, selection: Selection, staging: str, exported: Exported) -> None:
+    """Stage 8d: the final T-MLP model (after fitting, distillation, token reduction and the budget's back-off) as a
+    pickled PyTorch module into ``staging``/tmlp.pt, for further stages in Python (``load_tmlp_model``; `tmlp bench
+    --pareto` composes token reduction with it). The module itself is stored, so it loads only where the same tmlp,
+    timm and torch can rebuild its classes."""
+    path = os.path.join(staging, MODEL_FILE)
+    save_torch({"format": "tmlp.model", "tmlp": tmlp.__version__, "torch": torch.__version__,
+                "layers": list(selection.fqns), "model": built.model}, path)
+    exported.files[MODEL_FILE] = path
+
+
+def load_tmlp_model(run_dir: str) -> tuple[torch.nn.Module, list[str]]:
+    """The T-MLP model an export saved in ``run_dir``/tmlp.pt and the module paths of its Taylor blocks."""
+    path = os.path.join(run_dir, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise TmlpError(f"{run_dir!r} has no {MODEL_FILE} (exported by an older tmlp); run tmlp export again")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except (AttributeError, ModuleNotFoundError, RuntimeError) as err:
+        raise TmlpError(f"{path} does not load here ({type(err).__name__}: {err}); it was saved by another tmlp or "
+                        "torch version: run tmlp export again") from None
+    if not isinstance(payload, dict) or payload.get("format") != "tmlp.model":
+        raise TmlpError(f"{path} is not a tmlp model file; run tmlp export again")
+    return payload["model"].eval(), list(payload["layers"])
 
 
 def report(loaded: Loaded, spec: ExportSpec, exported: Exported, log: Log = print) -> None:

@@ -31,7 +31,7 @@ from tmlp.errors import TmlpError
 from tmlp.spec import TOKEN_POLICIES
 
 __all__ = ["POLICIES", "TokenReduction", "TokenScorer", "TopKTokenBlock", "apply_token_reduction_", "default_layers",
-           "token_schedule", "train_token_scorers_"]
+           "fused_token", "token_schedule", "train_token_scorers_"]
 
 POLICIES = TOKEN_POLICIES
 
@@ -131,13 +131,11 @@ class TopKTokenBlock(nn.Module):
         patches = x[:, p:]
         if self.scorer is None:
             weight = cls_attn
-            score, index = cls_attn.topk(self.n_keep, dim=1)
-            kept_weight = score
+            _, index = cls_attn.topk(self.n_keep, dim=1)
         else:
             learned = self.scorer(patches)  # [B, N - p]
             _, index = (torch.log(cls_attn.clamp_min(1e-12)) + learned).topk(self.n_keep, dim=1)
             weight = cls_attn * torch.exp(learned)
-            kept_weight = torch.gather(weight, 1, index)
         kept = torch.gather(patches, 1, index.unsqueeze(-1).expand(-1, -1, c))
         if self.record:
             self.index = index
@@ -145,11 +143,24 @@ class TopKTokenBlock(nn.Module):
                 self.logits = torch.log(cls_attn.detach().clamp_min(1e-12)) + learned
         parts = [x[:, :p], kept]
         if self.fuse:
-            total = (weight.unsqueeze(-1) * patches).sum(dim=1) - (kept_weight.unsqueeze(-1) * kept).sum(dim=1)
-            dropped = (weight.sum(dim=1) - kept_weight.sum(dim=1)).clamp_min(1e-6).unsqueeze(-1)
-            parts.append((total / dropped).unsqueeze(1))
+            parts.append(fused_token(patches, weight, index).unsqueeze(1))
         x = torch.cat(parts, dim=1)
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def fused_token(patches: torch.Tensor, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The token that stands for the dropped patches: their mean weighted by ``weight`` (class attention).
+    patches [B, N, C], weight [B, N] (>= 0), index [B, n_keep] the kept positions -> [B, C].
+
+    Summed over the dropped patches themselves (a 0/1 mask from Equal against the positions: no scatter), never as
+    "all minus kept": a trained class token can give the dropped patches 1e-5 of its attention (single weights go
+    down to 1e-30), and that difference of two nearly equal sums is rounding noise, different in PyTorch and
+    onnxruntime. No additive epsilon either: torch.onnx's optimizer folds ``w + 1e-12`` to ``w``, so the two would
+    disagree wherever the weights are that small; when every dropped weight underflows to zero the token is zero."""
+    positions = torch.arange(patches.shape[1], device=patches.device)
+    kept = (index.unsqueeze(-1) == positions).to(weight.dtype).sum(dim=1)  # [B, N]: 1 where kept, else 0
+    dropped = weight * (1.0 - kept)
+    return (dropped.unsqueeze(-1) * patches).sum(dim=1) / dropped.sum(dim=1, keepdim=True).clamp_min(1e-30)
 
 
 @torch.no_grad()
