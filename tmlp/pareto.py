@@ -352,8 +352,10 @@ def format_pareto(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_pareto(result: dict[str, Any], path: str) -> str | None:
-    """Accuracy vs p50 latency, one labelled point per variant, the front drawn; None without matplotlib."""
+def plot_pareto(result: dict[str, Any], path: str, span_points: float = 3.0) -> str | None:
+    """Accuracy vs p50 latency, one numbered point per variant (the numbers listed beside the plot with accuracy
+    and speed-up, the front in bold), the front drawn; the y axis spans ``span_points`` below the fp32 original and
+    variants below that sit on the bottom edge as down-triangles. None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -361,25 +363,41 @@ def plot_pareto(result: dict[str, Any], path: str) -> str | None:
     except ImportError:
         return None
     rows = result["variants"]
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    base = rows[0]
+    top = max(r["accuracy"] for r in rows)
+    floor = min(min(r["accuracy"] for r in rows), base["accuracy"] - span_points)
+    floor = max(floor, base["accuracy"] - span_points)
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(13, 6.5), dpi=120, gridspec_kw={"width_ratios": [2.0, 1.2]})
     front = sorted((r for r in rows if r["on_front"]), key=lambda r: r["p50_ms"])
     ax.plot([r["p50_ms"] for r in front], [r["accuracy"] for r in front], "-", color="tab:green", lw=2, zorder=1,
             label="front (no variant faster and more accurate)")
-    for r in rows:
+    for i, r in enumerate(rows, 1):
         colour = "tab:red" if "tmlp" in r["methods"] else "tab:blue"
-        ax.scatter(r["p50_ms"], r["accuracy"], s=60 if r["on_front"] else 30, color=colour, zorder=2,
-                   edgecolor="black" if r["on_front"] else "none")
-        ax.annotate(r["name"], (r["p50_ms"], r["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    base = rows[0]
+        below = r["accuracy"] < floor
+        y = floor if below else r["accuracy"]
+        ax.scatter(r["p50_ms"], y, s=70 if r["on_front"] else 35, color=colour, zorder=2, marker="v" if below else "o",
+                   edgecolor="black" if r["on_front"] else "none", clip_on=False)
+        ax.annotate(str(i), (r["p50_ms"], y), textcoords="offset points", xytext=(4, 4), fontsize=8,
+                    fontweight="bold" if r["on_front"] else "normal")
     ax.axhline(base["accuracy"] - 1.0, color="grey", ls=":", lw=1, label="1 point below the fp32 original")
     ax.scatter([], [], color="tab:red", label="with T-MLP")
     ax.scatter([], [], color="tab:blue", label="without T-MLP")
+    ax.scatter([], [], color="grey", marker="v", label=f"more than {span_points:g} points below (drawn at the edge)")
     ax.set_xscale("log")
+    ax.set_ylim(floor - 0.15, top + 0.4)
     ax.set_xlabel(f"p50 latency, ms (log scale; batch {result['batch']}, {result['threads']} thread(s))")
     ax.set_ylabel("top-1 accuracy on the report split, %")
     ax.set_title(f"{result['model']} on {result['dataset']}: accuracy vs latency")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8, frameon=False)
+    side.axis("off")
+    side.text(0.0, 1.0, "  #  accuracy  speed-up  variant (bold: on the front)", fontsize=8.5, family="monospace",
+              fontweight="bold", va="top", transform=side.transAxes)
+    step = min(0.045, 0.95 / max(1, len(rows)))
+    for k, r in enumerate(rows):
+        line = f"{k + 1:>3}  {r['accuracy']:6.2f}%  {r['speedup_vs_fp32']:6.2f}x  {r['name']}"
+        side.text(0.0, 0.955 - k * step, line, fontsize=8, family="monospace", va="top",
+                  fontweight="bold" if r["on_front"] else "normal", transform=side.transAxes)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp)
