@@ -41,11 +41,11 @@ def build(run_dir: str, work: str) -> dict[tuple[str, str], str]:
     """{(model, layout): path} for model in original/tmlp, every layout of LAYOUTS."""
     import onnx
 
-    from tmlp import stages
     from tmlp.export.quantize import nodes_in_scopes, quantize_int8_dynamic
     from tmlp.export.static_quant import quantize_int8_static, weight_layers
     from tmlp.quantization import calibration_images
-    from tmlp.spec import ExportSpec
+    from tmlp import ExportSpec
+    from tmlp.stages import load
 
     manifest = json.load(open(os.path.join(run_dir, "manifest.json")))
     spec = ExportSpec.from_dict(manifest["spec"])
@@ -62,7 +62,7 @@ def build(run_dir: str, work: str) -> dict[tuple[str, str], str]:
                for layout in LAYOUTS}
         if not all(os.path.isfile(p) for p in out.values()):
             if images is None:
-                images = calibration_images(stages.load(spec, print, False), spec.quantize.images)
+                images = calibration_images(load(spec, print, False), spec.quantize.images)
             quantize_int8_dynamic(src, out["dynamic"], op_types=["MatMul", "Gemm"], exclude_scopes=scopes)
             quantize_int8_static(src, out["static all ops"], images, "minmax", exclude_scopes=scopes, cache=cache,
                                  layout="all")

@@ -13,6 +13,8 @@ import onnx
 from tmlp.export.onnx_export import set_metadata
 from tmlp.io import atomic_path
 
+__all__ = ["NAME_SCOPES", "nodes_in_scopes", "quantize_int8_dynamic"]
+
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata written by torch.onnx's dynamo exporter
 
 

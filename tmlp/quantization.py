@@ -17,7 +17,7 @@ import numpy as np
 from tmlp.budget import ort_accuracy
 from tmlp.runtime.run import preprocess
 
-__all__ = ["quantize_stage", "STATIC_FILES"]
+__all__ = ["STATIC_FILES", "calibration_images", "quantize_stage"]
 
 Log = Callable[[str], None]
 STATIC_FILES = {"original.onnx": "original.int8-static.onnx", "tmlp.onnx": "tmlp.int8-static.onnx"}

@@ -37,9 +37,10 @@ from tmlp.train import TrainConfig, evaluate, is_trained, train
 __all__ = ["Built", "ChooseSplitChecks", "Exported", "Loaded", "ResolvedTarget", "Selection", "ValSplits", "build",
            "calibrate_selection", "clear_run_folder", "common_metadata", "distil", "distillation_may_run",
            "embedded_default_checkpoint", "export_models", "export_tmlp", "export_verified", "hold_budget", "load",
-           "load_model_and_data", "parity_examples", "parse_block_k", "parse_layers", "plan_options", "plan_stage",
-           "planning_budget", "publish_run", "reduce_tokens", "report", "resolve_target", "select", "summarize", "tensor_batches",
-           "tmlp_metadata", "versions", "write_manifest", "write_val_images"]
+           "load_model_and_data", "load_tmlp_model", "parity_examples", "parse_block_k", "parse_layers",
+           "plan_options", "plan_stage", "planning_budget", "publish_run", "reduce_tokens", "report", "resolve_target",
+           "save_model", "select", "summarize", "tensor_batches", "tmlp_metadata", "versions", "write_manifest",
+           "write_val_images"]
 
 Log = Callable[[str], None]
 

@@ -76,7 +76,7 @@ def test_taylor_blocks_stay_float_and_the_rest_is_quantized(files):
     floats = _float_weight_layers(dst)
     taylor_matmuls = {n for n in kept if n in {m.name for m in model.graph.node if m.op_type == "MatMul"}}
     assert taylor_matmuls and taylor_matmuls <= floats  # the Taylor blocks' products stay float
-    assert len(weight_layers(onnx.load(tmlp_path))) - len(floats) >= 4 * 4  # attention, the other MLPs: int8
+    assert len(set(weight_layers(onnx.load(tmlp_path))) - floats) >= 4 * 4  # attention, the other MLPs: int8
     ref, q = _logits(tmlp_path, probe), _logits(dst, probe)
     assert (ref.argmax(1) == q.argmax(1)).mean() >= 0.9
 
