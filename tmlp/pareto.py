@@ -173,8 +173,8 @@ class _Builder:
         if not os.path.isfile(self.path(stages.MODEL_FILE)):
             return self._export_again_with_tokens(policy, suffix)
         rel = os.path.join(FOLDER, f"tmlp-tokens-{self.token_keep:g}{suffix}.onnx")
-        net, layers = stages.load_tmlp_model(self.run_dir)
-        if not os.path.isfile(self.path(rel)):
+        if not os.path.isfile(self.path(rel)):  # built once: a second run reuses the file
+            net, _ = stages.load_tmlp_model(self.run_dir)
             from tmlp.finetune import finetune_
             from tmlp.tokens import TokenReduction, apply_token_reduction_, train_token_scorers_
 
@@ -190,7 +190,7 @@ class _Builder:
                 finetune_(net, self.loaded.model, gen, n_batches, epochs=1, lr_taylor=d.lr, lr_model=d.finetune_lr,
                           ce_weight=d.label_weight, progress=self.progress)
             self.export(net, rel, "tmlp+tokens")
-        return rel, layers
+        return rel, list(self.manifest["layers"])
 
     def _export_again_with_tokens(self, policy: str, suffix: str) -> tuple[str, list[str]]:
         from tmlp.pipeline import run_export
