@@ -70,6 +70,15 @@ def test_choose_split_checks_stop_at_the_first_check_without_gain_and_keep_the_b
     assert checks.restore_best() == 60 and torch.equal(model.weight, weights[1])
 
 
+def test_choose_split_checks_stop_once_the_original_is_reached():
+    model = torch.nn.Linear(2, 2)
+    accuracies = iter([0.5, 0.61, 0.7])
+    logged = []
+    checks = ChooseSplitChecks(model, lambda m: next(accuracies), start=0.4, every=30, log=logged.append, target=0.6)
+    assert not checks(30) and checks(60)  # 0.61 >= the original's 0.60: nothing left to recover
+    assert checks.best == 0.61 and checks.restore_best() == 60 and "reached: stop" in logged[-1]
+
+
 def test_run_epochs_checks_once_more_after_the_last_batch():
     class Record(list):
         every = 20

@@ -9,8 +9,8 @@ from tmlp.calibration.calibrate import calibrate
 from tmlp.data import to_tensor
 from tmlp.taylor.derivatives import SharedDerivatives
 from tmlp.errors import TmlpError
-from tmlp.plan import (BlockOption, candidate_choices, choose, held_out_tokens, option_calibration, option_macs, plan_blocks,
-                       relative_error, truncate_rank)
+from tmlp.plan import (BlockOption, candidate_choices, choose, held_out_tokens, logit_kl_with, option_calibration,
+                       option_macs, plan_blocks, relative_error, replayed_prefix, truncate_rank)
 from tmlp.surgery import replace_module, select_blocks
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig, build_taylor_block
 
@@ -112,6 +112,29 @@ def test_plan_stays_within_its_budget_and_leaves_the_model_intact(setup, budget)
     assert accuracy(m) == pytest.approx(plan.accuracy)
     d = plan.to_dict()
     assert d["max_acc_drop_points"] == pytest.approx(100 * budget) and len(d["search"]) == len(plan.steps)
+    if plan.chosen == list(tokens):  # the search keeping originals measures nothing costlier than this plan
+        assert all(n == len(tokens) for _, _, n, _ in plan.steps)
+
+
+def test_replayed_prefix_gives_the_same_sensitivities_and_restores_the_model(setup):
+    model, calibrations, tokens, _, probe = setup
+    with torch.no_grad():
+        reference = model(probe)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cal = option_calibration(calibrations, "blocks.1.mlp", BlockOption(2, 4))
+    block = build_taylor_block(cal.centres, cal.derivatives, 1)
+    whole = logit_kl_with(model, "blocks.1.mlp", block, reference, probe)
+    with replayed_prefix(model, "blocks.1.mlp", probe, reference) as replayed:
+        assert replayed and type(model.blocks[0]).__name__ == "_Replay"
+        assert logit_kl_with(model, "blocks.1.mlp", block, reference, probe) == pytest.approx(whole, rel=1e-5)
+    assert type(model.blocks[0]).__name__ != "_Replay"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with torch.no_grad():
+        assert torch.equal(model(probe), reference)
+    with replayed_prefix(model, "blocks.0.mlp", probe, reference) as replayed:  # nothing before block 0
+        assert not replayed
+    with replayed_prefix(model, "blocks.1.mlp", probe, reference + 1) as replayed:  # a mismatch: run whole
+        assert not replayed and type(model.blocks[0]).__name__ != "_Replay"
 
 
 def test_negative_budget_is_refused(setup):

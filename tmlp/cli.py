@@ -328,7 +328,8 @@ EPOCHS = _NumberOrWord(int, "auto", None)
              help="Share of the validation images that choices (plan, distillation stop, budget check) are made on; "
                   "the rest is the report split, written to val.npz and never used for a choice.")
 @spec_option("--check-images", field="distill.check_images", type=int,
-             help="With --distill-epochs auto: training images between two checks of the choose-split accuracy.")
+             help="With --distill-epochs auto: training images between two checks of the choose-split accuracy "
+                  "(training stops at the first check without a gain or at the original's accuracy).")
 @spec_option("--plan-k", field="plan.k_choices",
              help="k values the plan may use, e.g. 25,50,100 (none: k/4, k/2, k).")
 @spec_option("--plan-rank", field="plan.rank_choices",

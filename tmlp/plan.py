@@ -9,15 +9,21 @@
    each block takes the option minimising MACs/MLP-MACs + λ · KL, the original MLP costing 1 and 0. A binary
    search over the distinct choices λ produces finds the cheapest whose model keeps the validation accuracy within
    ``max_drop`` of the original's (about log2(number of choices) + 2 evaluations). It runs twice, with and without
-   the original MLP as an option, and keeps the cheaper result.
+   the original MLP as an option, and keeps the cheaper result; the second search measures only choices cheaper
+   than the first's result.
+
+The sensitivities cost one forward of the probe per block and option. Where the block sits inside an
+``nn.Sequential`` (a ViT's ``blocks``), the children before it are replayed from a cached input instead of run
+(``replayed_prefix``), checked once per block to reproduce the original logits.
 
 Lower ranks come free from one calibration at the largest rank (the bases' columns are ordered by importance and
 S_c = Uᵀ J_c V, so the first r' columns give exactly the rank-r' projection); each k needs its own K-means.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -32,7 +38,8 @@ from tmlp.taylor import build_taylor_block
 from tmlp.taylor.derivatives import SharedDerivatives
 
 __all__ = ["BlockOption", "Plan", "candidate_choices", "choose", "held_out_tokens", "logit_kl", "logit_kl_with",
-           "mlp_macs", "option_calibration", "option_macs", "plan_blocks", "relative_error", "truncate_rank"]
+           "mlp_macs", "option_calibration", "option_macs", "plan_blocks", "relative_error", "replayed_prefix",
+           "truncate_rank"]
 
 
 @dataclass(frozen=True, order=True)
@@ -132,6 +139,80 @@ def logit_kl_with(model: nn.Module, fqn: str, block: nn.Module, reference: torch
         return logit_kl(reference, model(probe))
     finally:
         replace_module(model, fqn, original)
+
+
+class _Replay(nn.Module):
+    """Stands in for the first child of an ``nn.Sequential``: ignores its input and returns ``value``, the cached
+    input of a later child (the children in between become Identity)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.value
+
+
+class _Captured(Exception):
+    pass
+
+
+def _sequential_position(model: nn.Module, fqn: str) -> tuple[nn.Sequential, int] | None:
+    """The deepest ``nn.Sequential`` with ``fqn`` in (or as) one of its children, and that child's index."""
+    parts = fqn.split(".")
+    for depth in range(len(parts), 0, -1):
+        parent = model.get_submodule(".".join(parts[:depth - 1]))
+        if isinstance(parent, nn.Sequential) and parts[depth - 1].isdigit():
+            return parent, int(parts[depth - 1])
+    return None
+
+
+@contextmanager
+def replayed_prefix(model: nn.Module, fqn: str, probe: torch.Tensor, reference: torch.Tensor) -> Iterator[bool]:
+    """Within the context, ``model(probe)`` skips the children of the ``nn.Sequential`` before the one holding
+    ``fqn``: their output on ``probe`` is captured once and replayed. Yields True if it does (the replayed model
+    reproduced ``reference``, the original logits on ``probe``), False if the model is left to run whole (no
+    Sequential ancestor, the block first, a child called with more than one input, or a mismatch). The model is
+    restored on exit. Only ``model(probe)`` may be called inside the context, and ``fqn``'s block may be swapped."""
+    found = _sequential_position(model, fqn)
+    if found is None or found[1] == 0:
+        yield False
+        return
+    seq, index = found
+    captured: list[torch.Tensor] = []
+
+    def capture(module, args, kwargs):
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            captured.append(args[0])
+        raise _Captured
+
+    handle = seq[index].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(probe)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        yield False
+        return
+    originals = [seq[i] for i in range(index)]
+    seq[0] = _Replay(captured[0])
+    for i in range(1, index):
+        seq[i] = nn.Identity()
+    try:
+        with torch.no_grad():
+            replayed = model(probe)
+        ok = replayed.shape == reference.shape and torch.allclose(
+            replayed, reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+        if not ok:
+            for i, module in enumerate(originals):
+                seq[i] = module
+        yield ok
+    finally:
+        for i, module in enumerate(originals):
+            seq[i] = module
 
 
 @dataclass
@@ -252,10 +333,11 @@ def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibra
         x, y = tokens[fqn]
         d_in, d_out = x.shape[1], y.shape[1]
         macs[fqn] = {None: mlp_macs(originals[fqn], d_in, d_out)}
-        for opt in options:
-            errors[fqn][opt] = relative_error(blocks[fqn, opt], x, y)
-            macs[fqn][opt] = option_macs(opt, d_in, d_out, order, getattr(blocks[fqn, opt], "rank_out", None))
-            sensitivity[fqn][opt] = logit_kl_with(model, fqn, blocks[fqn, opt], reference, probe)
+        with replayed_prefix(model, fqn, probe, reference):
+            for opt in options:
+                errors[fqn][opt] = relative_error(blocks[fqn, opt], x, y)
+                macs[fqn][opt] = option_macs(opt, d_in, d_out, order, getattr(blocks[fqn, opt], "rank_out", None))
+                sensitivity[fqn][opt] = logit_kl_with(model, fqn, blocks[fqn, opt], reference, probe)
     plan = Plan(baseline=evaluate(model), max_drop=max_drop, errors=errors, sensitivity=sensitivity, macs=macs)
 
     def accuracy_with(choice: dict[str, BlockOption | None]) -> float:
@@ -285,10 +367,13 @@ def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibra
 
     # Two searches: with the original MLP as an option, and with every block replaced (the Lagrangian path only
     # visits the lower convex hull of each block's (cost, KL) points, so "all blocks at a mid option" can be
-    # missing from the first); the cheaper feasible result wins.
+    # missing from the first); the cheaper feasible result wins, so each search measures only choices cheaper than
+    # the best found so far (the candidates' costs grow with λ: a prefix).
     found = [({f: None for f in fqns}, plan.baseline)]
     for keep_original in (False, True):
-        candidates = candidate_choices(sensitivity, macs, keep_original)  # cheapest first
+        best = min(plan.mac_ratio(choice) for choice, _ in found)
+        candidates = [c for c in candidate_choices(sensitivity, macs, keep_original)  # cheapest first
+                      if plan.mac_ratio(c[1]) < best]
         index = smallest_feasible(len(candidates), lambda i: feasible(*candidates[i]))
         if index is not None:
             choice = candidates[index][1]

@@ -471,7 +471,7 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
     distillation of the Taylor tensors alone. ``epochs`` N: N passes, no checks; auto (None): only when the T-MLP
     model loses more than the budget on the choose split, streaming up to one pass over ``images`` (None: all
     training images) with a choose-split check every ``check_images`` images, stopping at the first check that
-    does not improve and keeping the best weights."""
+    does not improve or that reaches the original's accuracy (nothing left to recover), keeping the best weights."""
     d, budget = spec.distill, spec.plan.max_acc_drop
     if d.epochs == 0 or (d.epochs is None and budget is None):
         return built
@@ -488,7 +488,7 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
     cpu = torch.device("cpu")
     w = world()  # under torchrun each rank trains on its share of every batch and scores its share of the checks
     checks = ChooseSplitChecks(built.model, lambda m: evaluate(m, splits.choose, loaded.spec, cpu, share=w),
-                               built.choose, d.check_images, log) if auto else None
+                               built.choose, d.check_images, log, target=built.choose_original) if auto else None
     train = dict(epochs=1 if auto else d.epochs, progress=progress and w.main, check=checks)
     batches, n_batches = loaded.labelled_batches("train", images, share=w)
     if d.finetune:
@@ -519,12 +519,13 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
 class ChooseSplitChecks:
     """The stopping rule of automatic distillation: called every ``every`` training images with the number seen, it
     measures the choose-split accuracy, keeps a copy of the best weights, and says stop (True) when the accuracy did
-    not improve on the best so far. ``restore_best()`` loads the best weights back and returns the images they had
-    seen."""
+    not improve on the best so far, or reached ``target`` (the original model's: the T-MLP model has nothing left to
+    recover; further training would only train the network on). ``restore_best()`` loads the best weights back and
+    returns the images they had seen."""
 
     def __init__(self, model: torch.nn.Module, accuracy: Callable[[torch.nn.Module], float], start: float,
-                 every: int, log: Log = print) -> None:
-        self.model, self.accuracy, self.every, self.log = model, accuracy, every, log
+                 every: int, log: Log = print, target: float | None = None) -> None:
+        self.model, self.accuracy, self.every, self.log, self.target = model, accuracy, every, log, target
         self.best, self.best_seen, self.best_state = start, 0, self._copy()
         self.history: list[dict[str, float]] = []
 
@@ -535,12 +536,14 @@ class ChooseSplitChecks:
         acc = self.accuracy(self.model)
         self.history.append({"images": seen, "choose_accuracy": acc})
         improved = acc > self.best
+        reached = self.target is not None and acc >= self.target
         self.log(f"  after {seen} training images: choose-split accuracy {100 * acc:.2f}% "
-                 f"({'best so far' if improved else f'not above {100 * self.best:.2f}%: stop'})")
+                 + (f"(the original's {100 * self.target:.2f}% reached: stop)" if reached else
+                    "(best so far)" if improved else f"(not above {100 * self.best:.2f}%: stop)"))
         if improved:
             self.best, self.best_seen = acc, seen
             self.best_state = self._copy()
-        return not improved
+        return reached or not improved
 
     def restore_best(self) -> int:
         self.model.load_state_dict(self.best_state)
