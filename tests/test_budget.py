@@ -186,3 +186,23 @@ def test_automatic_distillation_runs_only_when_needed_and_keeps_the_best_check(t
     assert out.choose == best and record["choose_after"] == best
     changed = any(not torch.equal(before[k], v) for k, v in out.model.state_dict().items())
     assert changed == (record["images_seen"] > 0)  # the best check's weights, or the untouched start
+
+
+def test_the_plan_calibrates_every_k_in_one_pass_over_the_data(trained_tiny_vit_path, tmp_path, monkeypatch):
+    from tmlp import stages
+    from tmlp.calibration import calibrate as calibrate_module
+    from tmlp.spec import ExportSpec, SourceSpec, TaylorConfig
+
+    monkeypatch.setenv("TMLP_CACHE", str(tmp_path / "cache"))  # nothing cached: every k is computed
+    spec = ExportSpec("test_vit", source=SourceSpec(checkpoint=trained_tiny_vit_path, calib_images=256,
+                                                    eval_images=200), calibration=TaylorConfig(k=8))
+    loaded = stages.load(spec, lambda s: None, progress=False)
+    selection = stages.select(loaded, spec)
+    passes = []
+    collect = calibrate_module.collect_inputs
+    monkeypatch.setattr(calibrate_module, "collect_inputs", lambda *a, **kw: passes.append(1) or collect(*a, **kw))
+    logs = []
+    calibrations = stages.calibrate_plan_options(loaded, selection, spec, logs.append, False)
+    assert sorted(calibrations) == [2, 4, 8] and len(passes) == 1 and "at k=2, 4, 8 for the plan" in logs[0]
+    assert all(set(c) == set(selection.fqns) for c in calibrations.values())
+    assert [len(calibrations[k][selection.fqns[0]].centres) for k in (2, 4, 8)] == [2, 4, 8]

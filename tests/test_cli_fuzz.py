@@ -166,6 +166,7 @@ def stubs(monkeypatch):
     import tmlp.train
 
     monkeypatch.setattr(tmlp.stages, "calibrate_selection", _stop)
+    monkeypatch.setattr(tmlp.stages, "calibrate_plan_options", _stop)
     monkeypatch.setattr(tmlp.train, "train_epoch", _stop)
     monkeypatch.setattr(tmlp.measure, "measure_in_subprocess", _stop)
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", _stop)

@@ -55,12 +55,15 @@ def run_export(spec: ExportSpec, log=print, progress: bool = True) -> ExportResu
         check_can_write(out_dir)
         selection = stages.select(loaded, spec, log)
         t0 = time.time()
-        calibration = stages.calibrate_selection(loaded, selection, spec.calibration, spec.source.calib_images, log,
-                                                 progress)
-        calib_seconds = time.time() - t0
         plan = None
-        if spec.plan.max_acc_drop is not None:
-            selection, calibration, plan = stages.plan_stage(loaded, selection, calibration, spec, log, progress)
+        if spec.plan.max_acc_drop is not None:  # every k the plan may use, in one pass over the data
+            calibrations = stages.calibrate_plan_options(loaded, selection, spec, log, progress)
+            calib_seconds = time.time() - t0
+            selection, calibration, plan = stages.plan_stage(loaded, selection, calibrations, spec, log, progress)
+        else:
+            calibration = stages.calibrate_selection(loaded, selection, spec.calibration, spec.source.calib_images,
+                                                     log, progress)
+            calib_seconds = time.time() - t0
         built = stages.build(loaded, selection, calibration, spec.calibration, spec.source, log)
         built = stages.reduce_tokens(loaded, built, spec, log, progress)
         built = stages.distil(loaded, built, spec, log, progress)

@@ -35,10 +35,10 @@ from tmlp.surgery import select_blocks, skipped_blocks, taylorize_
 from tmlp.train import TrainConfig, evaluate, is_trained, train
 
 __all__ = ["Built", "ChooseSplitChecks", "Exported", "Loaded", "ResolvedTarget", "Selection", "ValSplits", "build",
-           "calibrate_selection", "clear_run_folder", "common_metadata", "distil", "distillation_may_run",
+           "calibrate_plan_options", "calibrate_selection", "clear_run_folder", "common_metadata", "distil", "distillation_may_run",
            "embedded_default_checkpoint", "export_models", "export_tmlp", "export_verified", "hold_budget", "load",
            "load_model_and_data", "load_tmlp_model", "parity_examples", "parse_block_k", "parse_layers",
-           "plan_options", "plan_stage", "planning_budget", "publish_run", "reduce_tokens", "report", "resolve_target",
+           "plan_configs", "plan_options", "plan_stage", "planning_budget", "publish_run", "reduce_tokens", "report", "resolve_target",
            "save_model", "select", "summarize", "tensor_batches", "tmlp_metadata", "versions", "write_manifest",
            "write_val_images"]
 
@@ -345,26 +345,45 @@ def plan_options(plan: PlanSpec, config: TaylorConfig, available_tokens: int) ->
     return [BlockOption(k, r) for k in k_choices for r in rank_choices]
 
 
-def plan_stage(loaded: Loaded, selection: Selection, calibration: dict[str, BlockCalibration], spec: ExportSpec,
-               log: Log = print, progress: bool = True) -> tuple[Selection, dict[str, BlockCalibration], Plan]:
-    """Stage 4 (with ``--max-acc-drop``): per block, replace or keep, and with which k and rank; returns the
-    narrowed selection, its calibration and the plan."""
-    config, model = spec.calibration, loaded.model
-    options = plan_options(spec.plan, config, selection.available_tokens)
+def plan_configs(spec: ExportSpec, options: list[BlockOption]) -> dict[int, TaylorConfig]:
+    """The calibration config of each k the planner may use: the export's own where it covers that k and every
+    rank, else the same at that k and the largest rank (U keeps its share of columns, plan.truncate_rank)."""
+    config = spec.calibration
     max_rank = max(o.rank or config.rank for o in options)
-    batches, n_batches = loaded.batches("train", spec.source.calib_images, share=world())
-    calibrations = {}
-    wider = {}
+    out = {}
     for k in sorted({o.k for o in options}):
         if k == config.k and max_rank <= config.rank:
-            calibrations[k] = calibration
-        else:  # U keeps its share of columns at the wider rank (plan.truncate_rank)
-            wider[k] = config.replace(k=k, max_tokens=config.max_tokens, rank=max_rank, rank_out=None
-                                      if config.rank_out is None else round(config.rank_out * max_rank / config.rank))
-    if wider:  # one pass over the data for all of them
-        calibrations.update(zip(wider, calibrate_many(model, selection.fqns, batches, n_batches, list(wider.values()),
-                                                      loaded.calibration_key(spec.source.calib_images), progress,
-                                                      log)))
+            out[k] = config
+        else:
+            out[k] = config.replace(k=k, max_tokens=config.max_tokens, rank=max_rank, rank_out=None
+                                    if config.rank_out is None else round(config.rank_out * max_rank / config.rank))
+    return out
+
+
+def calibrate_plan_options(loaded: Loaded, selection: Selection, spec: ExportSpec, log: Log = print,
+                           progress: bool = True) -> dict[int, dict[str, BlockCalibration]]:
+    """Stage 3 when a plan follows: the calibration of every selected block at each k the planner may use, in one
+    pass over the data for all of them (one collection of inputs, one least-squares pass; each k cached as
+    ``calibrate`` alone would cache it)."""
+    configs = plan_configs(spec, plan_options(spec.plan, spec.calibration, selection.available_tokens))
+    fqns, config = selection.fqns, spec.calibration
+    n = min(spec.source.calib_images, len(loaded.data.train))
+    log(f"calibrating {len(fqns)} block(s) ({fqns[0]}{' ...' if len(fqns) > 1 else ''}) at k="
+        f"{', '.join(map(str, configs))} for the plan, order {config.order}, {config.describe()}, on {n} training "
+        f"images of {loaded.dataset}")
+    batches, n_batches = loaded.batches("train", spec.source.calib_images, share=world())
+    results = calibrate_many(loaded.model, fqns, batches, n_batches, list(configs.values()),
+                             loaded.calibration_key(spec.source.calib_images), progress, log)
+    return dict(zip(configs, results))
+
+
+def plan_stage(loaded: Loaded, selection: Selection, calibrations: dict[int, dict[str, BlockCalibration]],
+               spec: ExportSpec, log: Log = print, progress: bool = True
+               ) -> tuple[Selection, dict[str, BlockCalibration], Plan]:
+    """Stage 4 (with ``--max-acc-drop``): per block, replace or keep, and with which k and rank, from the
+    calibrations of ``calibrate_plan_options``; returns the narrowed selection, its calibration and the plan."""
+    config, model = spec.calibration, loaded.model
+    options = plan_options(spec.plan, config, selection.available_tokens)
     choose = loaded.val_splits(spec.source).choose
     probe = to_tensor(choose.images(np.arange(min(256, len(choose)))), loaded.spec)
     tokens = held_out_tokens(model, selection.fqns, [probe[i:i + 64] for i in range(0, len(probe), 64)],
