@@ -10,9 +10,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tmlp.budget import BudgetCheck, back_off_order
+from tmlp.budget import BudgetCheck, back_off, next_move
 from tmlp.cli import main
 from tmlp.distill import run_epochs
+from tmlp.errors import TmlpError
 from tmlp.plan import BlockOption, Plan
 from tmlp.stages import ChooseSplitChecks
 
@@ -29,13 +30,36 @@ def _blocks_in(path) -> int:
     return len(json.loads(meta["tmlp.layers"]))
 
 
-def test_back_off_gives_back_the_most_sensitive_block_first():
+def test_back_off_moves_the_most_sensitive_block_to_its_safest_option_then_to_its_mlp():
     a, b = BlockOption(4, 8), BlockOption(8, 16)
     plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={},
                 sensitivity={"x": {a: 0.1, b: 0.01}, "y": {a: 0.5, b: 0.02}, "z": {a: 0.03, b: 0.3}},
-                choice={"x": a, "y": b, "z": b})
-    assert back_off_order(plan, ["x", "y", "z"]) == ["z", "x", "y"]  # KL 0.3, 0.1, 0.02
-    assert back_off_order(None, ["x", "y", "z"]) == ["z", "y", "x"]
+                choice={"x": a, "y": b, "z": b}, build_block=lambda f, o: torch.nn.Identity())
+    assert next_move(plan, ["x", "y", "z"]) == ("z", a)  # KL 0.3 is the worst; its option a has 0.03
+    assert next_move(plan, ["x", "y"]) == ("x", b)
+    plan.choice["z"] = a
+    assert next_move(plan, ["x", "y", "z"]) == ("x", b)  # now x (0.1) is the worst
+    plan.choice["x"] = b
+    assert next_move(plan, ["x", "y", "z"]) == ("z", None)  # z holds its safest option already: its MLP back
+    assert next_move(None, ["x", "y", "z"]) == ("z", None)
+    plan.build_block = None  # no calibrations to build from: blocks go straight back to their MLP
+    plan.choice["y"] = a
+    assert next_move(plan, ["x", "y"]) == ("y", None)
+
+
+def test_back_off_swaps_in_the_safer_option_before_giving_the_mlp_back():
+    a, b = BlockOption(4, 8), BlockOption(8, 16)
+    model, original = torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Sequential(torch.nn.Linear(2, 2))
+    built = []
+    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={}, sensitivity={"0": {a: 0.5, b: 0.1}},
+                choice={"0": a}, build_block=lambda f, o: built.append((f, o)) or torch.nn.Identity())
+    drops = iter([0.5, 3.0])  # points: within budget after the swap
+    assert back_off(model, original, ["0"], plan, lambda m: next(drops), 1.0, lambda s: None) == ["0"]
+    assert built == [("0", b)] and plan.choice == {"0": b} and isinstance(model[0], torch.nn.Identity)
+    drops = iter([3.0])  # still broken with the safest option: the block's MLP comes back, none is left
+    with pytest.raises(TmlpError, match="least sensitive option"):
+        back_off(model, original, ["0"], plan, lambda m: next(drops), 1.0, lambda s: None)
+    assert plan.choice == {"0": None} and torch.equal(model[0].weight, original[0].weight)
 
 
 def test_budget_check_measures_drops_in_points():
@@ -143,7 +167,8 @@ def test_the_export_backs_off_until_the_budget_holds(trained_tiny_vit_path, tmp_
     manifest = json.load(open(out / "manifest.json"))
     budget = manifest["budget"]
     assert budget["holds"] and len(manifest["layers"]) == 2 and _blocks_in(out / "tmlp.onnx") == 2
-    assert [len(s["blocks"]) for s in budget["steps"]] == list(range(len(budget["steps"][0]["blocks"]), 1, -1))
+    counts = [len(s["blocks"]) for s in budget["steps"]]  # a block's safer option first, then its MLP back
+    assert counts == sorted(counts, reverse=True) and set(counts) == set(range(2, counts[0] + 1))
     assert "backing off" in result.output
     plan = manifest["layer_plan"]["choice"]
     assert sorted(f for f, c in plan.items() if c) == sorted(manifest["layers"])

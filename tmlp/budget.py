@@ -3,8 +3,9 @@
 The plan stage chooses blocks and options from PyTorch measurements, before distillation and with some headroom;
 distillation changes the model again; onnxruntime computes in its own order. So the export measures the final file
 on the choose split of the validation images against original.onnx, and while it loses more than the budget it
-backs off: the replaced block whose option was most sensitive (logit KL alone, from the plan) goes back to its
-original MLP, first in PyTorch until the PyTorch drop holds, then the file is exported and measured again. A model
+backs off, one move at a time: the replaced block whose option is most sensitive (logit KL alone, from the plan)
+takes the plan's least sensitive option for it (freshly calibrated, untrained), or, if it has it already, goes back
+to its original MLP — first in PyTorch until the PyTorch drop holds, then the file is exported and measured again. A model
 that cannot hold the budget is never written (the export runs in a staging folder).
 
 The report split, never used for a choice, is measured last (``report``), with a quick latency check of both files.
@@ -20,11 +21,11 @@ import torch
 
 from tmlp.data import ImageSplit
 from tmlp.errors import TmlpError
-from tmlp.plan import Plan
+from tmlp.plan import BlockOption, Plan
 from tmlp.runtime.run import input_shape, make_session, preprocess, time_batches
 from tmlp.surgery import replace_module
 
-__all__ = ["BudgetCheck", "back_off_order", "ort_accuracy", "quick_speedup", "restore_block"]
+__all__ = ["BudgetCheck", "back_off", "next_move", "ort_accuracy", "quick_speedup", "restore_block"]
 
 
 def ort_accuracy(path: str, split: ImageSplit, preprocessing: dict[str, Any], batch: int = 64,
@@ -60,12 +61,18 @@ def quick_speedup(original: str, tmlp: str, runs: int = 30, warmup: int = 5) -> 
             "speedup": median["original"] / max(median["tmlp"], 1e-9), "runs": len(times["tmlp"])}
 
 
-def back_off_order(plan: Plan | None, fqns: list[str]) -> list[str]:
-    """The replaced blocks in the order the budget gives them back: the most sensitive option first (logit KL of
-    that block alone, from the plan); without a plan, the last block first."""
+def next_move(plan: Plan | None, fqns: list[str]) -> tuple[str, BlockOption | None]:
+    """The budget's next move among the replaced blocks ``fqns``: the block whose current option is the most
+    sensitive (logit KL of that block alone, from the plan) takes the plan's least sensitive option for it, or its
+    original MLP (None) if that is what it has; without a plan, the last block goes back to its MLP."""
     if plan is None:
-        return list(reversed(fqns))
-    return sorted(fqns, key=lambda f: -plan.sensitivity[f][plan.choice[f]])
+        return fqns[-1], None
+    fqn = max(fqns, key=lambda f: plan.sensitivity[f][plan.choice[f]])
+    options = plan.sensitivity[fqn]
+    safest = min(options, key=lambda o: (options[o], o))
+    if plan.build_block is not None and options[safest] < options[plan.choice[fqn]]:
+        return fqn, safest
+    return fqn, None
 
 
 def restore_block(model: torch.nn.Module, original: torch.nn.Module, fqn: str) -> None:
@@ -106,23 +113,28 @@ class BudgetCheck:
                 "steps": self.steps}
 
 
-def back_off(model: torch.nn.Module, original: torch.nn.Module, fqns: list[str], order: list[str],
+def back_off(model: torch.nn.Module, original: torch.nn.Module, fqns: list[str], plan: Plan | None,
              pytorch_drop: Callable[[torch.nn.Module], float], max_drop: float,
              log: Callable[[str], None]) -> list[str]:
-    """Give blocks back (``order``, consumed) until the PyTorch drop (points) is within ``max_drop``, at least one;
-    returns the blocks still replaced. Raises when none is left."""
+    """Make ``next_move`` until the PyTorch drop (points) is within ``max_drop``, at least one move; returns the
+    blocks still replaced (``plan.choice`` follows the moves). Raises when none is left."""
     fqns = list(fqns)
-    while order:
-        fqn = order.pop(0)
-        restore_block(model, original, fqn)
-        fqns.remove(fqn)
+    while fqns:
+        fqn, option = next_move(plan, fqns)
+        if option is None:
+            restore_block(model, original, fqn)
+            fqns.remove(fqn)
+            what = "is its original MLP again"
+        else:
+            replace_module(model, fqn, plan.build_block(fqn, option))
+            what = f"takes its least sensitive option, {option.label()}"
+        if plan is not None:
+            plan.choice[fqn] = option
         drop = pytorch_drop(model)
-        log(f"  backing off: {fqn} is its original MLP again; {len(fqns)} block(s) replaced, PyTorch drop on the "
-            f"choose split {drop:+.2f} points")
-        if not fqns:
-            break
-        if drop <= max_drop + 1e-9:  # in points from fractions of images: 100 * (0.53 - 0.52) is 1.0000000000000009
+        log(f"  backing off: {fqn} {what}; {len(fqns)} block(s) replaced, PyTorch drop on the choose split "
+            f"{drop:+.2f} points")
+        if fqns and drop <= max_drop + 1e-9:  # points from fractions of images: 100 * (0.53 - 0.52) is 1.0000000000000009
             return fqns
     raise TmlpError(f"no T-MLP model holds --max-acc-drop {max_drop:g} points on the choose split, even with one "
-                    "block replaced; nothing was written. Raise --max-acc-drop, or let distillation train longer "
-                    "(--distill-images, --check-images)")
+                    "block replaced at its least sensitive option; nothing was written. Raise --max-acc-drop, or let "
+                    "distillation train longer (--distill-images, --check-images)")

@@ -227,6 +227,8 @@ class Plan:
     choice: dict[str, BlockOption | None] = field(default_factory=dict)  # None: keep the original block
     accuracy: float | None = None
     steps: list[tuple[float, float, int, float]] = field(default_factory=list)  # (λ, accuracy, blocks, MAC ratio)
+    # a fresh Taylor block of (fqn, option), from the plan's calibrations (the budget's back-off uses it)
+    build_block: Callable[[str, BlockOption], nn.Module] | None = field(default=None, repr=False, compare=False)
 
     @property
     def chosen(self) -> list[str]:
@@ -338,7 +340,8 @@ def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibra
                 errors[fqn][opt] = relative_error(blocks[fqn, opt], x, y)
                 macs[fqn][opt] = option_macs(opt, d_in, d_out, order, getattr(blocks[fqn, opt], "rank_out", None))
                 sensitivity[fqn][opt] = logit_kl_with(model, fqn, blocks[fqn, opt], reference, probe)
-    plan = Plan(baseline=evaluate(model), max_drop=max_drop, errors=errors, sensitivity=sensitivity, macs=macs)
+    plan = Plan(baseline=evaluate(model), max_drop=max_drop, errors=errors, sensitivity=sensitivity, macs=macs,
+                build_block=lambda f, o: _build(calibrations, f, o, order, originals[f]))
 
     def accuracy_with(choice: dict[str, BlockOption | None]) -> float:
         try:
