@@ -360,6 +360,7 @@ def plot_pareto(result: dict[str, Any], path: str, span_points: float = 3.0) -> 
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     rows = result["variants"]
@@ -384,6 +385,9 @@ def plot_pareto(result: dict[str, Any], path: str, span_points: float = 3.0) -> 
     ax.scatter([], [], color="tab:blue", label="without T-MLP")
     ax.scatter([], [], color="grey", marker="v", label=f"more than {span_points:g} points below (drawn at the edge)")
     ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # "2", not "2 × 10^0"
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.set_ylim(floor - 0.15, top + 0.4)
     ax.set_xlabel(f"p50 latency, ms (log scale; batch {result['batch']}, {result['threads']} thread(s))")
     ax.set_ylabel("top-1 accuracy on the report split, %")
