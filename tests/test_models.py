@@ -98,3 +98,26 @@ def test_batch_norm_folding_keeps_the_vgg_function_and_removes_every_batch_norm(
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in vgg.modules())
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     assert fold_batch_norm_(vgg) == 0
+
+
+def test_init_at_another_resolution_resamples_the_position_embeddings(tmp_path):
+    from tmlp.errors import TmlpError
+    from tmlp.train import load_initial_weights
+
+    torch.manual_seed(0)
+    small = create_model("test_vit", {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10})
+    path = str(tmp_path / "small.pt")
+    save_checkpoint(path, small, "test_vit", {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10})
+    config = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10}  # 4x4 -> 7x7 patches
+    large = create_model("test_vit", config)
+    load_initial_weights(large, path, "test_vit", config)
+    assert large.pos_embed.shape[1] == 1 + 49
+    torch.testing.assert_close(large.pos_embed[:, 0], small.pos_embed[:, 0])  # the class token's entry is kept
+    torch.testing.assert_close(large.patch_embed.proj.weight, small.patch_embed.proj.weight)
+    assert torch.isfinite(large(torch.randn(2, 1, 28, 28))).all()
+    same = create_model("test_vit", {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10})
+    load_initial_weights(same, path, "test_vit", {"img_size": 16, "patch_size": 4, "in_chans": 1, "num_classes": 10})
+    torch.testing.assert_close(same.pos_embed, small.pos_embed)
+    with pytest.raises(TmlpError, match="holds a test_vit"):  # another patch size is another model
+        load_initial_weights(create_model("test_vit", {**config, "patch_size": 7}), path, "test_vit",
+                             {**config, "patch_size": 7})

@@ -142,8 +142,9 @@ def main() -> None:
 @click.option("--download/--no-download", default=False, help="Download cifar10/100 if missing.")
 @click.option("--fp16-copy", default=None, help="Also write the best checkpoint in fp16 to this path (for the repo).")
 @click.option("--init", "init_from", default=None, help="Start from this checkpoint's weights (same model and "
-              "config; fp16 copies too) with a fresh optimizer and schedule; a run snapshot (`tmlp models fp16-copy "
-              "RUN/last.pt`) made with the same options continues its run where it stood.")
+              "config, or a ViT at another --img-size: position embeddings resampled; fp16 copies too) with a fresh "
+              "optimizer and schedule; a run snapshot (`tmlp models fp16-copy RUN/last.pt`) made with the same options "
+              "continues its run where it stood.")
 @click.option("--label-smoothing", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
               help="Label smoothing of the cross-entropy loss.")
 @click.option("--drop-path", "drop_path_rate", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,

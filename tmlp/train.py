@@ -357,15 +357,26 @@ REGULARISATION_KEYS = ("drop_path_rate", "drop_rate", "drop")
 
 def load_initial_weights(model: nn.Module, path: str, name: str, config: dict[str, Any]) -> dict[str, Any]:
     """Load the weights of checkpoint ``path`` (fp16 or fp32) into ``model`` and return the checkpoint; it must hold
-    the same model with the same architecture config (regularisation options aside)."""
+    the same model with the same architecture config (regularisation options aside), except that a ViT may start at
+    another ``img_size``: its absolute position embeddings are resampled to the new patch grid (bicubic, timm's
+    ``resample_abs_pos_embed``, prefix tokens kept), the usual way of fine-tuning a ViT at a new resolution."""
     payload = read_checkpoint(path)
 
     def arch(c: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in c.items() if k not in REGULARISATION_KEYS}
-    if payload["model"] != name or arch(payload["config"]) != arch(config):
-        raise TmlpError(f"--init {path} holds a {payload['model']} with config {arch(payload['config'])}, not a {name} "
-                        f"with {arch(config)}; pass the matching --model/--img-size/--patch-size or another checkpoint")
+    old, new = arch(payload["config"]), arch(config)
+    differ = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+    resample = differ == {"img_size"} and "pos_embed" in payload["state_dict"] and hasattr(model, "patch_embed")
+    if payload["model"] != name or (differ and not resample):
+        raise TmlpError(f"--init {path} holds a {payload['model']} with config {old}, not a {name} with {new}; pass "
+                        "the matching --model/--img-size/--patch-size or another checkpoint")
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    if resample:
+        from timm.layers import resample_abs_pos_embed
+
+        prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], new_size=list(model.patch_embed.grid_size),
+                                                    num_prefix_tokens=prefix)
     model.load_state_dict(state)
     return payload
 
