@@ -64,9 +64,10 @@ def test_init_starts_a_new_run_from_a_checkpoint(trained, tmp_path):
 
 
 def test_init_of_another_architecture_is_refused(trained, tmp_path):
-    result = CliRunner().invoke(main, ["train", *TINY, "--img-size", "32", "--init", str(trained / "best.pt"),
+    # (another --img-size is allowed for a ViT: its position embeddings are resampled; another patch size is not)
+    result = CliRunner().invoke(main, ["train", *TINY, "--patch-size", "8", "--init", str(trained / "best.pt"),
                                        "--path", str(tmp_path / "new")])
-    assert result.exit_code == 2 and "--init" in result.stderr and "img_size" in result.stderr
+    assert result.exit_code == 2 and "--init" in result.stderr and "patch_size" in result.stderr
     assert not (tmp_path / "new" / "last.pt").exists()
 
 
