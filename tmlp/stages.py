@@ -74,8 +74,8 @@ def embedded_recipe(model: str) -> dict[str, Any]:
 DERIVED_FILES = ("original.int8.onnx", "tmlp.int8.onnx", "tmlp.int8-all.onnx", "original.int8-static.onnx",
                  "tmlp.int8-static.onnx", "bench.json", "bench.md", "pareto.json", "pareto.md", "pareto.png")
 DERIVED_FOLDERS = ("pareto",)  # `tmlp bench --pareto` builds its variants here
-MODEL_FILE = "tmlp.pt"
-PARITY_WARN_REL = 1e-3  # export_verified warns above this relative error between onnxruntime and PyTorch  # the final T-MLP model as a PyTorch module (save_model / load_tmlp_model)
+MODEL_FILE = "tmlp.pt"  # the final T-MLP model as a PyTorch module (save_model / load_tmlp_model)
+PARITY_WARN_REL = 1e-3  # export_verified warns above this relative error between onnxruntime and PyTorch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
