@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The default export of the CIFAR-10 DeiT-Small as a user runs it (no flags beyond --checkpoint and --dataset), timed
+# from an empty calibration cache, then `tmlp bench` and `tmlp bench --pareto` on it. Results are copied into
+# bench/results/cifar10-deit_small-default/ (export log, manifest, bench table, wall times) and
+# bench/results/pareto-cifar10/ (pareto.json/md/png and the log). Pause any training while this runs.
+# Usage: bash bench/cifar10_deit_default.sh [CHECKPOINT] [DATASET]   (from the repository root, tmlp installed)
+set -euo pipefail
+checkpoint="${1:-bench/deit_small_cifar10_fp16.pt}"
+dataset="${2:-npz:../shared/data/cifar10-jpeg}"
+run=runs/cifar-default
+default_out=bench/results/cifar10-deit_small-default
+pareto_out=bench/results/pareto-cifar10
+export TMLP_CACHE="${TMLP_CACHE:-$(mktemp -d)}"   # empty calibration cache: the time a user sees the first time
+mkdir -p "$default_out" "$pareto_out"
+rm -rf "$run"
+
+start=$(date +%s)
+tmlp export --model deit_small --checkpoint "$checkpoint" --dataset "$dataset" --out "$run" 2>&1 \
+    | tee "$default_out/export.log"
+export_s=$(( $(date +%s) - start ))
+
+start=$(date +%s)
+tmlp bench --provider cpu --run "$run" 2>&1 | tee "$default_out/bench.log"
+bench_s=$(( $(date +%s) - start ))
+cp "$run/bench.json" "$run/bench.md" "$run/manifest.json" "$default_out/"
+
+start=$(date +%s)
+tmlp bench --pareto --run "$run" 2>&1 | tee "$pareto_out/pareto.log"
+pareto_s=$(( $(date +%s) - start ))
+cp "$run/pareto.json" "$run/pareto.md" "$run/pareto.png" "$run/manifest.json" "$pareto_out/"
+cp "$default_out/export.log" "$pareto_out/"
+
+printf 'checkpoint %s\nexport (empty calibration cache) %d s\nbench %d s\nbench --pareto %d s\n' \
+    "$checkpoint" "$export_s" "$bench_s" "$pareto_s" | tee "$default_out/wall_time.txt"
