@@ -85,6 +85,17 @@ def test_a_run_snapshot_continues_the_run_on_another_machine(trained, tmp_path):
     assert load_checkpoint(snapshot)[1]["preprocessing"]["input_size"] == [16, 16]
 
 
+def test_a_snapshot_of_a_copied_last_pt_warns_that_it_carries_no_log(trained, tmp_path):
+    """A last.pt copied out of its run folder has no train_log.jsonl beside it: the snapshot is written (weights and
+    schedule position) but says that its log is empty."""
+    import shutil
+
+    shutil.copy(trained / "last.pt", tmp_path / "last.pt")
+    result = CliRunner().invoke(main, ["models", "fp16-copy", str(tmp_path / "last.pt"), str(tmp_path / "s.pt")])
+    assert result.exit_code == 0 and "run snapshot" in result.stdout
+    assert "no train_log.jsonl" in result.stderr and (tmp_path / "s.pt").exists()
+
+
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"

@@ -509,9 +509,13 @@ def models_fp16_copy(src, dst) -> None:
     if os.path.basename(src) == "last.pt":
         from tmlp.train import write_run_snapshot
 
-        state = write_run_snapshot(os.path.dirname(src) or ".", dst)
+        run_dir = os.path.dirname(src) or "."
+        state = write_run_snapshot(run_dir, dst)
         click.echo(f"run snapshot: {dst} ({describe_files(dst)}) at epoch {state['epoch'] + 1}, "
                    f"batch {state['batch']}")
+        if not os.path.isfile(os.path.join(run_dir, "train_log.jsonl")):
+            click.echo(f"warning: no train_log.jsonl beside {src}, so the snapshot carries no log; make it from the "
+                       "run folder's own last.pt, not a copy", err=True)
         return
     write_fp16_copy(src, dst)
 
