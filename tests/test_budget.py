@@ -47,6 +47,27 @@ def test_back_off_moves_the_most_sensitive_block_to_its_safest_option_then_to_it
     assert next_move(plan, ["x", "y"]) == ("y", None)
 
 
+def test_with_replace_all_the_back_off_only_swaps_options_and_never_gives_an_mlp_back():
+    a, b = BlockOption(4, 8), BlockOption(8, 16)
+    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={},
+                sensitivity={"x": {a: 0.1, b: 0.01}, "y": {a: 0.5, b: 0.4}, "z": {a: 0.03, b: 0.3}},
+                choice={"x": a, "y": b, "z": a}, build_block=lambda f, o: torch.nn.Identity())
+    # y is the most sensitive but holds its safest option: by default its MLP comes back; with --replace-all the
+    # most sensitive block that can still swap (x) takes its safer option
+    assert next_move(plan, ["x", "y", "z"]) == ("y", None)
+    assert next_move(plan, ["x", "y", "z"], keep_mlps=False) == ("x", b)
+    plan.choice["x"] = b
+    assert next_move(plan, ["x", "y", "z"], keep_mlps=False) is None  # every block at its safest option
+    assert next_move(None, ["x"], keep_mlps=False) is None
+    model, original = torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Sequential(torch.nn.Linear(2, 2))
+    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={}, sensitivity={"0": {a: 0.5, b: 0.1}},
+                choice={"0": a}, build_block=lambda f, o: torch.nn.Identity())
+    drops = iter([3.0])  # still broken after the swap: no move is left, and the block keeps its Taylor form
+    with pytest.raises(TmlpError, match="no T-MLP model with every block replaced holds --max-acc-drop 1"):
+        back_off(model, original, ["0"], plan, lambda m: next(drops), 1.0, lambda s: None, keep_mlps=False)
+    assert plan.choice == {"0": b} and isinstance(model[0], torch.nn.Identity)
+
+
 def test_back_off_swaps_in_the_safer_option_before_giving_the_mlp_back():
     a, b = BlockOption(4, 8), BlockOption(8, 16)
     model, original = torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Sequential(torch.nn.Linear(2, 2))
@@ -231,3 +252,14 @@ def test_the_plan_calibrates_every_k_in_one_pass_over_the_data(trained_tiny_vit_
     assert sorted(calibrations) == [2, 4, 8] and len(passes) == 1 and "at k=2, 4, 8 for the plan" in logs[0]
     assert all(set(c) == set(selection.fqns) for c in calibrations.values())
     assert [len(calibrations[k][selection.fqns[0]].centres) for k in (2, 4, 8)] == [2, 4, 8]
+
+
+def test_replace_all_keeps_every_block_replaced_under_the_budget(trained_tiny_vit_path, tmp_path):
+    out = tmp_path / "all"
+    result = _export(trained_tiny_vit_path, out, "--replace-all", "--layers", "0,1")
+    assert result.exit_code == 0, result.output
+    assert "every block replaced (--replace-all)" in result.output
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["spec"]["_data"]["plan"]["replace_all"] and manifest["budget"]["holds"]
+    assert manifest["layers"] == ["blocks.0.mlp", "blocks.1.mlp"] and _blocks_in(out / "tmlp.onnx") == 2
+    assert all(manifest["layer_plan"]["choice"].values())

@@ -141,3 +141,20 @@ def test_negative_budget_is_refused(setup):
     model, calibrations, tokens, accuracy, probe = setup
     with pytest.raises(TmlpError, match="max-acc-drop"):
         plan_blocks(model, calibrations, [BlockOption(2, 4)], 1, accuracy, -0.01, tokens, probe)
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.0])
+def test_without_keeping_mlps_every_block_is_replaced(setup, budget):
+    """keep_mlps off (--replace-all): no block keeps its MLP. A 100-point budget takes every block's cheapest
+    option; a zero budget, which no all-replaced choice may meet, takes the least sensitive choice, measured."""
+    model, calibrations, tokens, accuracy, probe = setup
+    options = [BlockOption(k, r) for k in KS for r in RANKS]
+    plan = plan_blocks(model, calibrations, options, 1, accuracy, budget, tokens, probe, keep_mlps=False)
+    assert plan.chosen == list(tokens) and None not in plan.choice.values()
+    assert all(n == len(tokens) for _, _, n, _ in plan.steps)  # the search that keeps MLPs did not run
+    if budget >= 1.0:
+        cheapest = min(options, key=lambda o: option_macs(o, 64, 64, 1))
+        assert set(plan.choice.values()) == {cheapest}
+    elif plan.baseline - plan.accuracy > 1e-9:  # over budget: every block at its least sensitive option
+        assert plan.choice == {f: min(s, key=lambda o: (s[o], o)) for f, s in plan.sensitivity.items()}
+        assert plan.accuracy == pytest.approx(plan.steps[-1][1])

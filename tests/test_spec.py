@@ -23,6 +23,9 @@ def test_the_budget_applies_unless_a_form_is_asked_for():
     spec = ExportSpec.from_flags("deit_small", {"calibration__k": 50, "plan__max_acc_drop": 0.5})
     assert spec.plan.max_acc_drop == 0.5 and spec.calibration.k == 50
     assert ExportSpec.from_flags("deit_small", {"plan__max_acc_drop": "none"}).form_fixed
+    # --replace-all plans k and rank under the budget, so a form flag beside it keeps the budget on
+    spec = ExportSpec.from_flags("deit_small", {"calibration__k": 50, "plan__replace_all": True})
+    assert spec.plan.max_acc_drop == 1.0 and spec.plan.replace_all and not spec.form_fixed
 
 
 def test_python_defaults_are_the_cli_defaults():
@@ -54,6 +57,7 @@ def test_spec_round_trips_and_refuses_other_versions_or_fields():
     (lambda: DistillSpec(check_images=0), "--check-images must be a positive integer"),
     (lambda: SourceSpec(choose_fraction=1.0), "--choose-fraction must be between 0 and 1"),
     (lambda: PlanSpec(headroom=-1), "--headroom must be >= 0 points"),
+    (lambda: PlanSpec(max_acc_drop=None, replace_all=True), "--replace-all chooses k and rank under the"),
 ])
 def test_values_are_validated_where_the_spec_is_made(make, message):
     with pytest.raises(TmlpError, match=message):

@@ -6,7 +6,8 @@ on the choose split of the validation images against original.onnx, and while it
 backs off, one move at a time: the replaced block whose option is most sensitive (logit KL alone, from the plan)
 takes the plan's least sensitive option for it (freshly calibrated, untrained), or, if it has it already, goes back
 to its original MLP — first in PyTorch until the PyTorch drop holds, then the file is exported and measured again. A model
-that cannot hold the budget is never written (the export runs in a staging folder).
+that cannot hold the budget is never written (the export runs in a staging folder). With ``--replace-all`` no MLP
+comes back: the moves are swaps to safer options only.
 
 The report split, never used for a choice, is measured last (``report``), with a quick latency check of both files.
 """
@@ -61,18 +62,29 @@ def quick_speedup(original: str, tmlp: str, runs: int = 30, warmup: int = 5) -> 
             "speedup": median["original"] / max(median["tmlp"], 1e-9), "runs": len(times["tmlp"])}
 
 
-def next_move(plan: Plan | None, fqns: list[str]) -> tuple[str, BlockOption | None]:
+def _safest(plan: Plan, fqn: str) -> BlockOption:
+    options = plan.sensitivity[fqn]
+    return min(options, key=lambda o: (options[o], o))
+
+
+def next_move(plan: Plan | None, fqns: list[str], keep_mlps: bool = True) -> tuple[str, BlockOption | None] | None:
     """The budget's next move among the replaced blocks ``fqns``: the block whose current option is the most
     sensitive (logit KL of that block alone, from the plan) takes the plan's least sensitive option for it, or its
-    original MLP (None) if that is what it has; without a plan, the last block goes back to its MLP."""
+    original MLP (None) if that is what it has; without a plan, the last block goes back to its MLP. Without
+    ``keep_mlps`` no MLP comes back: the most sensitive block that still has a safer option takes it, and None
+    means no move is left."""
     if plan is None:
-        return fqns[-1], None
-    fqn = max(fqns, key=lambda f: plan.sensitivity[f][plan.choice[f]])
-    options = plan.sensitivity[fqn]
-    safest = min(options, key=lambda o: (options[o], o))
-    if plan.build_block is not None and options[safest] < options[plan.choice[fqn]]:
-        return fqn, safest
-    return fqn, None
+        return (fqns[-1], None) if keep_mlps else None
+    sensitivity = lambda f: plan.sensitivity[f][plan.choice[f]]  # noqa: E731
+    can_swap = [f for f in fqns if plan.build_block is not None
+                and plan.sensitivity[f][_safest(plan, f)] < sensitivity(f)]
+    if not keep_mlps:
+        if not can_swap:
+            return None
+        fqn = max(can_swap, key=sensitivity)
+        return fqn, _safest(plan, fqn)
+    fqn = max(fqns, key=sensitivity)
+    return (fqn, _safest(plan, fqn)) if fqn in can_swap else (fqn, None)
 
 
 def restore_block(model: torch.nn.Module, original: torch.nn.Module, fqn: str) -> None:
@@ -115,12 +127,19 @@ class BudgetCheck:
 
 def back_off(model: torch.nn.Module, original: torch.nn.Module, fqns: list[str], plan: Plan | None,
              pytorch_drop: Callable[[torch.nn.Module], float], max_drop: float,
-             log: Callable[[str], None]) -> list[str]:
+             log: Callable[[str], None], keep_mlps: bool = True) -> list[str]:
     """Make ``next_move`` until the PyTorch drop (points) is within ``max_drop``, at least one move; returns the
-    blocks still replaced (``plan.choice`` follows the moves). Raises when none is left."""
+    blocks still replaced (``plan.choice`` follows the moves). Raises when none is left (without ``keep_mlps``:
+    when every block holds its least sensitive option)."""
     fqns = list(fqns)
     while fqns:
-        fqn, option = next_move(plan, fqns)
+        move = next_move(plan, fqns, keep_mlps)
+        if move is None:
+            raise TmlpError(f"no T-MLP model with every block replaced holds --max-acc-drop {max_drop:g} points on "
+                            "the choose split, even with every block at its least sensitive option; nothing was "
+                            "written. Raise --max-acc-drop, offer larger --plan-k / --plan-rank, or drop "
+                            "--replace-all to let blocks keep their MLP")
+        fqn, option = move
         if option is None:
             restore_block(model, original, fqn)
             fqns.remove(fqn)

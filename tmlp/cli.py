@@ -325,6 +325,10 @@ EPOCHS = _NumberOrWord(int, "auto", None)
 @spec_option("--headroom", field="plan.headroom", type=float,
              help="Points the plan may lose beyond the budget before distillation, when distillation runs (it wins "
                   "them back, or the export backs off).")
+@click.option("--replace-all", "plan__replace_all", is_flag=True, default=None,
+              help="Under the budget, replace every selected block: the plan chooses only k and rank per block, "
+                   "the back-off only moves blocks to safer options, and the export fails rather than give a "
+                   "block its MLP back.  [default: blocks may keep their MLP]")
 @spec_option("--choose-fraction", field="source.choose_fraction", type=float,
              help="Share of the validation images that choices (plan, distillation stop, budget check) are made on; "
                   "the rest is the report split, written to val.npz and never used for a choice.")

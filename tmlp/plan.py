@@ -10,7 +10,7 @@
    search over the distinct choices λ produces finds the cheapest whose model keeps the validation accuracy within
    ``max_drop`` of the original's (about log2(number of choices) + 2 evaluations). It runs twice, with and without
    the original MLP as an option, and keeps the cheaper result; the second search measures only choices cheaper
-   than the first's result.
+   than the first's result. With ``keep_mlps`` off (``--replace-all``) only the first runs: every block replaced.
 
 The sensitivities cost one forward of the probe per block and option. Where the block sits inside an
 ``nn.Sequential`` (a ViT's ``blocks``), the children before it are replayed from a cached input instead of run
@@ -21,6 +21,7 @@ S_c = Uᵀ J_c V, so the first r' columns give exactly the rank-r' projection); 
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
@@ -312,11 +313,12 @@ def candidate_choices(sensitivity: dict[str, dict[BlockOption, float]],
 def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibration]], options: list[BlockOption],
                 order: int, evaluate: Callable[[nn.Module], float], max_drop: float,
                 tokens: dict[str, tuple[torch.Tensor, torch.Tensor]], probe: torch.Tensor,
-                log: Callable[[str], None] | None = None, progress: bool = False) -> Plan:
+                log: Callable[[str], None] | None = None, progress: bool = False, keep_mlps: bool = True) -> Plan:
     """Per-block (k, rank) choice under an accuracy budget (see module docstring). ``calibrations`` maps each k of
     ``options`` to the calibration of every candidate block; ``tokens`` holds each block's held-out inputs and
     outputs (``held_out_tokens``); ``probe`` [n, C, H, W] validation images for the logit-KL sensitivities;
-    ``evaluate(model) -> accuracy``. ``model`` is left unchanged."""
+    ``evaluate(model) -> accuracy``. ``model`` is left unchanged. Without ``keep_mlps`` every block is replaced:
+    the cheapest choice within the budget, or, when none is, the least sensitive one (for training to recover)."""
     if max_drop < 0:
         raise TmlpError(f"--max-acc-drop must be >= 0 points, got {100 * max_drop}")
     if not options:
@@ -372,15 +374,19 @@ def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibra
     # visits the lower convex hull of each block's (cost, KL) points, so "all blocks at a mid option" can be
     # missing from the first); the cheaper feasible result wins, so each search measures only choices cheaper than
     # the best found so far (the candidates' costs grow with λ: a prefix).
-    found = [({f: None for f in fqns}, plan.baseline)]
-    for keep_original in (False, True):
-        best = min(plan.mac_ratio(choice) for choice, _ in found)
+    found = [({f: None for f in fqns}, plan.baseline)] if keep_mlps else []
+    for keep_original in (False, True) if keep_mlps else (False,):
+        best = min((plan.mac_ratio(choice) for choice, _ in found), default=math.inf)
         candidates = [c for c in candidate_choices(sensitivity, macs, keep_original)  # cheapest first
                       if plan.mac_ratio(c[1]) < best]
         index = smallest_feasible(len(candidates), lambda i: feasible(*candidates[i]))
         if index is not None:
             choice = candidates[index][1]
             found.append((choice, measured.get(tuple(choice.items()), plan.baseline)))
+    if not found:  # every block replaced and none within the budget: the least sensitive choice (measured above)
+        lam, choice = candidate_choices(sensitivity, macs, keep_original=False)[-1]
+        feasible(lam, choice)
+        found.append((choice, measured[tuple(choice.items())]))
     plan.choice, plan.accuracy = min(found, key=lambda t: (plan.mac_ratio(t[0]), -t[1]))
     return plan
 

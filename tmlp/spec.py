@@ -181,16 +181,22 @@ class PlanSpec:
     replace it and with which k and rank (``k_choices``/``rank_choices``; None: {x/4, x/2, x} of the calibration's k
     and rank), allowing ``headroom`` points more before distillation when distillation runs (it wins them back, or
     the export backs off until the budget holds). None: no budget; every selected block is replaced as the
-    calibration section says (what ``tmlp export`` does when form flags such as --k or --layers are given)."""
+    calibration section says (what ``tmlp export`` does when form flags such as --k or --layers are given).
+    ``replace_all``: under the budget every selected block is replaced; the plan chooses only k and rank, the
+    back-off only moves blocks to safer options, and the export fails rather than give an MLP back."""
 
     max_acc_drop: float | None = 1.0
     k_choices: tuple[int, ...] | None = None
     rank_choices: tuple[int, ...] | None = None
     headroom: float = 2.0
+    replace_all: bool = False
 
     def __post_init__(self) -> None:
         if self.max_acc_drop is not None and self.max_acc_drop < 0:
             raise TmlpError(f"--max-acc-drop must be >= 0 points, got {self.max_acc_drop}")
+        if self.replace_all and self.max_acc_drop is None:
+            raise TmlpError("--replace-all chooses k and rank under the accuracy budget; without a budget every "
+                            "selected block is replaced anyway: drop --replace-all or give --max-acc-drop")
         if self.headroom < 0:
             raise TmlpError(f"--headroom must be >= 0 points, got {self.headroom}")
         for what, values in (("--plan-k", self.k_choices), ("--plan-rank", self.rank_choices)):
@@ -337,7 +343,7 @@ class ExportSpec:
     def from_flags(cls, model: str, flags: dict[str, Any]) -> "ExportSpec":
         """The spec from CLI flags named ``section__field`` (``out_dir`` alone); None means "not given": the
         field keeps its default here, the only place defaults live. A form flag (a calibration or blocks field)
-        without --max-acc-drop turns the budget off: the user gets the form asked for. --max-acc-drop none
+        without --max-acc-drop (or --replace-all) turns the budget off: the user gets the form asked for. --max-acc-drop none
         (``NO_BUDGET``) turns it off too."""
         given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
         out_dir = flags.pop("out_dir", None)
@@ -347,7 +353,8 @@ class ExportSpec:
                 raise KeyError(f"flag {key!r} names no spec field")
             if value is not None:
                 given[section][name] = value
-        if "max_acc_drop" not in given["plan"] and (given["calibration"] or given["blocks"]):
+        if "max_acc_drop" not in given["plan"] and not given["plan"].get("replace_all") and (
+                given["calibration"] or given["blocks"]):
             given["plan"]["max_acc_drop"] = None
         if {"schedule", "train_basis"} & set(given["distill"]) and "finetune" not in given["distill"]:
             given["distill"]["finetune"] = False  # a distillation option asks for distillation

@@ -389,13 +389,14 @@ def plan_stage(loaded: Loaded, selection: Selection, calibrations: dict[int, dic
     tokens = held_out_tokens(model, selection.fqns, [probe[i:i + 64] for i in range(0, len(probe), 64)],
                              seed=config.seed)
     budget = planning_budget(spec)
+    every = "; every block replaced (--replace-all)" if spec.plan.replace_all else ""
     log(f"planning blocks under {budget:g} points before distillation (budget --max-acc-drop "
         f"{spec.plan.max_acc_drop:g}{'' if budget == spec.plan.max_acc_drop else f' + --headroom {spec.plan.headroom:g}'}"
         f"): options {', '.join(o.label() for o in options)}; logit-KL sensitivity on {len(probe)} and accuracy on "
-        f"{len(choose)} validation images of the choose split")
+        f"{len(choose)} validation images of the choose split{every}")
     accuracy = lambda m: evaluate(m, choose, loaded.spec, torch.device("cpu"))  # noqa: E731
     plan = plan_blocks(model, calibrations, options, config.order, accuracy, budget / 100, tokens, probe, log=log,
-                       progress=progress)
+                       progress=progress, keep_mlps=not spec.plan.replace_all)
     log(plan.search_table())
     log(plan.table())
     if not plan.chosen:
@@ -734,7 +735,8 @@ def hold_budget(loaded: Loaded, selection: Selection, built: Built, spec: Export
             f"replaced: drop {check.drop:+.2f} points, budget {budget:g}: {'holds' if check.holds() else 'broken'}")
         if check.holds():
             break
-        fqns = back_off(built.model, loaded.model, selection.fqns, plan, pytorch_drop, budget, log)
+        fqns = back_off(built.model, loaded.model, selection.fqns, plan, pytorch_drop, budget, log,
+                        keep_mlps=not spec.plan.replace_all)
         selection = Selection(fqns, {f: k for f, k in selection.block_k.items() if f in fqns},
                               selection.candidates, selection.available_tokens)
         export_tmlp(loaded, selection, built, spec, target, plan, staging, exported, log)
