@@ -13,7 +13,7 @@ import onnx
 from tmlp.export.onnx_export import set_metadata
 from tmlp.io import atomic_path
 
-__all__ = ["NAME_SCOPES", "nodes_in_scopes", "quantize_int8_dynamic"]
+__all__ = ["NAME_SCOPES", "node_modules", "nodes_in_scopes", "quantize_int8_dynamic"]
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata written by torch.onnx's dynamo exporter
 
@@ -31,6 +31,17 @@ def nodes_in_scopes(model: onnx.ModelProto, scopes: list[str]) -> list[str]:
         elif wanted & set(_scopes_from_name(node.name)):
             names.append(node.name)
     return names
+
+
+def node_modules(model: onnx.ModelProto) -> dict[str, str]:
+    """Each node's innermost enclosing module path (e.g. "blocks.3.attn.qkv"; "" at the top level), read as
+    ``nodes_in_scopes`` reads scopes: a report can then name a layer by the module it came from."""
+    out = {}
+    for node in model.graph.node:
+        found = [_parse_scopes(p.value) for p in node.metadata_props if p.key == NAME_SCOPES]
+        scopes = found[0][:-1] if found else _scopes_from_name(node.name)  # dynamo's last scope is the op's own
+        out[node.name] = scopes[-1] if scopes else ""
+    return out
 
 
 def _scopes_from_name(name: str) -> list[str]:

@@ -27,7 +27,7 @@ import onnx
 
 from tmlp.errors import TmlpError
 from tmlp.export.onnx_export import set_metadata
-from tmlp.export.quantize import nodes_in_scopes
+from tmlp.export.quantize import node_modules, nodes_in_scopes
 from tmlp.io import atomic_path
 
 __all__ = ["CALIBRATION_METHODS", "LayerSensitivity", "js_divergence", "layer_sensitivity", "mixed_precision",
@@ -162,11 +162,12 @@ def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
 @dataclass(frozen=True)
 class LayerSensitivity:
     """One weight layer's sensitivity: its node name and op type, and the JS divergence (nats) of the model's class
-    probabilities with that layer alone quantized."""
+    probabilities with that layer alone quantized; ``module`` is the PyTorch module the node came from."""
 
     node: str
     op_type: str
     js: float
+    module: str = ""
 
 
 def layer_sensitivity(src: str, images: np.ndarray, probe: np.ndarray, method: str, cache: str, work_dir: str,
@@ -178,14 +179,15 @@ def layer_sensitivity(src: str, images: np.ndarray, probe: np.ndarray, method: s
 
     model = onnx.load(src, load_external_data=False)
     skip = set(nodes_in_scopes(model, exclude_scopes)) if exclude_scopes else set()
-    op_type = {n.name: n.op_type for n in model.graph.node}
+    op_type, module = {n.name: n.op_type for n in model.graph.node}, node_modules(model)
     layers = [n for n in weight_layers(model) if n not in skip]
     reference = _probabilities(src, probe)
     out = []
     path = os.path.join(work_dir, "one-layer.int8-static.onnx")
     for i, node in enumerate(tqdm(layers, desc="int8 sensitivity per layer", disable=not progress, leave=False)):
         quantize_int8_static(src, path, images if i == 0 else None, method, only=[node], cache=cache)
-        out.append(LayerSensitivity(node, op_type[node], js_divergence(reference, _probabilities(path, probe))))
+        out.append(LayerSensitivity(node, op_type[node], js_divergence(reference, _probabilities(path, probe)),
+                                    module[node]))
     if os.path.isfile(path):
         os.unlink(path)
     return sorted(out, key=lambda s: -s.js)

@@ -55,7 +55,8 @@ def quantize_stage(loaded: Any, spec: Any, exported: Any, staging: str, fqns: li
                 kept, ranking = hold_int8_budget(src, dst, loaded, spec, exported, calib, cache, scopes, work, log,
                                                  progress)
                 if ranking:
-                    record["sensitivity"] = [{"node": s.node, "op_type": s.op_type, "js": s.js} for s in ranking]
+                    record["sensitivity"] = [{"node": s.node, "module": s.module, "op_type": s.op_type, "js": s.js}
+                                          for s in ranking]
             record["files"][dst_name] = {"from": src_name, "layers_kept_float": kept,
                                          "report_accuracy": ort_accuracy(dst, splits.report, loaded.spec)}
             exported.files[dst_name] = dst
@@ -88,5 +89,5 @@ def hold_int8_budget(src: str, dst: str, loaded: Any, spec: Any, exported: Any, 
     probe = preprocess(choose.images(np.arange(min(256, len(choose)))), loaded.spec)
     log(f"  tmlp.int8-static.onnx breaks the {budget:g}-point budget: measuring each layer's int8 sensitivity")
     ranking = layer_sensitivity(src, calib, probe, spec.quantize.calibration, cache, work, scopes, progress)
-    log("  most sensitive: " + ", ".join(f"{s.node} ({s.js:.2e})" for s in ranking[:5]))
+    log("  most sensitive: " + ", ".join(f"{s.module or s.node} ({s.js:.2e})" for s in ranking[:5]))
     return mixed_precision(src, dst, ranking, accept, spec.quantize.calibration, cache, scopes, log), ranking

@@ -95,6 +95,9 @@ def test_sensitivity_names_every_weight_layer_once_most_sensitive_first(files):
     js = [s.js for s in report]
     assert js == sorted(js, reverse=True) and js[0] > 0 and min(js) >= 0
     assert os.path.isfile(out / "ranges.json")
+    # each layer is named by the module it came from, as a user reads the model
+    modules = {s.module for s in report}
+    assert {"blocks.0.attn.qkv", "blocks.0.mlp.fc1", "head"} <= modules, modules
 
 
 def test_mixed_precision_keeps_the_fewest_sensitive_layers_that_pass(files):
