@@ -299,6 +299,8 @@ def test_pareto_bench_builds_measures_and_draws_every_variant(exported, tmp_path
     for v in front:  # nothing is both faster and more accurate than a point of the front
         assert not any(w["p50_ms"] < v["p50_ms"] and w["accuracy"] > v["accuracy"] for w in result["variants"])
     assert (run / "pareto.png").stat().st_size > 10_000 and 0 < result["mlp_keep"] < 1
+    assert [w["budget_points"] for w in result["fastest_within"]] == [0.0, 0.5, 1.0, 2.0]
+    assert "fastest variant within it" in (run / "pareto.md").read_text()
     by_name = {v["name"]: v for v in result["variants"]}
     for name in ("T-MLP + tokens 0.7", "T-MLP + tokens 0.7 learned"):
         ops = [n.op_type for n in onnx.load(str(run / by_name[name]["onnx"])).graph.node]

@@ -25,7 +25,7 @@ import torch
 from tmlp.errors import TmlpError
 from tmlp.io import write_json, write_text
 
-__all__ = ["ParetoOptions", "Variant", "pareto_front", "plot_pareto", "run_pareto"]
+__all__ = ["BUDGETS", "ParetoOptions", "Variant", "fastest_within", "pareto_front", "plot_pareto", "run_pareto"]
 
 Log = Callable[[str], None]
 FOLDER = "pareto"
@@ -50,6 +50,23 @@ class Variant:
     methods: tuple[str, ...]
     onnx: str
     notes: dict[str, Any] = field(default_factory=dict)
+
+
+BUDGETS = (0.0, 0.5, 1.0, 2.0)  # accuracy budgets (points below the fp32 original) the winners are named for
+
+
+def fastest_within(variants: list[dict[str, Any]], budgets: tuple[float, ...] = BUDGETS) -> list[dict[str, Any]]:
+    """For each budget (points of accuracy the variant may lose against the first, the fp32 original), the fastest
+    variant within it (p50): ``{"budget_points", "name", "speedup_vs_fp32", "accuracy_drop_points"}``."""
+    base = variants[0]
+    out = []
+    for budget in budgets:
+        within = [v for v in variants if base["accuracy"] - v["accuracy"] <= budget + 1e-9]
+        best = min(within, key=lambda v: (v["p50_ms"], -v["accuracy"]))
+        out.append({"budget_points": budget, "name": best["name"],
+                    "speedup_vs_fp32": base["p50_ms"] / best["p50_ms"],
+                    "accuracy_drop_points": base["accuracy"] - best["accuracy"]})
+    return out
 
 
 def pareto_front(latency: list[float], accuracy: list[float]) -> list[int]:
@@ -330,7 +347,7 @@ def run_pareto(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: in
               "threads": threads, "batch": batch, "runs": runs, "repeats": repeats,
               "token_keep": options.token_keep, "mlp_keep": builder.mlp_keep(),
               "finetune_images": options.finetune_images,
-              "machine": measured[0][0].get("machine"), "variants": rows}
+              "machine": measured[0][0].get("machine"), "variants": rows, "fastest_within": fastest_within(rows)}
     result["markdown"] = format_pareto(result)
     write_json(os.path.join(run_dir, "pareto.json"), {k: v for k, v in result.items() if k != "markdown"})
     write_text(os.path.join(run_dir, "pareto.md"), result["markdown"] + "\n")
@@ -349,6 +366,11 @@ def format_pareto(result: dict[str, Any]) -> str:
         lines.append(f"| {'*' if r['on_front'] else ''}{r['name']} | {r['accuracy']:.2f}% | "
                      f"{r['accuracy_drop_points']:+.2f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
                      f"{r['speedup_vs_fp32']:.2f}x | {r['file_mb']:.1f} | {rss} |")
+    lines += ["", "| accuracy budget (points below fp32) | fastest variant within it | speed-up | drop (points) |",
+              "|---|---|---|---|"]
+    lines += [f"| {w['budget_points']:g} | {w['name']} | {w['speedup_vs_fp32']:.2f}x | "
+              f"{w['accuracy_drop_points']:+.2f} |" for w in result.get("fastest_within") or fastest_within(
+                  result["variants"])]
     return "\n".join(lines)
 
 
