@@ -28,7 +28,7 @@ from tmlp.export import quantize_int8_dynamic
 from tmlp.export.static_quant import CALIBRATION_METHODS, layer_sensitivity, mixed_precision, quantize_int8_static
 from tmlp.quantization import calibration_images
 from tmlp.runtime import run
-from tmlp.spec import ExportSpec
+from tmlp import ExportSpec
 from tmlp.stages import load
 
 
