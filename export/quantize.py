@@ -22,26 +22,21 @@ def nodes_in_scopes(model: onnx.ModelProto, scopes: list[str]) -> list[str]:
     """Names of the nodes that the exporter placed inside any of the module paths ``scopes`` (e.g. "blocks.0.mlp"):
     read from each node's name-scope metadata (dynamo exporter), else from its name (TorchScript exporter:
     "/blocks/blocks.0/mlp/ArgMin")."""
-    wanted, names = set(scopes), []
-    for node in model.graph.node:
-        found = [_parse_scopes(p.value) for p in node.metadata_props if p.key == NAME_SCOPES]
-        if found:
-            if wanted & set(found[0]):
-                names.append(node.name)
-        elif wanted & set(_scopes_from_name(node.name)):
-            names.append(node.name)
-    return names
+    wanted = set(scopes)
+    return [node.name for node in model.graph.node if wanted & set(_node_scopes(node))]
 
 
 def node_modules(model: onnx.ModelProto) -> dict[str, str]:
     """Each node's innermost enclosing module path (e.g. "blocks.3.attn.qkv"; "" at the top level), read as
     ``nodes_in_scopes`` reads scopes: a report can then name a layer by the module it came from."""
-    out = {}
-    for node in model.graph.node:
-        found = [_parse_scopes(p.value) for p in node.metadata_props if p.key == NAME_SCOPES]
-        scopes = found[0][:-1] if found else _scopes_from_name(node.name)  # dynamo's last scope is the op's own
-        out[node.name] = scopes[-1] if scopes else ""
-    return out
+    return {node.name: (_node_scopes(node) or [""])[-1] for node in model.graph.node}
+
+
+def _node_scopes(node: onnx.NodeProto) -> list[str]:
+    """Module paths enclosing ``node``, outermost first: its name-scope metadata (dynamo exporter, whose last entry
+    is the op's own and is dropped), else parsed from its name (TorchScript exporter)."""
+    found = [_parse_scopes(p.value) for p in node.metadata_props if p.key == NAME_SCOPES]
+    return found[0][:-1] if found else _scopes_from_name(node.name)
 
 
 def _scopes_from_name(name: str) -> list[str]:
