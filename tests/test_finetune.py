@@ -53,6 +53,23 @@ def test_finetune_trains_every_weight_and_lowers_its_loss(trained_tiny_vit, digi
     assert all(p.requires_grad for p in student.parameters())  # as taylorize_ left them
 
 
+def test_bf16_finetune_lowers_the_fp32_loss_and_keeps_fp32_weights(trained_tiny_vit, digits, digits_spec):
+    """--train-precision bf16: the steps run under bf16 autocast, the weights (and so the export) stay fp32, and the
+    objective measured in fp32 still falls."""
+    teacher = trained_tiny_vit.eval()
+    student = copy.deepcopy(teacher)
+    batches = _labelled(digits, digits_spec)
+    taylorize_(student, TaylorConfig(k=4), batches=lambda: (x for x, _ in batches), n_batches=len(batches),
+               progress=False)
+    before = _objective(student, teacher, batches)
+    losses = finetune_(student, teacher, lambda: iter(batches), len(batches), epochs=3, progress=False,
+                       precision="bf16")
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert _objective(student, teacher, batches) < before
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    assert {b.dtype for b in taylor_blocks(student)[0].buffers()} == {torch.float32}
+
+
 def test_finetune_needs_taylor_blocks_and_sane_rates(trained_tiny_vit):
     with pytest.raises(TmlpError, match="no Taylor blocks"):
         finetune_(trained_tiny_vit, trained_tiny_vit, lambda: iter([]), 0, epochs=1)
@@ -60,6 +77,8 @@ def test_finetune_needs_taylor_blocks_and_sane_rates(trained_tiny_vit):
         DistillSpec(epochs=1, finetune=True, schedule="cosine")
     with pytest.raises(TmlpError, match="--distill-images must be a positive integer"):
         DistillSpec(images=0)
+    with pytest.raises(TmlpError, match="--train-precision must be one of"):
+        DistillSpec(precision="fp16")
 
 
 def _export(checkpoint, out, *extra):
@@ -69,13 +88,15 @@ def _export(checkpoint, out, *extra):
 
 def test_export_with_finetune_records_it_and_keeps_parity(trained_tiny_vit_path, tmp_path):
     out = tmp_path / "ft"
-    result = _export(trained_tiny_vit_path, out, "--distill-epochs", "1", "--finetune", "--distill-images", "128")
+    result = _export(trained_tiny_vit_path, out, "--distill-epochs", "1", "--finetune", "--distill-images", "128",
+                     "--train-precision", "bf16")
     assert result.exit_code == 0, result.output
     assert "fine-tuning of the whole model (KL + 0.5 x cross-entropy" in result.output
     assert "over 128 training images" in result.output
     manifest = json.load(open(out / "manifest.json"))
     record = manifest["distillation"]
     assert record["finetune"] and record["images"] == 128 and len(record["loss_per_epoch"]) == 1
+    assert record["precision"] == "bf16"
     assert manifest["pytorch_val_accuracy"]["tmlp"] == record["accuracy_after"]
     assert manifest["spec"]["_data"]["distill"]["finetune"] is True
     assert manifest["parity"]["tmlp.onnx"]["max_abs"] < 1e-3  # the fine-tuned weights are what was exported

@@ -316,6 +316,9 @@ EPOCHS = _NumberOrWord(int, "auto", None)
                    "[default: finetune]")
 @spec_option("--finetune-lr", field="distill.finetune_lr", type=float,
              help="AdamW learning rate of the non-Taylor weights under --finetune.")
+@spec_option("--train-precision", field="distill.precision", type=click.Choice(["fp32", "bf16"]),
+             help="Precision of the distillation / fine-tuning steps: bf16 autocast is faster only where the CPU has "
+                  "fast bf16 matmuls (AMX, AVX512-BF16); the accuracy checks and the exported model stay fp32.")
 @spec_option("--max-acc-drop", field="plan.max_acc_drop", type=BUDGET,
              help="Accuracy budget in points of top-1 accuracy, measured on the final T-MLP model (after "
                   "distillation, in onnxruntime) on the choose split of the validation images: the export chooses "

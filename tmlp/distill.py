@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from tmlp.distributed import all_reduce_grads_
 from tmlp.errors import TmlpError
 from tmlp.taylor import SharedTaylorMLP, TaylorMLP
+from tmlp.train import autocast
 
 TRAINABLE = {TaylorMLP: ("offset", "jacobian", "hessian_diag"), SharedTaylorMLP: ("offset", "s", "half_t")}
 BASES = ("v", "ut")
@@ -63,10 +64,12 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Iterable[torch.Tensor]], n_batches: int,
              epochs: int, lr: float = 1e-4, train_basis: bool = False, temperature: float = 1.0,
-             progress: bool = True, schedule: str = "constant", check: Check | None = None) -> list[float]:
+             progress: bool = True, schedule: str = "constant", check: Check | None = None,
+             precision: str = "fp32") -> list[float]:
     """Fine-tune the Taylor parameters of ``student`` in place to match ``teacher``'s logits over ``batches()``
     (model inputs [B, C, H, W]; called once per epoch) for ``epochs`` passes of ``n_batches``
-    steps; returns the mean loss of each epoch. ``check`` (see ``run_epochs``) may stop it early. Under torchrun each
+    steps; returns the mean loss of each epoch. ``check`` (see ``run_epochs``) may stop it early; ``precision``
+    "bf16" runs the forward passes under bf16 autocast (the loss in fp32). Under torchrun each
     rank passes its share of every batch: the gradients are summed over the ranks (tmlp.distributed.all_reduce_grads_),
     so each step is the one-process step on the whole batch."""
     if epochs < 0 or lr <= 0:
@@ -94,9 +97,11 @@ def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Itera
 
     def step(x: torch.Tensor) -> tuple[float, int]:
         def loss_sum() -> torch.Tensor:
-            with torch.no_grad():
-                target = teacher(x)
-            return kl_to_teacher(student(x), target, temperature) * len(x)
+            with autocast(x.device, precision):
+                with torch.no_grad():
+                    target = teacher(x).float()
+                logits = student(x).float()
+            return kl_to_teacher(logits, target, temperature) * len(x)
         mean, n = shared_step(optimizer, params, len(x), loss_sum)
         scheduler.step()
         return mean, n

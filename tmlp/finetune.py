@@ -5,7 +5,8 @@ weight — attention, norms, the remaining MLPs, the head — so the rest of the
 the way quantization-aware training adapts a network to int8. Each token keeps its hard nearest-centre assignment
 (the centres stay fixed); the loss is KL(original ‖ T-MLP) of the logits plus ``ce_weight`` × the cross-entropy to
 the labels. AdamW with two learning rates (``lr_taylor`` for the per-centre tensors, ``lr_model`` for the rest),
-constant, gradient norm clipped. The model runs in eval mode (dropout off, batch-norm statistics fixed).
+constant, gradient norm clipped at ``CLIP_GRAD``. The model runs in eval mode (dropout off, batch-norm statistics
+fixed).
 """
 from __future__ import annotations
 
@@ -17,20 +18,25 @@ from torch import nn
 
 from tmlp.distill import (TRAINABLE, Check, _to_buffers, _to_parameters, kl_to_teacher, run_epochs, shared_step,
                           taylor_blocks)
+from tmlp.train import autocast
 from tmlp.errors import TmlpError
 
-__all__ = ["finetune_"]
+__all__ = ["CLIP_GRAD", "finetune_"]
+
+CLIP_GRAD = 1.0  # gradient-norm clip of every fine-tuning step
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batches: int, epochs: int,
-              lr_taylor: float = 1e-3, lr_model: float = 2e-5, ce_weight: float = 0.5, clip_grad: float = 1.0,
-              progress: bool = True, require_taylor: bool = True, check: Check | None = None) -> list[float]:
+              lr_taylor: float = 1e-3, lr_model: float = 2e-5, ce_weight: float = 0.5,
+              progress: bool = True, require_taylor: bool = True, check: Check | None = None,
+              precision: str = "fp32") -> list[float]:
     """Fine-tune all of ``student`` (a model with Taylor blocks; any model with ``require_taylor=False``, for
     comparisons) in place against ``teacher`` (the original) over ``batches()`` — (inputs [B, C, H, W], labels [B])
     pairs, called once per epoch — for ``epochs`` passes of ``n_batches`` steps; returns the mean loss of each
-    epoch. ``check`` (see ``tmlp.distill.run_epochs``) may stop it early. Under torchrun each rank passes its share of
+    epoch. ``check`` (see ``tmlp.distill.run_epochs``) may stop it early; ``precision`` "bf16" runs the forward
+    passes under bf16 autocast (the loss in fp32). Under torchrun each rank passes its share of
     every batch and the gradients are summed over the ranks before clipping, as in ``tmlp.distill.distill_``."""
     if epochs < 0 or lr_taylor <= 0 or lr_model < 0 or ce_weight < 0:
         raise TmlpError(f"--finetune-epochs must be >= 0, the learning rates > 0 (the model's >= 0) and the label "
@@ -59,11 +65,12 @@ def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batche
         x, y = batch
 
         def loss_sum() -> torch.Tensor:
-            with torch.no_grad():
-                target = teacher(x)
-            logits = student(x)
+            with autocast(x.device, precision):
+                with torch.no_grad():
+                    target = teacher(x).float()
+                logits = student(x).float()
             return (kl_to_teacher(logits, target) + ce_weight * nn.functional.cross_entropy(logits, y)) * len(x)
-        mean, n = shared_step(optimizer, trained, len(x), loss_sum, clip_grad)
+        mean, n = shared_step(optimizer, trained, len(x), loss_sum, CLIP_GRAD)
         if not math.isfinite(mean):
             raise TmlpError(f"fine-tuning diverged (loss {mean}); lower --finetune-lr")
         return mean, n

@@ -509,7 +509,7 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
     w = world()  # under torchrun each rank trains on its share of every batch and scores its share of the checks
     checks = ChooseSplitChecks(built.model, lambda m: evaluate(m, splits.choose, loaded.spec, cpu, share=w),
                                built.choose, d.check_images, log, target=built.choose_original) if auto else None
-    train = dict(epochs=1 if auto else d.epochs, progress=progress and w.main, check=checks)
+    train = dict(epochs=1 if auto else d.epochs, progress=progress and w.main, check=checks, precision=d.precision)
     batches, n_batches = loaded.labelled_batches("train", images, share=w)
     whole_model_checks = None  # the checks of a whole-model fine-tuning that gained nothing and was dropped
     if d.finetune:
@@ -541,7 +541,8 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
         f"{100 * choose:.2f}% (original {100 * built.choose_original:.2f}%), on the report split "
         f"{100 * built.accuracy:.2f}% -> {100 * after:.2f}% (original {100 * built.accuracy_original:.2f}%)")
     record = {"epochs": "auto" if auto else d.epochs, "lr": d.lr, "schedule": d.schedule,
-              "train_basis": d.train_basis, "finetune": d.finetune, "images": n_images, "images_seen": seen,
+              "train_basis": d.train_basis, "finetune": d.finetune, "precision": d.precision, "images": n_images,
+              "images_seen": seen,
               "kl_per_epoch" if not d.finetune else "loss_per_epoch": losses, "accuracy_before": built.accuracy,
               "accuracy_after": after, "choose_before": built.choose, "choose_after": choose,
               "checks": checks.history if auto else [], "seconds": round(time.time() - t0, 1)}
