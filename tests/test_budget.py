@@ -83,6 +83,30 @@ def test_back_off_swaps_in_the_safer_option_before_giving_the_mlp_back():
     assert plan.choice == {"0": None} and torch.equal(model[0].weight, original[0].weight)
 
 
+def test_after_fine_tuning_the_back_off_gives_mlps_back_and_recovers_after_each_move():
+    """With ``recover`` (the model was fine-tuned whole) a fresh option would be untrained: the most sensitive block
+    goes straight back to its MLP, and the model is trained briefly after each move, before its drop is measured."""
+    a, b = BlockOption(4, 8), BlockOption(8, 16)
+    model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity())
+    original = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={},
+                sensitivity={"0": {a: 0.5, b: 0.1}, "1": {a: 0.3, b: 0.2}, "2": {a: 0.01, b: 0.02}},
+                choice={"0": a, "1": a, "2": a}, build_block=lambda f, o: pytest.fail("no swap after fine-tuning"))
+    assert next_move(plan, ["0", "1", "2"], swaps=False) == ("0", None)
+    events = []
+    drops = iter([1.5, 0.8])
+
+    def drop(m):
+        events.append("measure")
+        return next(drops)
+    assert back_off(model, original, ["0", "1", "2"], plan, drop, 1.0, lambda s: None,
+                    recover=lambda m: events.append(("recover", sum(isinstance(x, torch.nn.Linear) for x in m)))
+                    ) == ["2"]
+    assert events == [("recover", 1), "measure", ("recover", 2), "measure"]
+    assert plan.choice == {"0": None, "1": None, "2": a}
+    assert torch.equal(model[0].weight, original[0].weight) and torch.equal(model[1].weight, original[1].weight)
+
+
 def test_budget_check_measures_drops_in_points():
     check = BudgetCheck(max_acc_drop=1.0, choose_images=100, original=0.80)
     check.measure(["a", "b"], 0.78, 1.0)
@@ -113,6 +137,25 @@ def test_choose_split_checks_stop_at_the_first_check_without_gain_and_keep_the_b
                check=checks)
     assert [h["images"] for h in checks.history] == [30, 60, 90] and len(step_count) == 9  # stopped after 9 batches
     assert checks.restore_best() == 60 and torch.equal(model.weight, weights[1])
+
+
+def test_choose_split_checks_with_patience_ride_out_a_dip_and_stop_after_that_many_flat_checks():
+    """Patience 2: a check below the best (chance, on a few thousand images) does not stop training; the second in a
+    row does, and the best weights are the ones kept; a gain in between resets the count."""
+    model = torch.nn.Linear(2, 2)
+    accuracies = iter([0.5, 0.48, 0.55, 0.54, 0.55, 0.9])
+    logged = []
+
+    def accuracy(m):
+        with torch.no_grad():
+            m.weight.add_(1.0)
+        return next(accuracies)
+    checks = ChooseSplitChecks(model, accuracy, start=0.4, every=30, log=logged.append, patience=2)
+    stops = [checks(30 * i) for i in range(1, 6)]
+    assert stops == [False, False, False, False, True]  # 0.48 dips, 0.55 gains, then 0.54 and 0.55 (not above)
+    assert "for 1 check(s))" in logged[3] and logged[4].endswith("for 2 check(s): stop)")
+    start = model.weight.clone()
+    assert checks.restore_best() == 90 and torch.allclose(model.weight, start - 2.0)
 
 
 def test_choose_split_checks_stop_once_the_original_is_reached():
@@ -263,3 +306,19 @@ def test_replace_all_keeps_every_block_replaced_under_the_budget(trained_tiny_vi
     assert manifest["spec"]["_data"]["plan"]["replace_all"] and manifest["budget"]["holds"]
     assert manifest["layers"] == ["blocks.0.mlp", "blocks.1.mlp"] and _blocks_in(out / "tmlp.onnx") == 2
     assert all(manifest["layer_plan"]["choice"].values())
+
+
+def test_after_fine_tuning_the_export_gives_mlps_back_and_trains_after_each_move(trained_tiny_vit_path, tmp_path,
+                                                                                  monkeypatch):
+    """The model was fine-tuned whole and onnxruntime still breaks the budget: blocks go straight back to their MLP
+    (no swap to an untrained option) and the model is fine-tuned briefly after each move."""
+    _pessimistic_onnxruntime(monkeypatch, points_per_block=0.4)
+    out = tmp_path / "recovered"
+    result = _export(trained_tiny_vit_path, out, "--max-acc-drop", "1", "--headroom", "100", "--distill-epochs", "1",
+                     "--distill-images", "256", "--check-images", "128")
+    assert result.exit_code == 0, result.output
+    assert "fine-tuning of the whole model" in result.output
+    assert "is its original MLP again" in result.output and "takes its least sensitive option" not in result.output
+    assert "    recovery after 64 training images: choose-split accuracy" in result.output
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["budget"]["holds"] and len(manifest["layers"]) == 2 and _blocks_in(out / "tmlp.onnx") == 2

@@ -14,6 +14,7 @@ from tmlp.finetune import finetune_
 from tmlp.spec import DistillSpec
 from tmlp.surgery import taylorize_
 from tmlp.taylor import TaylorConfig
+from tmlp.train import autocast, resolve_precision
 
 
 def _labelled(digits, digits_spec, n=256):
@@ -68,6 +69,19 @@ def test_bf16_finetune_lowers_the_fp32_loss_and_keeps_fp32_weights(trained_tiny_
     assert _objective(student, teacher, batches) < before
     assert {p.dtype for p in student.parameters()} == {torch.float32}
     assert {b.dtype for b in taylor_blocks(student)[0].buffers()} == {torch.float32}
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch):
+    """--train-precision auto (the default): bf16 autocast on a CPU with AMX or AVX-512 BF16, fp32 elsewhere; an
+    explicit choice is kept either way."""
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert resolve_precision("auto", cpu) == expected
+        assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+        assert isinstance(autocast(cpu, "auto"), torch.autocast) == (expected == "bf16")
+    assert DistillSpec().precision == "auto"
 
 
 def test_finetune_needs_taylor_blocks_and_sane_rates(trained_tiny_vit):

@@ -5,7 +5,9 @@ distillation changes the model again; onnxruntime computes in its own order. So 
 on the choose split of the validation images against original.onnx, and while it loses more than the budget it
 backs off, one move at a time: the replaced block whose option is most sensitive (logit KL alone, from the plan)
 takes the plan's least sensitive option for it (freshly calibrated, untrained), or, if it has it already, goes back
-to its original MLP — first in PyTorch until the PyTorch drop holds, then the file is exported and measured again. A model
+to its original MLP — first in PyTorch until the PyTorch drop holds, then the file is exported and measured again.
+After whole-model fine-tuning the block goes straight back to its MLP and the model is fine-tuned briefly after each
+move (a fresh option would be untrained, and the rest of the network had adapted to the Taylor block). A model
 that cannot hold the budget is never written (the export runs in a staging folder). With ``--replace-all`` no MLP
 comes back: the moves are swaps to safer options only.
 
@@ -67,16 +69,18 @@ def _safest(plan: Plan, fqn: str) -> BlockOption:
     return min(options, key=lambda o: (options[o], o))
 
 
-def next_move(plan: Plan | None, fqns: list[str], keep_mlps: bool = True) -> tuple[str, BlockOption | None] | None:
+def next_move(plan: Plan | None, fqns: list[str], keep_mlps: bool = True,
+              swaps: bool = True) -> tuple[str, BlockOption | None] | None:
     """The budget's next move among the replaced blocks ``fqns``: the block whose current option is the most
     sensitive (logit KL of that block alone, from the plan) takes the plan's least sensitive option for it, or its
     original MLP (None) if that is what it has; without a plan, the last block goes back to its MLP. Without
     ``keep_mlps`` no MLP comes back: the most sensitive block that still has a safer option takes it, and None
-    means no move is left."""
+    means no move is left. Without ``swaps`` (the model was fine-tuned: a freshly calibrated option would be
+    untrained) the most sensitive block goes straight back to its MLP."""
     if plan is None:
         return (fqns[-1], None) if keep_mlps else None
     sensitivity = lambda f: plan.sensitivity[f][plan.choice[f]]  # noqa: E731
-    can_swap = [f for f in fqns if plan.build_block is not None
+    can_swap = [f for f in fqns if plan.build_block is not None and (swaps or not keep_mlps)
                 and plan.sensitivity[f][_safest(plan, f)] < sensitivity(f)]
     if not keep_mlps:
         if not can_swap:
@@ -127,13 +131,16 @@ class BudgetCheck:
 
 def back_off(model: torch.nn.Module, original: torch.nn.Module, fqns: list[str], plan: Plan | None,
              pytorch_drop: Callable[[torch.nn.Module], float], max_drop: float,
-             log: Callable[[str], None], keep_mlps: bool = True) -> list[str]:
+             log: Callable[[str], None], keep_mlps: bool = True,
+             recover: Callable[[torch.nn.Module], None] | None = None) -> list[str]:
     """Make ``next_move`` until the PyTorch drop (points) is within ``max_drop``, at least one move; returns the
     blocks still replaced (``plan.choice`` follows the moves). Raises when none is left (without ``keep_mlps``:
-    when every block holds its least sensitive option)."""
+    when every block holds its least sensitive option). ``recover(model)``, given when the model was fine-tuned,
+    trains it briefly after each move, so the rest of the network adapts to the block given back (moves are then
+    MLPs given back, no swaps to untrained options, unless ``keep_mlps`` is off)."""
     fqns = list(fqns)
     while fqns:
-        move = next_move(plan, fqns, keep_mlps)
+        move = next_move(plan, fqns, keep_mlps, swaps=recover is None)
         if move is None:
             raise TmlpError(f"no T-MLP model with every block replaced holds --max-acc-drop {max_drop:g} points on "
                             "the choose split, even with every block at its least sensitive option; nothing was "
@@ -149,6 +156,8 @@ def back_off(model: torch.nn.Module, original: torch.nn.Module, fqns: list[str],
             what = f"takes its least sensitive option, {option.label()}"
         if plan is not None:
             plan.choice[fqn] = option
+        if recover is not None and fqns:
+            recover(model)
         drop = pytorch_drop(model)
         log(f"  backing off: {fqn} {what}; {len(fqns)} block(s) replaced, PyTorch drop on the choose split "
             f"{drop:+.2f} points")

@@ -29,7 +29,7 @@ FITS = ("auto", "taylor", "lstsq")
 PARTITIONS = ("input", "hidden")
 HESSIANS = ("diag", "full")
 DISTILL_SCHEDULES = ("constant", "cosine")
-TRAIN_PRECISIONS = ("fp32", "bf16")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _positive_int(value: Any, what: str, fix: str = "") -> None:
@@ -209,12 +209,13 @@ class PlanSpec:
 class DistillSpec:
     """Training after calibration. ``epochs`` None ("auto"): only when the budget needs it (the T-MLP model loses
     more than the budget on the choose split), streaming up to one pass over the training images (``images`` None:
-    all of them) and checking the choose-split accuracy every ``check_images`` images, stopping when it no longer
-    improves or reaches the original's (the best weights are kept). ``epochs`` N: exactly N passes over ``images`` (None: the calibration
-    images), no checks; 0: none. With ``finetune`` every weight of the network is trained with the Taylor blocks in
+    all of them) and checking the choose-split accuracy every ``check_images`` images, stopping when it has not
+    improved for ``patience`` checks in a row or reaches the original's (the best weights are kept). ``epochs`` N:
+    exactly N passes over ``images`` (None: the calibration images), no checks; 0: none. With ``finetune`` every weight of the network is trained with the Taylor blocks in
     place (``lr`` for the Taylor tensors, ``finetune_lr`` for the rest; loss KL to the original's logits +
     ``label_weight`` × cross-entropy; tmlp.finetune); without it logit distillation of the Taylor tensors alone.
-    ``precision`` "bf16" runs the training steps' forward passes under bf16 autocast (the checks stay fp32)."""
+    ``precision`` "bf16" runs the training steps' forward passes under bf16 autocast (the checks stay fp32); "auto"
+    does where the CPU multiplies bf16 natively (tmlp.train.native_bf16)."""
 
     epochs: int | None = None
     lr: float = 1e-3
@@ -225,13 +226,15 @@ class DistillSpec:
     finetune_lr: float = 2e-5
     label_weight: float = 0.5
     check_images: int = 5000
-    precision: str = "fp32"  # "bf16": autocast the training steps (faster only where the CPU has fast bf16 matmuls)
+    patience: int = 2
+    precision: str = "auto"  # bf16 autocast of the training steps where the CPU has native bf16 matmuls, else fp32
 
     def __post_init__(self) -> None:
         if (self.epochs is not None and self.epochs < 0) or self.lr <= 0:
             raise TmlpError(f"--distill-epochs must be >= 0 (or auto) and --distill-lr > 0, got {self.epochs}, "
                             f"{self.lr}")
         _positive_int(self.check_images, "--check-images")
+        _positive_int(self.patience, "--check-patience")
         _one_of(self.schedule, DISTILL_SCHEDULES, "distillation schedule")
         _one_of(self.precision, TRAIN_PRECISIONS, "--train-precision")
         if self.images is not None:

@@ -32,7 +32,7 @@ from tmlp.models import (create_model, input_size, load_checkpoint, model_names,
 from tmlp.plan import BlockOption, Plan, held_out_tokens, option_calibration, plan_blocks
 from tmlp.spec import ExportSpec, PlanSpec, SourceSpec, TaylorConfig
 from tmlp.surgery import select_blocks, skipped_blocks, taylorize_
-from tmlp.train import TrainConfig, evaluate, is_trained, train
+from tmlp.train import TrainConfig, evaluate, is_trained, resolve_precision, train
 
 __all__ = ["Built", "ChooseSplitChecks", "Exported", "Loaded", "ResolvedTarget", "Selection", "ValSplits", "build",
            "calibrate_plan_options", "calibrate_selection", "clear_run_folder", "common_metadata", "distil", "distillation_may_run",
@@ -117,17 +117,18 @@ class Loaded:
         (calibration, under torchrun or not) IndexedBatch items holding this rank's share of each batch."""
         return tensor_batches(self.data, self.spec, split, limit, batch_size, share)
 
-    def labelled_batches(self, split: str, limit: int, batch_size: int = 64, share: World | None = None):
-        """(gen, n_batches): ``gen()`` yields (model inputs, labels) of the first ``limit`` images of ``split``;
-        with ``share`` (torchrun) this rank's share of each batch (possibly empty)."""
+    def labelled_batches(self, split: str, limit: int, batch_size: int = 64, share: World | None = None,
+                         start: int = 0):
+        """(gen, n_batches): ``gen()`` yields (model inputs, labels) of ``limit`` images of ``split`` from the
+        ``start``-th on; with ``share`` (torchrun) this rank's share of each batch (possibly empty)."""
         part = getattr(self.data, split)
-        n = min(limit, len(part))
+        n = min(start + limit, len(part))
 
         def gen():
-            for s in range(0, n, batch_size):
+            for s in range(start, n, batch_size):
                 index = _share(np.arange(s, min(n, s + batch_size)), share)
                 yield to_tensor(part.images(index), self.spec), torch.from_numpy(part.y[index]).long()
-        return gen, (n + batch_size - 1) // batch_size
+        return gen, (n - start + batch_size - 1) // batch_size
 
 
 def _share(index: np.ndarray, share: World | None) -> np.ndarray:
@@ -508,15 +509,17 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
     cpu = torch.device("cpu")
     w = world()  # under torchrun each rank trains on its share of every batch and scores its share of the checks
     checks = ChooseSplitChecks(built.model, lambda m: evaluate(m, splits.choose, loaded.spec, cpu, share=w),
-                               built.choose, d.check_images, log, target=built.choose_original) if auto else None
-    train = dict(epochs=1 if auto else d.epochs, progress=progress and w.main, check=checks, precision=d.precision)
+                               built.choose, d.check_images, log, target=built.choose_original,
+                               patience=d.patience) if auto else None
+    precision = resolve_precision(d.precision, cpu)
+    train = dict(epochs=1 if auto else d.epochs, progress=progress and w.main, check=checks, precision=precision)
     batches, n_batches = loaded.labelled_batches("train", images, share=w)
     whole_model_checks = None  # the checks of a whole-model fine-tuning that gained nothing and was dropped
     if d.finetune:
         losses = finetune_(built.model, loaded.model, batches, n_batches, lr_taylor=d.lr, lr_model=d.finetune_lr,
                            ce_weight=d.label_weight, **train)
         what = (f"fine-tuning of the whole model (KL + {d.label_weight} x cross-entropy, lr {d.lr} Taylor / "
-                f"{d.finetune_lr} rest)")
+                f"{d.finetune_lr} rest, {precision})")
         if auto and checks.restore_best() == 0 and d.finetune_lr > 0:
             # Not one check gained: training the network's own weights hurt more than it helped (VGG-16, whose
             # folded convolutions have no normalisation to absorb the drift, lost 7 points in 30 steps). The
@@ -525,7 +528,7 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
                 "instead")
             whole_model_checks = checks.history
             checks = ChooseSplitChecks(built.model, checks.accuracy, built.choose, d.check_images, log,
-                                       target=built.choose_original)
+                                       target=built.choose_original, patience=d.patience)
             train["check"] = checks
             losses += finetune_(built.model, loaded.model, batches, n_batches, lr_taylor=d.lr, lr_model=0.0,
                                 ce_weight=d.label_weight, **train)
@@ -541,11 +544,12 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
         f"{100 * choose:.2f}% (original {100 * built.choose_original:.2f}%), on the report split "
         f"{100 * built.accuracy:.2f}% -> {100 * after:.2f}% (original {100 * built.accuracy_original:.2f}%)")
     record = {"epochs": "auto" if auto else d.epochs, "lr": d.lr, "schedule": d.schedule,
-              "train_basis": d.train_basis, "finetune": d.finetune, "precision": d.precision, "images": n_images,
+              "train_basis": d.train_basis, "finetune": d.finetune, "precision": precision, "images": n_images,
               "images_seen": seen,
               "kl_per_epoch" if not d.finetune else "loss_per_epoch": losses, "accuracy_before": built.accuracy,
               "accuracy_after": after, "choose_before": built.choose, "choose_after": choose,
-              "checks": checks.history if auto else [], "seconds": round(time.time() - t0, 1)}
+              "checks": checks.history if auto else [], "patience": d.patience if auto else None,
+              "seconds": round(time.time() - t0, 1)}
     if d.finetune:
         record.update(finetune_lr=d.finetune_lr, label_weight=d.label_weight, whole_model_checks=whole_model_checks)
     return built.with_model(built.model, choose, after, record)
@@ -553,14 +557,15 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
 
 class ChooseSplitChecks:
     """The stopping rule of automatic distillation: called every ``every`` training images with the number seen, it
-    measures the choose-split accuracy, keeps a copy of the best weights, and says stop (True) when the accuracy did
-    not improve on the best so far, or reached ``target`` (the original model's: the T-MLP model has nothing left to
-    recover; further training would only train the network on). ``restore_best()`` loads the best weights back and
-    returns the images they had seen."""
+    measures the choose-split accuracy, keeps a copy of the best weights, and says stop (True) when the accuracy has
+    not improved on the best for ``patience`` checks in a row, or reached ``target`` (the original model's: the T-MLP
+    model has nothing left to recover; further training would only train the network on). ``restore_best()`` loads
+    the best weights back and returns the images they had seen."""
 
     def __init__(self, model: torch.nn.Module, accuracy: Callable[[torch.nn.Module], float], start: float,
-                 every: int, log: Log = print, target: float | None = None) -> None:
+                 every: int, log: Log = print, target: float | None = None, patience: int = 1) -> None:
         self.model, self.accuracy, self.every, self.log, self.target = model, accuracy, every, log, target
+        self.patience, self.since_best = patience, 0
         self.best, self.best_seen, self.best_state = start, 0, self._copy()
         self.history: list[dict[str, float]] = []
 
@@ -572,13 +577,16 @@ class ChooseSplitChecks:
         self.history.append({"images": seen, "choose_accuracy": acc})
         improved = acc > self.best
         reached = self.target is not None and acc >= self.target
+        self.since_best = 0 if improved else self.since_best + 1
+        stop = reached or self.since_best >= self.patience
         self.log(f"  after {seen} training images: choose-split accuracy {100 * acc:.2f}% "
                  + (f"(the original's {100 * self.target:.2f}% reached: stop)" if reached else
-                    "(best so far)" if improved else f"(not above {100 * self.best:.2f}%: stop)"))
+                    "(best so far)" if improved else
+                    f"(not above {100 * self.best:.2f}% for {self.since_best} check(s)" + (": stop)" if stop else ")")))
         if improved:
             self.best, self.best_seen = acc, seen
             self.best_state = self._copy()
-        return reached or not improved
+        return stop
 
     def restore_best(self) -> int:
         self.model.load_state_dict(self.best_state)
@@ -737,7 +745,7 @@ def hold_budget(loaded: Loaded, selection: Selection, built: Built, spec: Export
         if check.holds():
             break
         fqns = back_off(built.model, loaded.model, selection.fqns, plan, pytorch_drop, budget, log,
-                        keep_mlps=not spec.plan.replace_all)
+                        keep_mlps=not spec.plan.replace_all, recover=recovery(loaded, built, spec, log))
         selection = Selection(fqns, {f: k for f, k in selection.block_k.items() if f in fqns},
                               selection.candidates, selection.available_tokens)
         export_tmlp(loaded, selection, built, spec, target, plan, staging, exported, log)
@@ -747,6 +755,33 @@ def hold_budget(loaded: Loaded, selection: Selection, built: Built, spec: Export
         built = built.with_model(built.model, evaluate(built.model, choose, loaded.spec, cpu),
                                  evaluate(built.model, splits.report, loaded.spec, cpu))
     return selection, built
+
+
+def recovery(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print
+             ) -> Callable[[torch.nn.Module], None] | None:
+    """The budget back-off's training after each move, when the model was fine-tuned whole (else None): the same
+    fine-tuning over the ``check_images`` training images after those fine-tuning streamed (from the first when
+    too few are left), checked on the choose split halfway and at the end, keeping the best of the start and the
+    checks."""
+    record, d = built.distillation, spec.distill
+    if not record or not record.get("finetune") or record.get("whole_model_checks"):
+        return None
+    cpu = torch.device("cpu")
+    choose = loaded.val_splits(spec.source).choose
+    train = loaded.data.train
+    n = min(d.check_images, len(train))
+    seen = max([record["images_seen"]] + [c["images"] for c in record["checks"]])
+    start = seen if seen + n <= len(train) else 0
+
+    def recover(model: torch.nn.Module) -> None:
+        accuracy = lambda m: evaluate(m, choose, loaded.spec, cpu)  # noqa: E731
+        checks = ChooseSplitChecks(model, accuracy, accuracy(model), max(1, n // 2),
+                                   lambda line: log(f"    recovery {line.strip()}"), patience=2)
+        batches, n_batches = loaded.labelled_batches("train", n, start=start)
+        finetune_(model, loaded.model, batches, n_batches, epochs=1, lr_taylor=d.lr, lr_model=d.finetune_lr,
+                  ce_weight=d.label_weight, progress=False, check=checks, precision=resolve_precision(d.precision, cpu))
+        checks.restore_best()
+    return recover
 
 
 def save_model(built: Built, selection: Selection, staging: str, exported: Exported) -> None:
