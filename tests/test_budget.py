@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tmlp.budget import BudgetCheck, back_off, next_move
+from tmlp.budget import BudgetCheck, back_off, next_move, paired_standard_error
 from tmlp.cli import main
 from tmlp.distill import run_epochs
 from tmlp.errors import TmlpError
@@ -107,14 +107,46 @@ def test_after_fine_tuning_the_back_off_gives_mlps_back_and_recovers_after_each_
     assert torch.equal(model[0].weight, original[0].weight) and torch.equal(model[1].weight, original[1].weight)
 
 
+def _correct(n_right: int, n: int = 1000) -> np.ndarray:
+    return np.arange(n) < n_right
+
+
 def test_budget_check_measures_drops_in_points():
-    check = BudgetCheck(max_acc_drop=1.0, choose_images=100, original=0.80)
-    check.measure(["a", "b"], 0.78, 1.0)
+    check = BudgetCheck(max_acc_drop=1.0, original_correct=_correct(800))
+    check.measure(["a", "b"], _correct(780), 1.0)
     assert not check.holds() and abs(check.drop - 2.0) < 1e-9
-    check.measure(["a"], 0.795, 1.0)
+    check.measure(["a"], _correct(795), 1.0)
     assert check.holds()
     record = check.to_dict()
     assert record["backed_off"] == ["b"] and record["split"] == "choose" and len(record["steps"]) == 2
+    assert record["images"] == 1000 and record["margin_standard_errors"] == 0.0
+
+
+def test_paired_standard_error_counts_only_the_images_the_models_disagree_on():
+    original = _correct(800, 2500)
+    same = original.copy()
+    assert paired_standard_error(original, same) == 0.0
+    flipped = original.copy()
+    flipped[:250] = ~flipped[:250]  # disagree on 10% of 2,500 images, all of them lost: drop 10 points
+    d = np.r_[np.ones(250), np.zeros(2250)]
+    assert abs(paired_standard_error(original, flipped) - 100 * d.std(ddof=1) / 50) < 1e-9
+    swapped = original.copy()
+    swapped[[0, 1, 2, 3, 2000, 2001, 2002, 2003]] = ~swapped[[0, 1, 2, 3, 2000, 2001, 2002, 2003]]  # 4 lost, 4 won
+    assert abs(paired_standard_error(original, swapped) - 100 * np.sqrt(8 / 2499) / 50) < 1e-9
+
+
+def test_with_a_margin_a_drop_that_fits_only_by_chance_breaks_the_budget():
+    """Drop 0.56 on 2,500 images where the models disagree on 250: 0.56 + 1 x 0.63 > 1 point."""
+    original = _correct(1820, 2500)
+    tmlp = original.copy()
+    tmlp[:131] = False  # 131 lost ...
+    tmlp[1820:1937] = True  # ... 117 won: 14 net, 0.56 points, 248 disagreements
+    plain, strict = BudgetCheck(1.0, original), BudgetCheck(1.0, original, margin=1.0)
+    for check in (plain, strict):
+        check.measure(["a"], tmlp, 1.0)
+    assert abs(plain.drop - 0.56) < 1e-9 and plain.holds()
+    assert 0.6 < strict.standard_error < 0.65 and not strict.holds()
+    assert strict.to_dict()["standard_error_points"] == strict.standard_error
 
 
 def test_choose_split_checks_stop_at_the_first_check_without_gain_and_keep_the_best():
@@ -208,23 +240,24 @@ def test_form_flags_turn_the_budget_off_unless_it_is_given(trained_tiny_vit_path
 
 
 def _pessimistic_onnxruntime(monkeypatch, points_per_block: float):
-    """onnxruntime accuracy of tmlp.onnx made worse by ``points_per_block`` per replaced block (original.onnx
-    measured as it is)."""
+    """onnxruntime results of tmlp.onnx: the original's, with ``points_per_block`` per replaced block of the images
+    it gets right turned wrong (original.onnx measured as it is)."""
     import tmlp.budget
 
-    real = tmlp.budget.ort_accuracy
+    real = tmlp.budget.ort_correct
 
-    def accuracy(path, split, preprocessing, **kw):
-        acc = real(path, split, preprocessing, **kw)
-        if os.path.basename(path) == "tmlp.onnx":
-            acc = real(os.path.join(os.path.dirname(path), "original.onnx"), split, preprocessing, **kw)
-            acc -= points_per_block / 100 * _blocks_in(path)
-        return acc
-    monkeypatch.setattr(tmlp.budget, "ort_accuracy", accuracy)
+    def correct(path, split, preprocessing, *args, **kw):
+        if os.path.basename(path) != "tmlp.onnx":
+            return real(path, split, preprocessing, *args, **kw)
+        result = real(os.path.join(os.path.dirname(path), "original.onnx"), split, preprocessing, *args, **kw).copy()
+        wrong = round(points_per_block / 100 * _blocks_in(path) * len(result))
+        result[np.flatnonzero(result)[:wrong]] = False
+        return result
+    monkeypatch.setattr(tmlp.budget, "ort_correct", correct)
 
 
 def test_the_export_backs_off_until_the_budget_holds(trained_tiny_vit_path, tmp_path, monkeypatch):
-    _pessimistic_onnxruntime(monkeypatch, points_per_block=0.4)
+    _pessimistic_onnxruntime(monkeypatch, points_per_block=0.5)
     out = tmp_path / "backed-off"
     result = _export(trained_tiny_vit_path, out, "--max-acc-drop", "1", "--headroom", "100", "--distill-epochs", "0")
     assert result.exit_code == 0, result.output
@@ -312,7 +345,7 @@ def test_after_fine_tuning_the_export_gives_mlps_back_and_trains_after_each_move
                                                                                   monkeypatch):
     """The model was fine-tuned whole and onnxruntime still breaks the budget: blocks go straight back to their MLP
     (no swap to an untrained option) and the model is fine-tuned briefly after each move."""
-    _pessimistic_onnxruntime(monkeypatch, points_per_block=0.4)
+    _pessimistic_onnxruntime(monkeypatch, points_per_block=0.5)
     out = tmp_path / "recovered"
     result = _export(trained_tiny_vit_path, out, "--max-acc-drop", "1", "--headroom", "100", "--distill-epochs", "1",
                      "--distill-images", "256", "--check-images", "128")
@@ -322,3 +355,20 @@ def test_after_fine_tuning_the_export_gives_mlps_back_and_trains_after_each_move
     assert "    recovery after 64 training images: choose-split accuracy" in result.output
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["budget"]["holds"] and len(manifest["layers"]) == 2 and _blocks_in(out / "tmlp.onnx") == 2
+
+
+def test_a_budget_margin_backs_off_further_than_the_drop_alone(trained_tiny_vit_path, tmp_path, monkeypatch):
+    """1 point lost per block on 100 images: the drop alone fits a 3-point budget with 3 blocks; with one standard
+    error of margin (sqrt(b) points for b blocks here) only 1 block stays (2 + 1.4 > 3)."""
+    _pessimistic_onnxruntime(monkeypatch, points_per_block=1.0)
+    common = ("--max-acc-drop", "3", "--headroom", "100", "--distill-epochs", "0")
+    kept = {}
+    for margin in ("0", "1"):
+        out = tmp_path / f"margin-{margin}"
+        result = _export(trained_tiny_vit_path, out, *common, "--budget-margin", margin)
+        assert result.exit_code == 0, result.output
+        budget = json.load(open(out / "manifest.json"))["budget"]
+        assert budget["holds"] and budget["margin_standard_errors"] == float(margin)
+        kept[margin] = len(budget["steps"][-1]["blocks"])
+    assert kept == {"0": 3, "1": 1}
+    assert "+ 1 x 1.00 standard error, budget 3: holds" in result.output

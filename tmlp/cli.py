@@ -330,6 +330,11 @@ EPOCHS = _NumberOrWord(int, "auto", None)
 @spec_option("--headroom", field="plan.headroom", type=float,
              help="Points the plan may lose beyond the budget before distillation, when distillation runs (it wins "
                   "them back, or the export backs off).")
+@spec_option("--budget-margin", field="plan.margin", type=float,
+             help="Standard errors of the measured drop (paired, from the choose-split images on which the two "
+                  "models disagree) that must fit within the budget besides the drop: the choose split also picked "
+                  "the plan and the fine-tuning stop, so a drop that fits by chance flatters the model (CIFAR-10 "
+                  "DeiT-Small: 1.1-2.4 points; bench/results/default-variants). 0: the drop alone.")
 @click.option("--replace-all", "plan__replace_all", is_flag=True, default=None,
               help="Under the budget, replace every selected block: the plan chooses only k and rank per block, "
                    "the back-off only moves blocks to safer options, and the export fails rather than give a "

@@ -184,13 +184,15 @@ class PlanSpec:
     the export backs off until the budget holds). None: no budget; every selected block is replaced as the
     calibration section says (what ``tmlp export`` does when form flags such as --k or --layers are given).
     ``replace_all``: under the budget every selected block is replaced; the plan chooses only k and rank, the
-    back-off only moves blocks to safer options, and the export fails rather than give an MLP back."""
+    back-off only moves blocks to safer options, and the export fails rather than give an MLP back. ``margin``: the
+    budget holds when the measured drop plus ``margin`` paired standard errors fits (0: the drop alone)."""
 
     max_acc_drop: float | None = 1.0
     k_choices: tuple[int, ...] | None = None
     rank_choices: tuple[int, ...] | None = None
     headroom: float = 2.0
     replace_all: bool = False
+    margin: float = 0.0  # standard errors of the measured drop it must leave below the budget (tmlp.budget)
 
     def __post_init__(self) -> None:
         if self.max_acc_drop is not None and self.max_acc_drop < 0:
@@ -198,8 +200,8 @@ class PlanSpec:
         if self.replace_all and self.max_acc_drop is None:
             raise TmlpError("--replace-all chooses k and rank under the accuracy budget; without a budget every "
                             "selected block is replaced anyway: drop --replace-all or give --max-acc-drop")
-        if self.headroom < 0:
-            raise TmlpError(f"--headroom must be >= 0 points, got {self.headroom}")
+        if self.headroom < 0 or self.margin < 0:
+            raise TmlpError(f"--headroom and --budget-margin must be >= 0, got {self.headroom}, {self.margin}")
         for what, values in (("--plan-k", self.k_choices), ("--plan-rank", self.rank_choices)):
             if values is not None and (not values or min(values) < 1):
                 raise TmlpError(f"{what} takes comma-separated positive integers like 25,50,100, got {values!r}")

@@ -728,24 +728,28 @@ def hold_budget(loaded: Loaded, selection: Selection, built: Built, spec: Export
     while it loses more than the budget, give the most sensitive replaced block back its MLP and export again
     (tmlp.budget: the most sensitive block first takes the plan's least sensitive option for it, then its MLP).
     Raises, with nothing published, when no replaced block can stay."""
-    from tmlp.budget import BudgetCheck, back_off, ort_accuracy
+    from tmlp.budget import BudgetCheck, back_off, ort_correct
 
-    budget = spec.plan.max_acc_drop
+    budget, margin = spec.plan.max_acc_drop, spec.plan.margin
     choose = loaded.val_splits(spec.source).choose
-    check = BudgetCheck(budget, len(choose), ort_accuracy(exported.files["original.onnx"], choose, loaded.spec))
+    check = BudgetCheck(budget, ort_correct(exported.files["original.onnx"], choose, loaded.spec), margin)
     cpu = torch.device("cpu")
     pytorch_drop = lambda m: 100 * (built.choose_original - evaluate(m, choose, loaded.spec, cpu))  # noqa: E731
     while True:
         t0 = time.time()
-        check.measure(selection.fqns, ort_accuracy(exported.files["tmlp.onnx"], choose, loaded.spec),
+        check.measure(selection.fqns, ort_correct(exported.files["tmlp.onnx"], choose, loaded.spec),
                       time.time() - t0)
+        with_margin = f" + {margin:g} x {check.standard_error:.2f} standard error" if margin else ""
         log(f"budget check in onnxruntime on the choose split ({len(choose)} images): original "
             f"{100 * check.original:.2f}%, T-MLP {100 * check.accuracy:.2f}% with {len(selection.fqns)} block(s) "
-            f"replaced: drop {check.drop:+.2f} points, budget {budget:g}: {'holds' if check.holds() else 'broken'}")
+            f"replaced: drop {check.drop:+.2f} points{with_margin}, budget {budget:g}: "
+            f"{'holds' if check.holds() else 'broken'}")
         if check.holds():
             break
-        fqns = back_off(built.model, loaded.model, selection.fqns, plan, pytorch_drop, budget, log,
-                        keep_mlps=not spec.plan.replace_all, recover=recovery(loaded, built, spec, log))
+        # in PyTorch the back-off aims at the budget less the margin the last file needed
+        fqns = back_off(built.model, loaded.model, selection.fqns, plan, pytorch_drop,
+                        budget - margin * check.standard_error, log, keep_mlps=not spec.plan.replace_all,
+                        recover=recovery(loaded, built, spec, log))
         selection = Selection(fqns, {f: k for f, k in selection.block_k.items() if f in fqns},
                               selection.candidates, selection.available_tokens)
         export_tmlp(loaded, selection, built, spec, target, plan, staging, exported, log)
