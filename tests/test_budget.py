@@ -84,8 +84,8 @@ def test_back_off_swaps_in_the_safer_option_before_giving_the_mlp_back():
 
 
 def test_after_fine_tuning_the_back_off_gives_mlps_back_and_recovers_after_each_move():
-    """With ``recover`` (the model was fine-tuned whole) a fresh option would be untrained: the most sensitive block
-    goes straight back to its MLP, and the model is trained briefly after each move, before its drop is measured."""
+    """Without swaps (the model was fine-tuned whole: a fresh option would be untrained) the most sensitive block goes
+    straight back to its MLP; ``recover`` trains the model briefly after each move, before its drop is measured."""
     a, b = BlockOption(4, 8), BlockOption(8, 16)
     model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity())
     original = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
@@ -99,7 +99,7 @@ def test_after_fine_tuning_the_back_off_gives_mlps_back_and_recovers_after_each_
     def drop(m):
         events.append("measure")
         return next(drops)
-    assert back_off(model, original, ["0", "1", "2"], plan, drop, 1.0, lambda s: None,
+    assert back_off(model, original, ["0", "1", "2"], plan, drop, 1.0, lambda s: None, swaps=False,
                     recover=lambda m: events.append(("recover", sum(isinstance(x, torch.nn.Linear) for x in m)))
                     ) == ["2"]
     assert events == [("recover", 1), "measure", ("recover", 2), "measure"]
@@ -344,17 +344,22 @@ def test_replace_all_keeps_every_block_replaced_under_the_budget(trained_tiny_vi
 def test_after_fine_tuning_the_export_gives_mlps_back_and_trains_after_each_move(trained_tiny_vit_path, tmp_path,
                                                                                   monkeypatch):
     """The model was fine-tuned whole and onnxruntime still breaks the budget: blocks go straight back to their MLP
-    (no swap to an untrained option) and the model is fine-tuned briefly after each move."""
+    (no swap to an untrained option) and, with --recover-images, the model is fine-tuned briefly after each move."""
     _pessimistic_onnxruntime(monkeypatch, points_per_block=0.5)
     out = tmp_path / "recovered"
     result = _export(trained_tiny_vit_path, out, "--max-acc-drop", "1", "--headroom", "100", "--distill-epochs", "1",
-                     "--distill-images", "256", "--check-images", "128")
+                     "--distill-images", "256", "--recover-images", "128")
     assert result.exit_code == 0, result.output
     assert "fine-tuning of the whole model" in result.output
     assert "is its original MLP again" in result.output and "takes its least sensitive option" not in result.output
     assert "    recovery after 64 training images: choose-split accuracy" in result.output
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["budget"]["holds"] and len(manifest["layers"]) == 2 and _blocks_in(out / "tmlp.onnx") == 2
+    plain = _export(trained_tiny_vit_path, tmp_path / "plain", "--max-acc-drop", "1", "--headroom", "100",
+                    "--distill-epochs", "1", "--distill-images", "256")  # the default: no recovery, still no swap
+    assert plain.exit_code == 0, plain.output
+    assert "is its original MLP again" in plain.output and "recovery" not in plain.output
+    assert "takes its least sensitive option" not in plain.output
 
 
 def test_a_budget_margin_backs_off_further_than_the_drop_alone(trained_tiny_vit_path, tmp_path, monkeypatch):

@@ -6,8 +6,8 @@ on the choose split of the validation images against original.onnx, and while it
 backs off, one move at a time: the replaced block whose option is most sensitive (logit KL alone, from the plan)
 takes the plan's least sensitive option for it (freshly calibrated, untrained), or, if it has it already, goes back
 to its original MLP — first in PyTorch until the PyTorch drop holds, then the file is exported and measured again.
-After whole-model fine-tuning the block goes straight back to its MLP and the model is fine-tuned briefly after each
-move (a fresh option would be untrained, and the rest of the network had adapted to the Taylor block). A model
+After whole-model fine-tuning the block goes straight back to its MLP (a fresh option would be untrained, and the
+rest of the network had adapted to the Taylor block); ``--recover-images`` fine-tunes briefly after each move. A model
 that cannot hold the budget is never written (the export runs in a staging folder). With ``--replace-all`` no MLP
 comes back: the moves are swaps to safer options only.
 
@@ -165,16 +165,15 @@ class BudgetCheck:
 
 def back_off(model: torch.nn.Module, original: torch.nn.Module, fqns: list[str], plan: Plan | None,
              pytorch_drop: Callable[[torch.nn.Module], float], max_drop: float,
-             log: Callable[[str], None], keep_mlps: bool = True,
+             log: Callable[[str], None], keep_mlps: bool = True, swaps: bool = True,
              recover: Callable[[torch.nn.Module], None] | None = None) -> list[str]:
     """Make ``next_move`` until the PyTorch drop (points) is within ``max_drop``, at least one move; returns the
     blocks still replaced (``plan.choice`` follows the moves). Raises when none is left (without ``keep_mlps``:
-    when every block holds its least sensitive option). ``recover(model)``, given when the model was fine-tuned,
-    trains it briefly after each move, so the rest of the network adapts to the block given back (moves are then
-    MLPs given back, no swaps to untrained options, unless ``keep_mlps`` is off)."""
+    when every block holds its least sensitive option). Without ``swaps`` (the model was fine-tuned whole) blocks
+    go straight back to their MLP; ``recover(model)``, if given, trains the model briefly after each move."""
     fqns = list(fqns)
     while fqns:
-        move = next_move(plan, fqns, keep_mlps, swaps=recover is None)
+        move = next_move(plan, fqns, keep_mlps, swaps=swaps)
         if move is None:
             raise TmlpError(f"no T-MLP model with every block replaced holds --max-acc-drop {max_drop:g} points on "
                             "the choose split, even with every block at its least sensitive option; nothing was "

@@ -229,6 +229,7 @@ class DistillSpec:
     label_weight: float = 0.5
     check_images: int = 5000
     patience: int = 2
+    recover_images: int = 0  # after whole-model fine-tuning: images of fine-tuning after each MLP the budget gives back
     precision: str = "auto"  # bf16 autocast of the training steps where the CPU has native bf16 matmuls, else fp32
 
     def __post_init__(self) -> None:
@@ -237,6 +238,8 @@ class DistillSpec:
                             f"{self.lr}")
         _positive_int(self.check_images, "--check-images")
         _positive_int(self.patience, "--check-patience")
+        if self.recover_images < 0:
+            raise TmlpError(f"--recover-images must be >= 0 (0: none), got {self.recover_images}")
         _one_of(self.schedule, DISTILL_SCHEDULES, "distillation schedule")
         _one_of(self.precision, TRAIN_PRECISIONS, "--train-precision")
         if self.images is not None:

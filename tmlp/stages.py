@@ -749,7 +749,7 @@ def hold_budget(loaded: Loaded, selection: Selection, built: Built, spec: Export
         # in PyTorch the back-off aims at the budget less the margin the last file needed
         fqns = back_off(built.model, loaded.model, selection.fqns, plan, pytorch_drop,
                         budget - margin * check.standard_error, log, keep_mlps=not spec.plan.replace_all,
-                        recover=recovery(loaded, built, spec, log))
+                        swaps=not fine_tuned_whole(built), recover=recovery(loaded, built, spec, log))
         selection = Selection(fqns, {f: k for f, k in selection.block_k.items() if f in fqns},
                               selection.candidates, selection.available_tokens)
         export_tmlp(loaded, selection, built, spec, target, plan, staging, exported, log)
@@ -761,19 +761,27 @@ def hold_budget(loaded: Loaded, selection: Selection, built: Built, spec: Export
     return selection, built
 
 
+def fine_tuned_whole(built: Built) -> bool:
+    """Whether every weight of the model was fine-tuned with the Taylor blocks in place (the rest of the network
+    adapted to them, so a freshly calibrated option would be out of place)."""
+    record = built.distillation
+    return bool(record and record.get("finetune") and not record.get("whole_model_checks"))
+
+
 def recovery(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print
              ) -> Callable[[torch.nn.Module], None] | None:
-    """The budget back-off's training after each move, when the model was fine-tuned whole (else None): the same
-    fine-tuning over the ``check_images`` training images after those fine-tuning streamed (from the first when
-    too few are left), checked on the choose split halfway and at the end, keeping the best of the start and the
-    checks."""
+    """The budget back-off's training after each move, when the model was fine-tuned whole and ``recover_images``
+    is set (else None): the same fine-tuning over the ``recover_images`` training images after those fine-tuning
+    streamed (from the first when too few are left), checked on the choose split halfway and at the end, keeping
+    the best of the start and the checks. Off by default: on the CIFAR-10 DeiT-Small neither of two moves gained
+    (5,000 images each, 3.5 min; bench/results/cifar10-deit_small-default)."""
     record, d = built.distillation, spec.distill
-    if not record or not record.get("finetune") or record.get("whole_model_checks"):
+    if not d.recover_images or not fine_tuned_whole(built):
         return None
     cpu = torch.device("cpu")
     choose = loaded.val_splits(spec.source).choose
     train = loaded.data.train
-    n = min(d.check_images, len(train))
+    n = min(d.recover_images, len(train))
     seen = max([record["images_seen"]] + [c["images"] for c in record["checks"]])
     start = seen if seen + n <= len(train) else 0
 
