@@ -62,7 +62,9 @@ def _logits(run_dir):
     return session.run(None, {session.get_inputs()[0].name: feed})[0]
 
 
-EXPORT = ["export", "--model", "test_vit", "--k", "16", "--distill-epochs", "1", "--calib-images", "600"]
+# fp32 fine-tuning: under bf16 autocast each rank's share of a batch rounds differently (docs/distributed.md)
+EXPORT = ["export", "--model", "test_vit", "--k", "16", "--distill-epochs", "1", "--calib-images", "600",
+          "--train-precision", "fp32"]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")

@@ -200,8 +200,10 @@ class PlanSpec:
         if self.replace_all and self.max_acc_drop is None:
             raise TmlpError("--replace-all chooses k and rank under the accuracy budget; without a budget every "
                             "selected block is replaced anyway: drop --replace-all or give --max-acc-drop")
-        if self.headroom < 0 or self.margin < 0:
-            raise TmlpError(f"--headroom and --budget-margin must be >= 0, got {self.headroom}, {self.margin}")
+        if self.headroom < 0:
+            raise TmlpError(f"--headroom must be >= 0 points, got {self.headroom}")
+        if self.margin < 0:
+            raise TmlpError(f"--budget-margin must be >= 0 standard errors, got {self.margin}")
         for what, values in (("--plan-k", self.k_choices), ("--plan-rank", self.rank_choices)):
             if values is not None and (not values or min(values) < 1):
                 raise TmlpError(f"{what} takes comma-separated positive integers like 25,50,100, got {values!r}")
