@@ -215,8 +215,9 @@ class DistillSpec:
     more than the budget on the choose split), streaming up to one pass over the training images (``images`` None:
     all of them) and checking the choose-split accuracy every ``check_images`` images, stopping when it has not
     improved for ``patience`` checks in a row or reaches the original's (the best weights are kept). ``epochs`` N:
-    exactly N passes over ``images`` (None: the calibration images), no checks; 0: none. With ``finetune`` every weight of the network is trained with the Taylor blocks in
-    place (``lr`` for the Taylor tensors, ``finetune_lr`` for the rest; loss KL to the original's logits +
+    exactly N passes over ``images`` (None: the calibration images), no checks; 0: none. With ``finetune`` every
+    weight of the network is trained with the Taylor blocks in place (``lr`` for the Taylor tensors, ``finetune_lr``
+    for the rest; loss KL to the original's logits +
     ``label_weight`` × cross-entropy; tmlp.finetune); without it logit distillation of the Taylor tensors alone.
     ``precision`` "bf16" runs the training steps' forward passes under bf16 autocast (the checks stay fp32); "auto"
     does where the CPU multiplies bf16 natively (tmlp.train.native_bf16)."""
