@@ -313,11 +313,12 @@ def test_automatic_distillation_runs_only_when_needed_and_keeps_the_best_check(t
 def test_the_plan_calibrates_every_k_in_one_pass_over_the_data(trained_tiny_vit_path, tmp_path, monkeypatch):
     from tmlp import stages
     from tmlp.calibration import calibrate as calibrate_module
-    from tmlp.spec import ExportSpec, SourceSpec, TaylorConfig
+    from tmlp.spec import ExportSpec, PlanSpec, SourceSpec, TaylorConfig
 
     monkeypatch.setenv("TMLP_CACHE", str(tmp_path / "cache"))  # nothing cached: every k is computed
     spec = ExportSpec("test_vit", source=SourceSpec(checkpoint=trained_tiny_vit_path, calib_images=256,
-                                                    eval_images=200), calibration=TaylorConfig(k=8))
+                                                    eval_images=200), calibration=TaylorConfig(k=8),
+                      plan=PlanSpec(k_choices=(2, 4, 8)))
     loaded = stages.load(spec, lambda s: None, progress=False)
     selection = stages.select(loaded, spec)
     passes = []

@@ -126,3 +126,36 @@ def test_a_failed_finetune_writes_nothing(trained_tiny_vit_path, tmp_path, monke
     result = _export(trained_tiny_vit_path, out, "--distill-epochs", "1", "--finetune")
     assert result.exit_code == 2 and "diverged" in result.output
     assert not out.exists() or os.listdir(out) == []
+
+
+def test_augmented_training_batches_are_seeded_and_the_same_for_every_rank_count(trained_tiny_vit_path):
+    """--distill-augment: crops and flips are drawn per batch from the seed, so a run is repeatable, and for the
+    whole batch before it is shared, so torchrun's ranks together see exactly the single-process batch."""
+    from tmlp import stages
+    from tmlp.distributed import World
+    from tmlp.spec import ExportSpec, SourceSpec
+
+    spec = ExportSpec("test_vit", source=SourceSpec(checkpoint=trained_tiny_vit_path, calib_images=64,
+                                                    eval_images=64))
+    loaded = stages.load(spec, lambda s: None, progress=False)
+    plain = [x for x, _ in loaded.labelled_batches("train", 100)[0]()]
+    gen, n = loaded.labelled_batches("train", 100, augment="crop_flip", seed=3)
+    augmented = [(x, y) for x, y in gen()]
+    assert n == 2 and [len(x) for x, _ in augmented] == [64, 36]
+    assert all(x.shape == p.shape and not torch.equal(x, p) for (x, _), p in zip(augmented, plain))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(augmented, gen()))  # repeatable
+    other = [x for x, _ in loaded.labelled_batches("train", 100, augment="crop_flip", seed=4)[0]()]
+    assert not torch.equal(other[0], augmented[0][0])
+    for size in (2, 3):
+        shares = [list(loaded.labelled_batches("train", 100, share=World(rank, size, rank), augment="crop_flip",
+                                               seed=3)[0]()) for rank in range(size)]
+        for i, (x, y) in enumerate(augmented):  # rank r holds items r, r + size, ...
+            rebuilt = torch.empty_like(x)
+            labels = torch.empty_like(y)
+            for rank in range(size):
+                rebuilt[rank::size], labels[rank::size] = shares[rank][i]
+            assert torch.equal(rebuilt, x) and torch.equal(labels, y)
+    auto = next(loaded.labelled_batches("train", 64, augment="auto", seed=3)[0]())[0]
+    assert torch.equal(auto, augmented[0][0]) == (loaded.data.augment == "crop_flip")
+    with pytest.raises(TmlpError, match="--distill-augment"):
+        DistillSpec(augment="mixup")

@@ -9,8 +9,8 @@ from tmlp.calibration.calibrate import calibrate
 from tmlp.data import to_tensor
 from tmlp.taylor.derivatives import SharedDerivatives
 from tmlp.errors import TmlpError
-from tmlp.plan import (BlockOption, candidate_choices, choose, held_out_tokens, logit_kl_with, option_calibration,
-                       option_macs, plan_blocks, relative_error, replayed_prefix, truncate_rank)
+from tmlp.plan import (BlockOption, assignment_width, candidate_choices, choose, held_out_tokens, logit_kl_with,
+                       option_calibration, option_macs, plan_blocks, relative_error, replayed_prefix, truncate_rank)
 from tmlp.surgery import replace_module, select_blocks
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig, build_taylor_block
 
@@ -72,6 +72,27 @@ def test_option_macs_count_distances_and_projections():
     assert option_macs(BlockOption(100, 32), 384, 384, 1) == 100 * 384 + 384 * 32 + 32 * 32 + 32 * 384
     assert option_macs(BlockOption(100, 32), 384, 384, 2) == 100 * 384 + 384 * 32 + 2 * 32 * 32 + 32 * 384
     assert option_macs(BlockOption(10), 512, 10, 1) == 10 * 512 + 512 * 10  # dense Jacobians
+    # cells in q = 16 principal directions: the projection and the distances there, not k·d
+    assert option_macs(BlockOption(100, 32), 384, 384, 1, partition_rank=16) == 16 * (384 + 100) + 2 * 384 * 32 + 32 * 32
+
+
+def test_the_default_plan_offers_each_block_its_calibrated_form_alone():
+    """Cheaper (k, rank) options save ~3% of an MLP in onnxruntime and double the error (bench/results/option-latency):
+    by default the plan only decides which blocks to replace; --plan-k / --plan-rank offer more."""
+    from tmlp.spec import PlanSpec
+    from tmlp.stages import plan_options
+
+    config = TaylorConfig(k=100, rank=32)
+    assert plan_options(PlanSpec(), config, 10_000) == [BlockOption(100, 32)]
+    assert plan_options(PlanSpec(k_choices=(25, 100), rank_choices=(8, 32)), config, 10_000) == [
+        BlockOption(25, 8), BlockOption(25, 32), BlockOption(100, 8), BlockOption(100, 32)]
+    assert plan_options(PlanSpec(), TaylorConfig(k=10, basis="dense"), 10_000) == [BlockOption(10, None)]
+    block = build_taylor_block(torch.randn(4, 8), SharedDerivatives(torch.zeros(4, 8), torch.randn(8, 2),
+                                                                    torch.randn(8, 2), torch.randn(4, 2, 2)),
+                               1, torch.randn(8, 3))
+    assert assignment_width(block) == 3
+    assert assignment_width(build_taylor_block(torch.randn(4, 8), SharedDerivatives(
+        torch.zeros(4, 8), torch.randn(8, 2), torch.randn(8, 2), torch.randn(4, 2, 2)), 1)) is None
 
 
 def test_choose_trades_cost_against_sensitivity():

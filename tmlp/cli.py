@@ -11,7 +11,7 @@ import click
 
 from tmlp import __version__
 from tmlp.errors import TmlpError
-from tmlp.spec import TRAIN_PRECISIONS
+from tmlp.spec import DISTILL_AUGMENTS, TRAIN_PRECISIONS
 
 
 class Terminated(BaseException):
@@ -321,6 +321,10 @@ EPOCHS = _NumberOrWord(int, "auto", None)
              help="Precision of the distillation / fine-tuning steps: bf16 autocast is faster only where the CPU has "
                   "native bf16 matmuls (AMX, AVX512-BF16); auto uses it there and fp32 elsewhere. The accuracy checks "
                   "and the exported model stay fp32.")
+@spec_option("--distill-augment", field="distill.augment", type=click.Choice(list(DISTILL_AUGMENTS)),
+             help="Random crops (zero padding 4) and horizontal flips of the training images distillation and "
+                  "fine-tuning see, the same for the original teacher and the T-MLP student; auto: the data set's "
+                  "(crop + flip for photos, crop for digits); none: the images as they are.")
 @spec_option("--max-acc-drop", field="plan.max_acc_drop", type=BUDGET,
              help="Accuracy budget in points of top-1 accuracy, measured on the final T-MLP model (after "
                   "distillation, in onnxruntime) on the choose split of the validation images: the export chooses "
@@ -353,9 +357,11 @@ EPOCHS = _NumberOrWord(int, "auto", None)
                   "gives back, keeping the best of the start and two checks (0: none; CIFAR-10 DeiT-Small: two "
                   "moves at 5,000 images gained nothing and cost 3.5 min each).")
 @spec_option("--plan-k", field="plan.k_choices",
-             help="k values the plan may use, e.g. 25,50,100 (none: k/4, k/2, k).")
+             help="k values the plan may use, e.g. 25,50,100 (none: --k alone, so the plan decides only which blocks "
+                  "to replace: up to rank 32 every option costs 3-7% of the MLP in onnxruntime, and the cheapest "
+                  "double the error; bench/results/option-latency).")
 @spec_option("--plan-rank", field="plan.rank_choices",
-             help="Ranks the plan may use, e.g. 8,16,32 (none: rank/4, rank/2, rank; shared basis only).")
+             help="Ranks the plan may use, e.g. 8,16,32 (none: --rank alone; shared basis only).")
 @spec_option("--opset", field="target.opset", type=int, help="ONNX opset.")
 @spec_option("--max-memory", field="target.max_memory_mb", type=float,
              help="Memory budget in MiB for weights + peak live activations (estimated from the graph); the Taylor "

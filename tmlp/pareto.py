@@ -131,7 +131,8 @@ class _Builder:
                 continue
             d_in, d_out = fc1.weight.shape[1], fc2.weight.shape[0]
             option = BlockOption(cfg.k, cfg.rank if cfg.basis == "shared" else None)
-            ratios.append(option_macs(option, d_in, d_out, cfg.order) / mlp_macs(block, d_in, d_out))
+            q = cfg.partition_rank if cfg.partition_rank and cfg.partition_rank < d_in else None
+            ratios.append(option_macs(option, d_in, d_out, cfg.order, partition_rank=q) / mlp_macs(block, d_in, d_out))
         return float(np.mean(ratios)) if ratios else 0.25
 
     def export(self, net: torch.nn.Module, rel: str, kind: str) -> str:

@@ -4,7 +4,9 @@
    logits when that block alone is replaced by that option, on a probe set of validation images (its relative
    output error ``‖F̂(x) − F(x)‖ / ‖F(x)‖`` on held-out tokens is reported too, but it is a poor guide: late blocks
    have large relative errors and little effect on the logits). Each option is costed in multiply-accumulates per
-   token (MACs, a latency proxy: the block benchmark runs roughly in proportion to them).
+   token (MACs, a latency proxy). Options up to rank 32 all cost 3–7% of the MLP in onnxruntime
+   (bench/results/option-latency), so by default the export offers each block one option, the calibration's own k
+   and rank, and the plan decides only which blocks to replace; ``--plan-k``/``--plan-rank`` offer more.
 2. One multiplier λ decides everything (the Lagrangian relaxation of "least MACs with summed KL under a budget"):
    each block takes the option minimising MACs/MLP-MACs + λ · KL, the original MLP costing 1 and 0. A binary
    search over the distinct choices λ produces finds the cheapest whose model keeps the validation accuracy within
@@ -38,7 +40,7 @@ from tmlp.surgery import replace_module
 from tmlp.taylor import build_taylor_block
 from tmlp.taylor.derivatives import SharedDerivatives
 
-__all__ = ["BlockOption", "Plan", "candidate_choices", "choose", "held_out_tokens", "logit_kl", "logit_kl_with",
+__all__ = ["BlockOption", "Plan", "assignment_width", "candidate_choices", "choose", "held_out_tokens", "logit_kl", "logit_kl_with",
            "mlp_macs", "option_calibration", "option_macs", "plan_blocks", "relative_error", "replayed_prefix",
            "truncate_rank"]
 
@@ -85,15 +87,24 @@ def mlp_macs(block: nn.Module, d_in: int, d_out: int) -> int:
     return sum(w.shape[0] * w.shape[1] for w in layers) if layers else d_in * d_out
 
 
-def option_macs(option: BlockOption, d_in: int, d_out: int, order: int, rank_out: int | None = None) -> int:
-    """MACs per token of a Taylor block: distances to k centres, then the first- (and second-) order terms
+def option_macs(option: BlockOption, d_in: int, d_out: int, order: int, rank_out: int | None = None,
+                partition_rank: int | None = None) -> int:
+    """MACs per token of a Taylor block: distances to k centres (in ``partition_rank`` q directions when the cells
+    were found there: q·d_in for the projection + q·k, else k·d_in), then the first- (and second-) order terms
     (``rank_out`` U's rank when it differs from the option's rank)."""
-    macs = option.k * d_in
+    macs = option.k * d_in if partition_rank is None else partition_rank * (d_in + option.k)
     if option.rank is None:
         return macs + order * d_in * d_out
     r = option.rank
     r_out = r if rank_out is None else rank_out
     return macs + d_in * r + order * r_out * r + r_out * d_out
+
+
+def assignment_width(block: nn.Module) -> int | None:
+    """q, the width of the space a Taylor block assigns tokens to cells in (its ``assign_projection`` P [d_in, q]),
+    or None when it measures distances in its input space."""
+    projection = getattr(block, "assign_projection", None)
+    return None if projection is None else int(projection.shape[1])
 
 
 @torch.no_grad()
@@ -340,7 +351,8 @@ def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibra
         with replayed_prefix(model, fqn, probe, reference):
             for opt in options:
                 errors[fqn][opt] = relative_error(blocks[fqn, opt], x, y)
-                macs[fqn][opt] = option_macs(opt, d_in, d_out, order, getattr(blocks[fqn, opt], "rank_out", None))
+                macs[fqn][opt] = option_macs(opt, d_in, d_out, order, getattr(blocks[fqn, opt], "rank_out", None),
+                                             assignment_width(blocks[fqn, opt]))
                 sensitivity[fqn][opt] = logit_kl_with(model, fqn, blocks[fqn, opt], reference, probe)
     plan = Plan(baseline=evaluate(model), max_drop=max_drop, errors=errors, sensitivity=sensitivity, macs=macs,
                 build_block=lambda f, o: _build(calibrations, f, o, order, originals[f]))

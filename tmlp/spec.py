@@ -30,6 +30,7 @@ PARTITIONS = ("input", "hidden")
 HESSIANS = ("diag", "full")
 DISTILL_SCHEDULES = ("constant", "cosine")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+DISTILL_AUGMENTS = ("none", "auto", "crop_flip", "crop")
 
 
 def _positive_int(value: Any, what: str, fix: str = "") -> None:
@@ -179,8 +180,8 @@ class BlocksSpec:
 class PlanSpec:
     """The accuracy budget: ``max_acc_drop`` points of top-1 accuracy the final T-MLP model (distilled, in
     onnxruntime, on the choose split) may lose against the original. The plan stage chooses per block whether to
-    replace it and with which k and rank (``k_choices``/``rank_choices``; None: {x/4, x/2, x} of the calibration's k
-    and rank), allowing ``headroom`` points more before distillation when distillation runs (it wins them back, or
+    replace it and with which k and rank (``k_choices``/``rank_choices``; None: the calibration's own k and rank
+    alone, so the plan decides only which blocks to replace), allowing ``headroom`` points more before distillation when distillation runs (it wins them back, or
     the export backs off until the budget holds). None: no budget; every selected block is replaced as the
     calibration section says (what ``tmlp export`` does when form flags such as --k or --layers are given).
     ``replace_all``: under the budget every selected block is replaced; the plan chooses only k and rank, the
@@ -234,6 +235,7 @@ class DistillSpec:
     patience: int = 2
     recover_images: int = 0  # after whole-model fine-tuning: images of fine-tuning after each MLP the budget gives back
     precision: str = "auto"  # bf16 autocast of the training steps where the CPU has native bf16 matmuls, else fp32
+    augment: str = "none"  # random crops/flips of the training images (tmlp.data.augment_batch); "auto": the data set's
 
     def __post_init__(self) -> None:
         if (self.epochs is not None and self.epochs < 0) or self.lr <= 0:
@@ -245,6 +247,7 @@ class DistillSpec:
             raise TmlpError(f"--recover-images must be >= 0 (0: none), got {self.recover_images}")
         _one_of(self.schedule, DISTILL_SCHEDULES, "distillation schedule")
         _one_of(self.precision, TRAIN_PRECISIONS, "--train-precision")
+        _one_of(self.augment, DISTILL_AUGMENTS, "--distill-augment")
         if self.images is not None:
             _positive_int(self.images, "--distill-images", " (or none for the calibration images)")
         if self.finetune_lr < 0 or self.label_weight < 0:
@@ -335,7 +338,7 @@ class ExportSpec:
     """One export, complete: the model name, a section per stage, and the output folder (None:
     runs/<model>-<dataset>)."""
 
-    VERSION: ClassVar[int] = 6
+    VERSION: ClassVar[int] = 7
     model: str
     source: SourceSpec = field(default_factory=SourceSpec)
     blocks: BlocksSpec = field(default_factory=BlocksSpec)

@@ -21,7 +21,7 @@ import torch
 import tmlp
 from tmlp.calibration.calibrate import BlockCalibration, calibrate, calibrate_many
 from tmlp.calibration.record import IndexedBatch, tokens_per_image
-from tmlp.data import DataSet, ImageSplit, load_dataset, to_tensor
+from tmlp.data import DataSet, ImageSplit, augment_batch, load_dataset, to_tensor
 from tmlp.distill import distill_
 from tmlp.distributed import World, batch_share, world
 from tmlp.finetune import finetune_
@@ -118,16 +118,26 @@ class Loaded:
         return tensor_batches(self.data, self.spec, split, limit, batch_size, share)
 
     def labelled_batches(self, split: str, limit: int, batch_size: int = 64, share: World | None = None,
-                         start: int = 0):
+                         start: int = 0, augment: str = "none", seed: int = 0):
         """(gen, n_batches): ``gen()`` yields (model inputs, labels) of ``limit`` images of ``split`` from the
-        ``start``-th on; with ``share`` (torchrun) this rank's share of each batch (possibly empty)."""
+        ``start``-th on; with ``share`` (torchrun) this rank's share of each batch (possibly empty). ``augment``
+        "auto" (the data set's: random crop + flip for photos, crop for digits), "crop_flip", "crop" or "none";
+        each batch's crops and flips are drawn from ``seed`` and the batch's first image, for the whole batch before
+        it is shared, so every rank count sees the same images."""
         part = getattr(self.data, split)
         n = min(start + limit, len(part))
+        mode = self.data.augment if augment == "auto" else augment
 
         def gen():
             for s in range(start, n, batch_size):
-                index = _share(np.arange(s, min(n, s + batch_size)), share)
-                yield to_tensor(part.images(index), self.spec), torch.from_numpy(part.y[index]).long()
+                whole = np.arange(s, min(n, s + batch_size))
+                index = _share(whole, share)
+                if mode == "none":
+                    yield to_tensor(part.images(index), self.spec), torch.from_numpy(part.y[index]).long()
+                    continue
+                x = augment_batch(to_tensor(part.images(whole), self.spec), mode,
+                                  torch.Generator().manual_seed(seed * 1_000_003 + s))
+                yield x[torch.from_numpy(index - s)], torch.from_numpy(part.y[index]).long()
         return gen, (n - start + batch_size - 1) // batch_size
 
 
@@ -336,11 +346,13 @@ def planning_budget(spec: ExportSpec) -> float:
 
 
 def plan_options(plan: PlanSpec, config: TaylorConfig, available_tokens: int) -> list[BlockOption]:
-    """The (k, rank) options the planner may choose from: the spec's choices, else {x/4, x/2, x}."""
-    def around(largest: int) -> tuple[int, ...]:
-        return tuple(sorted({max(1, largest // 4), max(1, largest // 2), largest}))
-    k_choices = plan.k_choices or around(config.k)
-    rank_choices = (plan.rank_choices or around(config.rank)) if config.basis == "shared" else (None,)
+    """The (k, rank) options the planner may choose from: the spec's choices, else the calibration's own k and
+    rank alone. Cheaper options save little: up to rank 32 every option costs 3-7% of the MLP it replaces in
+    onnxruntime (bench/results/option-latency), while on the CIFAR-10 DeiT-Small k=25, r=8 doubles the output error
+    of k=100, r=32, and a plan of the cheapest options lost 1.1 points more before fine-tuning than one of the most
+    faithful (bench/results/default-variants)."""
+    k_choices = plan.k_choices or (config.k,)
+    rank_choices = (plan.rank_choices or (config.rank,)) if config.basis == "shared" else (None,)
     if max(k_choices) > available_tokens:
         raise TmlpError(f"--plan-k {max(k_choices)} exceeds the {available_tokens} calibration tokens; lower it")
     return [BlockOption(k, r) for k in k_choices for r in rank_choices]
@@ -513,7 +525,7 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
                                patience=d.patience) if auto else None
     precision = resolve_precision(d.precision, cpu)
     train = dict(epochs=1 if auto else d.epochs, progress=progress and w.main, check=checks, precision=precision)
-    batches, n_batches = loaded.labelled_batches("train", images, share=w)
+    batches, n_batches = loaded.labelled_batches("train", images, share=w, augment=d.augment, seed=spec.calibration.seed)
     whole_model_checks = None  # the checks of a whole-model fine-tuning that gained nothing and was dropped
     if d.finetune:
         losses = finetune_(built.model, loaded.model, batches, n_batches, lr_taylor=d.lr, lr_model=d.finetune_lr,
@@ -789,7 +801,7 @@ def recovery(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print
         accuracy = lambda m: evaluate(m, choose, loaded.spec, cpu)  # noqa: E731
         checks = ChooseSplitChecks(model, accuracy, accuracy(model), max(1, n // 2),
                                    lambda line: log(f"    recovery {line.strip()}"), patience=2)
-        batches, n_batches = loaded.labelled_batches("train", n, start=start)
+        batches, n_batches = loaded.labelled_batches("train", n, start=start, augment=d.augment, seed=spec.calibration.seed)
         finetune_(model, loaded.model, batches, n_batches, epochs=1, lr_taylor=d.lr, lr_model=d.finetune_lr,
                   ce_weight=d.label_weight, progress=False, check=checks, precision=resolve_precision(d.precision, cpu))
         checks.restore_best()
