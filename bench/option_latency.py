@@ -23,8 +23,7 @@ from timm.layers import Mlp
 from tmlp.export import export_onnx
 from tmlp.plan import BlockOption, mlp_macs, option_macs
 from tmlp.runtime import run
-from tmlp.taylor import build_taylor_block
-from tmlp.taylor.derivatives import SharedDerivatives
+from tmlp.taylor import SharedDerivatives, build_taylor_block
 
 
 def random_block(d: int, k: int, rank: int, q: int, seed: int = 0) -> torch.nn.Module:
