@@ -73,7 +73,8 @@ def test_option_macs_count_distances_and_projections():
     assert option_macs(BlockOption(100, 32), 384, 384, 2) == 100 * 384 + 384 * 32 + 2 * 32 * 32 + 32 * 384
     assert option_macs(BlockOption(10), 512, 10, 1) == 10 * 512 + 512 * 10  # dense Jacobians
     # cells in q = 16 principal directions: the projection and the distances there, not k·d
-    assert option_macs(BlockOption(100, 32), 384, 384, 1, partition_rank=16) == 16 * (384 + 100) + 2 * 384 * 32 + 32 * 32
+    assert (option_macs(BlockOption(100, 32), 384, 384, 1, partition_rank=16)
+            == 16 * (384 + 100) + 2 * 384 * 32 + 32 * 32)
 
 
 def test_the_default_plan_offers_each_block_its_calibrated_form_alone():

@@ -25,7 +25,8 @@ import torch
 from tmlp.errors import TmlpError
 from tmlp.io import write_json, write_text
 
-__all__ = ["BUDGETS", "ParetoOptions", "Variant", "fastest_within", "pareto_front", "plot_pareto", "run_pareto"]
+__all__ = ["BUDGETS", "ParetoOptions", "Variant", "fastest_within", "pareto_front", "plot_pareto", "replaced_mac_share",
+           "run_pareto"]
 
 Log = Callable[[str], None]
 FOLDER = "pareto"
@@ -114,12 +115,13 @@ class _Builder:
                                                                                                  "blocks")
 
     def mlp_keep(self) -> float:
-        """The share of MLP multiply-adds the baselines keep: the T-MLP's own (its plan's, or its form's)."""
+        """The share of MLP multiply-adds the baselines keep in the blocks T-MLP replaced: the Taylor blocks' own
+        (``replaced_mac_share`` of the plan, or of the export's form)."""
         if self.mlp_keep_given is not None:
             return self.mlp_keep_given
-        plan = self.manifest.get("layer_plan") or {}
-        if plan.get("mac_ratio"):
-            return float(plan["mac_ratio"])
+        share = replaced_mac_share(self.manifest.get("layer_plan") or {})
+        if share is not None:
+            return share
         from tmlp.plan import BlockOption, mlp_macs, option_macs
 
         cfg = self.spec.calibration
@@ -235,6 +237,16 @@ class _Builder:
             train_token_scorers_(net, self.loaded.model, gen, n_batches, progress=self.progress)
             self.export(net, rel, "tokens")
         return rel
+
+
+def replaced_mac_share(plan: dict) -> float | None:
+    """Mean multiply-adds per token of the blocks a plan (a manifest's ``layer_plan``) replaced, as a share of their
+    MLPs' (the MLPs it kept do not count: the baselines shrink the same blocks T-MLP replaced); None without a plan
+    or with nothing replaced."""
+    choice, options = plan.get("choice") or {}, plan.get("options") or {}
+    ratios = [options[fqn][f"k={c['k']}" + ("" if c.get("rank") is None else f" r={c['rank']}")]["mac_ratio"]
+              for fqn, c in choice.items() if c]
+    return float(np.mean(ratios)) if ratios else None
 
 
 def _variants(b: _Builder) -> list[Variant]:

@@ -525,7 +525,8 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
                                patience=d.patience) if auto else None
     precision = resolve_precision(d.precision, cpu)
     train = dict(epochs=1 if auto else d.epochs, progress=progress and w.main, check=checks, precision=precision)
-    batches, n_batches = loaded.labelled_batches("train", images, share=w, augment=d.augment, seed=spec.calibration.seed)
+    batches, n_batches = loaded.labelled_batches("train", images, share=w, augment=d.augment,
+                                                 seed=spec.calibration.seed)
     whole_model_checks = None  # the checks of a whole-model fine-tuning that gained nothing and was dropped
     if d.finetune:
         losses = finetune_(built.model, loaded.model, batches, n_batches, lr_taylor=d.lr, lr_model=d.finetune_lr,
@@ -801,7 +802,8 @@ def recovery(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print
         accuracy = lambda m: evaluate(m, choose, loaded.spec, cpu)  # noqa: E731
         checks = ChooseSplitChecks(model, accuracy, accuracy(model), max(1, n // 2),
                                    lambda line: log(f"    recovery {line.strip()}"), patience=2)
-        batches, n_batches = loaded.labelled_batches("train", n, start=start, augment=d.augment, seed=spec.calibration.seed)
+        batches, n_batches = loaded.labelled_batches("train", n, start=start, augment=d.augment,
+                                                     seed=spec.calibration.seed)
         finetune_(model, loaded.model, batches, n_batches, epochs=1, lr_taylor=d.lr, lr_model=d.finetune_lr,
                   ce_weight=d.label_weight, progress=False, check=checks, precision=resolve_precision(d.precision, cpu))
         checks.restore_best()
