@@ -243,9 +243,10 @@ def replaced_mac_share(plan: dict) -> float | None:
     """Mean multiply-adds per token of the blocks a plan (a manifest's ``layer_plan``) replaced, as a share of their
     MLPs' (the MLPs it kept do not count: the baselines shrink the same blocks T-MLP replaced); None without a plan
     or with nothing replaced."""
+    from tmlp.plan import BlockOption
+
     choice, options = plan.get("choice") or {}, plan.get("options") or {}
-    ratios = [options[fqn][f"k={c['k']}" + ("" if c.get("rank") is None else f" r={c['rank']}")]["mac_ratio"]
-              for fqn, c in choice.items() if c]
+    ratios = [options[fqn][BlockOption(c["k"], c.get("rank")).label()]["mac_ratio"] for fqn, c in choice.items() if c]
     return float(np.mean(ratios)) if ratios else None
 
 
