@@ -1,0 +1,123 @@
+"""How much faster than onnxruntime's int8 model can T-MLP + int8 get at all? The MLPs removed outright.
+
+    python bench/int8_ceiling.py --checkpoint bench/deit_small_cifar10_fp16.pt --run runs/cifar-default
+
+T-MLP + int8 keeps everything outside the Taylor blocks as the int8 original has it, so its speed-up over the
+int8 original is bounded by what the MLPs cost there. This script measures that bound: the checkpoint's model
+with its MLPs replaced by nothing (``nn.Identity``: the residual branch adds zero work; accuracy is meaningless)
+— all 12, and blocks 1–11 as the default plan replaces them — each exported and dynamically quantized exactly like
+``tmlp bench``'s int8 rows, timed interleaved beside the run folder's ``original.int8.onnx`` and
+``tmlp.int8.onnx``, and that T-MLP + int8 file with its per-centre tables stored in fp16 (a Cast after each
+Gather: is reading them what makes a Taylor block cost more in the model than alone?) (onnxruntime CPU, 1 thread, batch 1, median of ``--repeats`` rounds' p50).
+Results: ``--out``/ceiling.json and ceiling.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def without_mlps(model: torch.nn.Module, blocks: list[int]) -> torch.nn.Module:
+    """A copy of the timm ViT ``model`` whose ``blocks[i].mlp`` are ``nn.Identity`` for every i in ``blocks``."""
+    net = copy.deepcopy(model).eval()
+    for i in blocks:
+        net.blocks[i].mlp = torch.nn.Identity()
+    return net
+
+
+def fp16_tables(src: str, dst: str) -> int:
+    """Copy ``src`` with every Gathered float initializer (the Taylor blocks' per-centre tables S_c and a_c) stored
+    in fp16 and a Cast to fp32 after its Gather: half the bytes each run reads. Returns the tables converted."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(src)
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, converted = [], set()
+    for node in model.graph.node:
+        nodes.append(node)
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is None or table.data_type != onnx.TensorProto.FLOAT:
+            continue
+        if table.name not in converted:
+            table.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(table).astype("float16"), table.name))
+            converted.add(table.name)
+        half = node.output[0] + "_fp16"
+        cast = helper.make_node("Cast", [half], [node.output[0]], to=onnx.TensorProto.FLOAT,
+                                name=node.name + "_cast")
+        node.output[0] = half
+        nodes.append(cast)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, dst)
+    return len(converted)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--run", required=True, help="an export folder with original.int8.onnx and tmlp.int8.onnx")
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    import numpy as np
+
+    from tmlp.export import export_onnx
+    from tmlp.export.quantize import quantize_int8_dynamic
+    from tmlp.runtime import run
+    from tmlp.stages import load_model_and_data
+
+    loaded = load_model_and_data("deit_small", args.checkpoint, progress=False)
+    model = loaded.model.eval()
+    example = torch.zeros(1, *loaded.input_size)
+    n_blocks = len(model.blocks)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"int8 original": os.path.join(args.run, "original.int8.onnx"),
+                 "T-MLP + int8 (the run's)": os.path.join(args.run, "tmlp.int8.onnx")}
+        for name, blocks in ((f"int8, MLPs 1-{n_blocks - 1} removed", list(range(1, n_blocks))),
+                             (f"int8, all {n_blocks} MLPs removed", list(range(n_blocks)))):
+            fp32 = os.path.join(tmp, f"{len(paths)}.onnx")
+            export_onnx(without_mlps(model, blocks), example, fp32, {})
+            paths[name] = fp32.replace(".onnx", ".int8.onnx")
+            quantize_int8_dynamic(fp32, paths[name])
+        paths["T-MLP + int8, per-centre tables fp16"] = os.path.join(tmp, "tables16.onnx")
+        n_tables = fp16_tables(paths["T-MLP + int8 (the run's)"], paths["T-MLP + int8, per-centre tables fp16"])
+        print(f"{n_tables} per-centre tables stored in fp16", flush=True)
+        sessions = {name: run.make_session(path, "cpu", 1) for name, path in paths.items()}
+        rng = np.random.default_rng(0)
+        batches = [rng.standard_normal(example.shape).astype(np.float32) for _ in range(4)]
+        rounds: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(args.repeats):
+            for name, session in sessions.items():
+                input_name = session.get_inputs()[0].name
+                times = run.time_batches(session, input_name, batches, 10, args.runs)
+                rounds[name].append(run.percentiles(times)["p50"])
+    p50 = {name: float(np.median(v)) for name, v in rounds.items()}
+    base = p50["int8 original"]
+    rows = [{"variant": name, "p50_ms": round(ms, 3), "speedup_vs_int8": round(base / ms, 3)} for name, ms in p50.items()]
+    lines = ["| variant | p50 ms | speed-up vs int8 original |", "| --- | --- | --- |"]
+    lines += [f"| {r['variant']} | {r['p50_ms']:.3f} | {r['speedup_vs_int8']:.2f}× |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        from tmlp.io import write_json, write_text
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, "ceiling.json"),
+                   {"checkpoint": args.checkpoint, "run": args.run, "runs": args.runs, "repeats": args.repeats,
+                    "cpu": platform.processor() or platform.machine(), "rows": rows})
+        write_text(os.path.join(args.out, "ceiling.md"), text)
+
+
+if __name__ == "__main__":
+    main()
