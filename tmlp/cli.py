@@ -342,7 +342,9 @@ EPOCHS = _NumberOrWord(int, "auto", None)
 @click.option("--replace-all", "plan__replace_all", is_flag=True, default=None,
               help="Under the budget, replace every selected block: the plan chooses only k and rank per block, "
                    "the back-off only moves blocks to safer options, and the export fails rather than give a "
-                   "block its MLP back.  [default: blocks may keep their MLP]")
+                   "block its MLP back. Each block is offered only its calibrated k and rank unless --plan-k/"
+                   "--plan-rank offer more, so without them a broken budget fails at once.  [default: blocks may "
+                   "keep their MLP]")
 @spec_option("--choose-fraction", field="source.choose_fraction", type=float,
              help="Share of the validation images that choices (plan, distillation stop, budget check) are made on; "
                   "the rest is the report split, written to val.npz and never used for a choice.")
