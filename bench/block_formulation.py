@@ -3,8 +3,8 @@
     python bench/block_formulation.py [--out bench/results/block-formulation]
 
 The order-1 block computes ``y = a_c + (S_c (Vᵀ x)) Uᵀ`` with ``c = ArgMin(½‖C P‖² − (x P)(C P)ᵀ)``. The same
-numbers can be written with different ONNX nodes; at 65 tokens each node's dispatch costs about as much as its
-arithmetic, so the formulation matters. Variants (all agree with the current one to float rounding, checked):
+numbers can be written with different ONNX nodes; at 65 tokens a node's dispatch may cost as much as its
+arithmetic, so the formulation may matter. Variants (all agree with the current one to float rounding, checked):
 
 - ``current``: tmlp's SharedTaylorMLP today: two MatMuls on x (P and V), Gather S_c [N, r, r], batched MatMul
   with Unsqueeze/Squeeze, Gather a_c, MatMul Uᵀ, Add.
@@ -40,7 +40,8 @@ class Formulation(torch.nn.Module):
     def __init__(self, block: torch.nn.Module, mul_reduce: bool, fused_xpv: bool, fold_assign: bool = False,
                  einsum: bool = False) -> None:
         super().__init__()
-        self.b, self.mul_reduce, self.fused_xpv, self.fold, self.einsum = block, mul_reduce, fused_xpv, fold_assign, einsum
+        self.b, self.mul_reduce, self.fused_xpv = block, mul_reduce, fused_xpv
+        self.fold, self.einsum = fold_assign, einsum
         first = block.assign_projection @ block.assign_weight.T if fold_assign else block.assign_projection
         self.q = first.shape[1]
         self.register_buffer("first", first.contiguous())
@@ -109,7 +110,8 @@ def main() -> None:
         write_json(os.path.join(args.out, "formulation.json"), {"d": d, "k": k, "rank": r, "q": q, "rows": rows,
                                                                  "cpu": platform.processor() or platform.machine()})
         lines = ["| tokens | variant | p50 µs | speed vs current |", "| --- | --- | --- | --- |"]
-        lines += [f"| {r['tokens']} | {r['variant']} | {1000 * r['p50_ms']:.1f} | {r['vs_current']:.2f}× |" for r in rows]
+        lines += [f"| {r['tokens']} | {r['variant']} | {1000 * r['p50_ms']:.1f} | {r['vs_current']:.2f}× |"
+                  for r in rows]
         write_text(os.path.join(args.out, "formulation.md"), "\n".join(lines) + "\n")
 
 

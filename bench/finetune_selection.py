@@ -5,8 +5,8 @@
 
 ``--run`` is an export made with ``--distill-epochs 0`` (its tmlp.pt holds the calibrated T-MLP model before any
 training). This script fine-tunes that model whole as ``tmlp export`` does (``tmlp.finetune.finetune_``: AdamW,
-Taylor tensors at ``--lr-taylor``, every other weight at ``--lr-model``, KL to the original + ``--ce-weight`` x cross-entropy,
-bf16 forward) over ``--images`` training images without stopping, and every ``--every`` images measures three sets
+Taylor tensors at ``--lr-taylor``, every other weight at ``--lr-model``, KL to the original + ``--ce-weight`` x
+cross-entropy, bf16 forward) over ``--images`` training images without stopping, and every ``--every`` images measures three sets
 of weights on both validation splits (first half: choose, second half: report):
 
 - ``raw``: the weights as they stand (what the export's checks keep the best of),
@@ -132,7 +132,8 @@ def main() -> None:
              replay("mean", "choose_accuracy", max), replay("mean", "choose_kl", min)]
     result = {"run": args.run, "layers": layers, "checkpoint": args.checkpoint, "dataset": loaded.dataset,
               "images": args.images, "every": args.every, "lr_taylor": args.lr_taylor, "lr_model": args.lr_model,
-              "ce_weight": args.ce_weight, "eval_precision": args.eval_precision, "ema": args.ema, "original": original, "rows": rows, "rules": rules, "seconds": round(seconds, 1)}
+              "ce_weight": args.ce_weight, "eval_precision": args.eval_precision, "ema": args.ema, "original": original,
+              "rows": rows, "rules": rules, "seconds": round(seconds, 1)}
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "selection.json"), result)
     lines = [f"Original: choose {100 * original['choose']:.2f}%, report {100 * original['report']:.2f}%.", "",

@@ -8,7 +8,8 @@ with its MLPs replaced by nothing (``nn.Identity``: the residual branch adds zer
 — all 12, and blocks 1–11 as the default plan replaces them — each exported and dynamically quantized exactly like
 ``tmlp bench``'s int8 rows, timed interleaved beside the run folder's ``original.int8.onnx`` and
 ``tmlp.int8.onnx``, and that T-MLP + int8 file with its per-centre tables stored in fp16 (a Cast after each
-Gather: is reading them what makes a Taylor block cost more in the model than alone?) (onnxruntime CPU, 1 thread, batch 1, median of ``--repeats`` rounds' p50).
+Gather: is reading them what makes a Taylor block cost more in the model than alone?); onnxruntime CPU, 1 thread,
+batch 1, median of ``--repeats`` rounds' p50.
 Results: ``--out``/ceiling.json and ceiling.md.
 """
 from __future__ import annotations
@@ -105,7 +106,8 @@ def main() -> None:
                 rounds[name].append(run.percentiles(times)["p50"])
     p50 = {name: float(np.median(v)) for name, v in rounds.items()}
     base = p50["int8 original"]
-    rows = [{"variant": name, "p50_ms": round(ms, 3), "speedup_vs_int8": round(base / ms, 3)} for name, ms in p50.items()]
+    rows = [{"variant": name, "p50_ms": round(ms, 3), "speedup_vs_int8": round(base / ms, 3)}
+            for name, ms in p50.items()]
     lines = ["| variant | p50 ms | speed-up vs int8 original |", "| --- | --- | --- |"]
     lines += [f"| {r['variant']} | {r['p50_ms']:.3f} | {r['speedup_vs_int8']:.2f}× |" for r in rows]
     text = "\n".join(lines) + "\n"

@@ -19,6 +19,9 @@ from tmlp.errors import TmlpError
 from tmlp.taylor import SharedTaylorMLP, TaylorMLP
 from tmlp.train import autocast
 
+__all__ = ["BASES", "Check", "SCHEDULES", "TRAINABLE", "distill_", "kl_to_teacher", "mean_kl", "run_epochs",
+           "shared_step", "taylor_blocks"]
+
 TRAINABLE = {TaylorMLP: ("offset", "jacobian", "hessian_diag"), SharedTaylorMLP: ("offset", "s", "half_t")}
 BASES = ("v", "ut")
 SCHEDULES = ("constant", "cosine")

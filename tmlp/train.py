@@ -25,7 +25,8 @@ from tmlp.errors import TmlpError
 from tmlp.io import check_can_write, folder_kept_on_success, save_torch
 from tmlp.models import COMMIT_FILE_MB, create_model, input_size, read_checkpoint, resolve_config, save_checkpoint
 
-__all__ = ["Run", "TrainConfig", "batches", "evaluate", "load_initial_weights", "train", "write_run_snapshot"]
+__all__ = ["Run", "TrainConfig", "autocast", "batches", "evaluate", "load_initial_weights", "train",
+           "write_run_snapshot"]
 
 
 @dataclass
