@@ -25,7 +25,6 @@ import platform
 import sys
 import tempfile
 
-import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,7 +98,7 @@ def main() -> None:
             paths[name] = os.path.join(tmp, f"{len(paths)}.onnx")
             export_onnx(net, x, paths[name], {})
         for n in args.tokens:
-            times = time_paths(paths, n, d, args.runs, 20, args.repeats)
+            times = time_paths(paths, (n, d), args.runs, 20, args.repeats)
             for name, ms in times.items():
                 rows.append({"tokens": n, "variant": name, "p50_ms": round(ms, 4),
                              "vs_current": round(times["current"] / ms, 3)})

@@ -98,15 +98,17 @@ def main() -> None:
             self.next_measure = args.every
 
         def __call__(self, seen: int) -> bool:
-            nonlocal mean, n_mean
-            now = float_state(student)
-            for k, v in now.items():
-                ema[k].lerp_(v, 1 - args.ema)
+            nonlocal n_mean
+            now = student.state_dict()
+            with torch.no_grad():
+                for k in ema:
+                    ema[k].lerp_(now[k].float(), 1 - args.ema)
             if seen >= self.next_measure or seen >= args.images:
                 self.next_measure += args.every
                 n_mean += 1
-                for k, v in now.items():
-                    mean[k].lerp_(v, 1 / n_mean) if n_mean > 1 else mean[k].copy_(v)
+                with torch.no_grad():
+                    for k in mean:
+                        mean[k].lerp_(now[k].float(), 1 / n_mean)  # weight 1 at the first check: a copy
                 row = {"images": seen, "raw": measure(student)}
                 for name, state in (("ema", ema), ("mean", mean)):
                     shadow.load_state_dict(state, strict=False)

@@ -72,11 +72,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    import numpy as np
+    from option_latency import time_paths
 
     from tmlp.export import export_onnx
     from tmlp.export.quantize import quantize_int8_dynamic
-    from tmlp.runtime import run
     from tmlp.stages import load_model_and_data
 
     loaded = load_model_and_data("deit_small", args.checkpoint, progress=False)
@@ -95,16 +94,7 @@ def main() -> None:
         paths["T-MLP + int8, per-centre tables fp16"] = os.path.join(tmp, "tables16.onnx")
         n_tables = fp16_tables(paths["T-MLP + int8 (the run's)"], paths["T-MLP + int8, per-centre tables fp16"])
         print(f"{n_tables} per-centre tables stored in fp16", flush=True)
-        sessions = {name: run.make_session(path, "cpu", 1) for name, path in paths.items()}
-        rng = np.random.default_rng(0)
-        batches = [rng.standard_normal(example.shape).astype(np.float32) for _ in range(4)]
-        rounds: dict[str, list[float]] = {name: [] for name in paths}
-        for _ in range(args.repeats):
-            for name, session in sessions.items():
-                input_name = session.get_inputs()[0].name
-                times = run.time_batches(session, input_name, batches, 10, args.runs)
-                rounds[name].append(run.percentiles(times)["p50"])
-    p50 = {name: float(np.median(v)) for name, v in rounds.items()}
+        p50 = time_paths(paths, tuple(example.shape), args.runs, 10, args.repeats)
     base = p50["int8 original"]
     rows = [{"variant": name, "p50_ms": round(ms, 3), "speedup_vs_int8": round(base / ms, 3)}
             for name, ms in p50.items()]

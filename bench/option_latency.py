@@ -36,11 +36,12 @@ def random_block(d: int, k: int, rank: int, q: int, seed: int = 0) -> torch.nn.M
     return build_taylor_block(torch.randn(k, d, generator=g), derivatives, 1, projection).eval()
 
 
-def time_paths(paths: dict[str, str], n: int, d: int, runs: int, warmup: int, repeats: int) -> dict[str, float]:
-    """Median over ``repeats`` interleaved rounds of each model's p50 (ms) on batches [n, d]."""
+def time_paths(paths: dict[str, str], shape: tuple[int, ...], runs: int, warmup: int, repeats: int
+               ) -> dict[str, float]:
+    """Median over ``repeats`` interleaved rounds of each model's p50 (ms) on random inputs of ``shape``."""
     sessions = {name: run.make_session(path, "cpu", 1) for name, path in paths.items()}
     rng = np.random.default_rng(0)
-    batches = [rng.standard_normal((n, d)).astype(np.float32) for _ in range(4)]
+    batches = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
     rounds: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeats):
         for name, session in sessions.items():
@@ -74,7 +75,7 @@ def main() -> None:
             paths[opt.label()] = os.path.join(tmp, f"k{opt.k}r{opt.rank}.onnx")
             export_onnx(random_block(d, opt.k, opt.rank, q), example, paths[opt.label()], {})
         for n in (int(t) for t in args.tokens.split(",")):
-            ms = time_paths(paths, n, d, args.runs, args.warmup, args.repeats)
+            ms = time_paths(paths, (n, d), args.runs, args.warmup, args.repeats)
             for opt in options:
                 rows.append({"tokens": n, "option": opt.label(), "k": opt.k, "rank": opt.rank,
                              "ms": ms[opt.label()], "mlp_ms": ms["MLP"], "latency_ratio": ms[opt.label()] / ms["MLP"],
