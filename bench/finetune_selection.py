@@ -45,10 +45,16 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1280, help="training images between two measurements")
     parser.add_argument("--lr-taylor", type=float, default=1e-3)
     parser.add_argument("--lr-model", type=float, default=2e-5)
+    parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"],
+                        help="both learning rates constant, or a linear warm-up then a cosine decay to zero")
+    parser.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps (cosine only)")
     parser.add_argument("--ce-weight", type=float, default=0.5, help="weight of the labels' cross-entropy")
     parser.add_argument("--ema", type=float, default=0.99, help="decay of the per-step moving average")
     parser.add_argument("--eval-precision", default="bf16", choices=["fp32", "bf16"],
                         help="the T-MLP model's forward when measured (the original's reference logits are fp32)")
+    parser.add_argument("--keep-mlp", default="",
+                        help="comma-separated module paths (e.g. blocks.11.mlp) whose original MLP is put back before "
+                             "training: the same run with fewer blocks replaced")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "finetune-selection"))
     args = parser.parse_args()
 
@@ -61,6 +67,11 @@ def main() -> None:
     loaded = load_model_and_data("deit_small", args.checkpoint, dataset=args.dataset, progress=False)
     teacher = loaded.model.eval()
     student, layers = load_tmlp_model(args.run)
+    for path in filter(None, args.keep_mlp.split(",")):
+        if path not in layers:
+            raise SystemExit(f"--keep-mlp {path}: not a Taylor block of {args.run} ({', '.join(layers)})")
+        student.set_submodule(path, copy.deepcopy(teacher.get_submodule(path)))
+        layers.remove(path)
     val = loaded.data.val
     n = min(5000, len(val))
     splits = {"choose": val.subset(0, n // 2), "report": val.subset(n // 2, n)}
@@ -120,7 +131,8 @@ def main() -> None:
     t0 = time.time()
     train, n_batches = loaded.labelled_batches("train", args.images, 64)
     finetune_(student, teacher, train, n_batches, epochs=1, lr_taylor=args.lr_taylor, lr_model=args.lr_model,
-              ce_weight=args.ce_weight, check=Track(), precision="bf16")
+              ce_weight=args.ce_weight, check=Track(), precision="bf16", schedule=args.schedule,
+              warmup=args.warmup if args.schedule == "cosine" else 0.0)
     seconds = time.time() - t0
 
     def replay(kind: str, key: str, best) -> dict[str, float]:
@@ -134,7 +146,9 @@ def main() -> None:
              replay("mean", "choose_accuracy", max), replay("mean", "choose_kl", min)]
     result = {"run": args.run, "layers": layers, "checkpoint": args.checkpoint, "dataset": loaded.dataset,
               "images": args.images, "every": args.every, "lr_taylor": args.lr_taylor, "lr_model": args.lr_model,
-              "ce_weight": args.ce_weight, "eval_precision": args.eval_precision, "ema": args.ema, "original": original,
+              "ce_weight": args.ce_weight, "schedule": args.schedule,
+              "warmup": args.warmup if args.schedule == "cosine" else 0.0, "eval_precision": args.eval_precision,
+              "ema": args.ema, "original": original,
               "rows": rows, "rules": rules, "seconds": round(seconds, 1)}
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "selection.json"), result)

@@ -84,11 +84,43 @@ def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monk
     assert DistillSpec().precision == "auto"
 
 
+def test_cosine_schedule_warms_up_then_decays_to_zero(trained_tiny_vit, digits, digits_spec, monkeypatch):
+    from tmlp.distill import lr_factor
+
+    f = lr_factor("cosine", 100, warmup=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+    assert all(f(i) >= f(i + 1) for i in range(10, 100))
+    assert lr_factor("constant", 100, 0.1)(0) == 1.0
+    with pytest.raises(TmlpError, match="warm-up"):
+        lr_factor("cosine", 100, warmup=1.0)
+    # finetune_ steps the schedule once per optimizer step: the last step runs at (almost) zero learning rate
+    seen = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append([g["lr"] for g in self.param_groups])
+        return original_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    teacher = trained_tiny_vit.eval()
+    student = copy.deepcopy(teacher)
+    batches = _labelled(digits, digits_spec)
+    taylorize_(student, TaylorConfig(k=4), batches=lambda: (x for x, _ in batches), n_batches=len(batches),
+               progress=False)
+    finetune_(student, teacher, lambda: iter(batches), len(batches), epochs=2, progress=False, schedule="cosine",
+              warmup=0.25, lr_taylor=1e-3, lr_model=2e-5)
+    assert len(seen) == 8
+    assert seen[0] == pytest.approx([5e-4, 1e-5])  # half-way up the 2-step warm-up
+    assert seen[1] == pytest.approx([1e-3, 2e-5])
+    assert seen[-1][0] < 1e-4 and seen[-1][0] < seen[-2][0]
+
+
 def test_finetune_needs_taylor_blocks_and_sane_rates(trained_tiny_vit):
     with pytest.raises(TmlpError, match="no Taylor blocks"):
         finetune_(trained_tiny_vit, trained_tiny_vit, lambda: iter([]), 0, epochs=1)
-    with pytest.raises(TmlpError, match="--finetune trains at a constant rate"):
-        DistillSpec(epochs=1, finetune=True, schedule="cosine")
+    with pytest.raises(TmlpError, match="--finetune keeps the shared bases fixed"):
+        DistillSpec(epochs=1, finetune=True, train_basis=True)
+    assert DistillSpec(epochs=1, finetune=True, schedule="cosine").schedule == "cosine"
     with pytest.raises(TmlpError, match="--distill-images must be a positive integer"):
         DistillSpec(images=0)
     with pytest.raises(TmlpError, match="--train-precision must be one of"):

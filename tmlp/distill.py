@@ -19,7 +19,7 @@ from tmlp.errors import TmlpError
 from tmlp.taylor import SharedTaylorMLP, TaylorMLP
 from tmlp.train import autocast
 
-__all__ = ["BASES", "Check", "SCHEDULES", "TRAINABLE", "distill_", "kl_to_teacher", "mean_kl", "run_epochs",
+__all__ = ["BASES", "Check", "SCHEDULES", "TRAINABLE", "distill_", "kl_to_teacher", "lr_factor", "mean_kl", "run_epochs",
            "shared_step", "taylor_blocks"]
 
 TRAINABLE = {TaylorMLP: ("offset", "jacobian", "hessian_diag"), SharedTaylorMLP: ("offset", "s", "half_t")}
@@ -65,6 +65,26 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
                                 reduction="batchmean") * t * t
 
 
+def lr_factor(schedule: str, total_steps: int, warmup: float = 0.0) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step (for ``torch.optim.lr_scheduler.LambdaLR``): 1 throughout
+    ("constant"), or a linear rise over the first ``warmup`` fraction of ``total_steps`` and then a cosine decay
+    to zero at the last step ("cosine")."""
+    if schedule not in SCHEDULES:
+        raise TmlpError(f"unknown learning-rate schedule {schedule!r}; use one of {SCHEDULES}")
+    if not 0.0 <= warmup < 1.0:
+        raise TmlpError(f"the warm-up is a fraction of the steps in [0, 1), got {warmup}")
+    total = max(1, total_steps)
+    rise = int(warmup * total)
+
+    def factor(step: int) -> float:
+        if schedule == "constant":
+            return 1.0
+        if step < rise:
+            return (step + 1) / rise
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - rise, total - rise) / max(1, total - rise)))
+    return factor
+
+
 def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Iterable[torch.Tensor]], n_batches: int,
              epochs: int, lr: float = 1e-4, train_basis: bool = False, temperature: float = 1.0,
              progress: bool = True, schedule: str = "constant", check: Check | None = None,
@@ -91,10 +111,7 @@ def distill_(student: nn.Module, teacher: nn.Module, batches: Callable[[], Itera
         names = TRAINABLE[type(block)] + (BASES if train_basis and isinstance(block, SharedTaylorMLP) else ())
         params += _to_parameters(block, names)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    total_steps = max(1, epochs * n_batches)
-    decay = (lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))) \
-        if schedule == "cosine" else (lambda step: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, epochs * n_batches))
     teacher.eval()
     student.eval()  # dropout etc. off; the Taylor parameters still receive gradients
 

@@ -5,8 +5,8 @@ weight — attention, norms, the remaining MLPs, the head — so the rest of the
 the way quantization-aware training adapts a network to int8. Each token keeps its hard nearest-centre assignment
 (the centres stay fixed); the loss is KL(original ‖ T-MLP) of the logits plus ``ce_weight`` × the cross-entropy to
 the labels. AdamW with two learning rates (``lr_taylor`` for the per-centre tensors, ``lr_model`` for the rest),
-constant, gradient norm clipped at ``CLIP_GRAD``. The model runs in eval mode (dropout off, batch-norm statistics
-fixed).
+constant or on a warm-up + cosine schedule, gradient norm clipped at ``CLIP_GRAD``. The model runs in eval mode
+(dropout off, batch-norm statistics fixed).
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from tmlp.distill import (TRAINABLE, Check, _to_buffers, _to_parameters, kl_to_teacher, run_epochs, shared_step,
-                          taylor_blocks)
+from tmlp.distill import (TRAINABLE, Check, _to_buffers, _to_parameters, kl_to_teacher, lr_factor, run_epochs,
+                          shared_step, taylor_blocks)
 from tmlp.train import autocast
 from tmlp.errors import TmlpError
 
@@ -31,13 +31,15 @@ Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batches: int, epochs: int,
               lr_taylor: float = 1e-3, lr_model: float = 2e-5, ce_weight: float = 0.5,
               progress: bool = True, require_taylor: bool = True, check: Check | None = None,
-              precision: str = "fp32") -> list[float]:
+              precision: str = "fp32", schedule: str = "constant", warmup: float = 0.05) -> list[float]:
     """Fine-tune all of ``student`` (a model with Taylor blocks; any model with ``require_taylor=False``, for
     comparisons) in place against ``teacher`` (the original) over ``batches()`` — (inputs [B, C, H, W], labels [B])
     pairs, called once per epoch — for ``epochs`` passes of ``n_batches`` steps; returns the mean loss of each
     epoch. ``check`` (see ``tmlp.distill.run_epochs``) may stop it early; ``precision`` "bf16" runs the forward
     passes under bf16 autocast (the loss in fp32). Under torchrun each rank passes its share of
-    every batch and the gradients are summed over the ranks before clipping, as in ``tmlp.distill.distill_``."""
+    every batch and the gradients are summed over the ranks before clipping, as in ``tmlp.distill.distill_``.
+    ``schedule`` "cosine" decays both learning rates to zero over the ``epochs * n_batches`` steps after a linear
+    warm-up over their first ``warmup`` fraction (a check that stops early stops it part-way)."""
     if epochs < 0 or lr_taylor <= 0 or lr_model < 0 or ce_weight < 0:
         raise TmlpError(f"--finetune-epochs must be >= 0, the learning rates > 0 (the model's >= 0) and the label "
                         f"weight >= 0, got {epochs}, {lr_taylor}, {lr_model}, {ce_weight}")
@@ -56,6 +58,7 @@ def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batche
     if not groups:
         raise TmlpError("nothing to fine-tune: no Taylor blocks and --finetune-lr 0")
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, epochs * n_batches, warmup))
     teacher.eval()
     student.eval()
 
@@ -71,6 +74,7 @@ def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batche
                 logits = student(x).float()
             return (kl_to_teacher(logits, target) + ce_weight * nn.functional.cross_entropy(logits, y)) * len(x)
         mean, n = shared_step(optimizer, trained, len(x), loss_sum, CLIP_GRAD)
+        scheduler.step()
         if not math.isfinite(mean):
             raise TmlpError(f"fine-tuning diverged (loss {mean}); lower --finetune-lr")
         return mean, n

@@ -253,9 +253,9 @@ class DistillSpec:
         if self.finetune_lr < 0 or self.label_weight < 0:
             raise TmlpError(f"--finetune-lr and the label weight must be >= 0, got {self.finetune_lr}, "
                             f"{self.label_weight}")
-        if self.finetune and (self.schedule != "constant" or self.train_basis):
-            raise TmlpError("--finetune trains at a constant rate with the bases fixed; drop --distill-schedule "
-                            "cosine and --distill-basis, or pass --no-finetune to distil the Taylor tensors alone")
+        if self.finetune and self.train_basis:
+            raise TmlpError("--finetune keeps the shared bases fixed; drop --distill-basis, or pass --no-finetune to "
+                            "distil the Taylor tensors (and bases) alone")
 
 
 @dataclass(frozen=True)

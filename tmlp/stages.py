@@ -530,9 +530,9 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
     whole_model_checks = None  # the checks of a whole-model fine-tuning that gained nothing and was dropped
     if d.finetune:
         losses = finetune_(built.model, loaded.model, batches, n_batches, lr_taylor=d.lr, lr_model=d.finetune_lr,
-                           ce_weight=d.label_weight, **train)
+                           ce_weight=d.label_weight, schedule=d.schedule, **train)
         what = (f"fine-tuning of the whole model (KL + {d.label_weight} x cross-entropy, lr {d.lr} Taylor / "
-                f"{d.finetune_lr} rest, {precision})")
+                f"{d.finetune_lr} rest, {d.schedule}, {precision})")
         if auto and checks.restore_best() == 0 and d.finetune_lr > 0:
             # Not one check gained: training the network's own weights hurt more than it helped (VGG-16, whose
             # folded convolutions have no normalisation to absorb the drift, lost 7 points in 30 steps). The
@@ -544,7 +544,7 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
                                        target=built.choose_original, patience=d.patience)
             train["check"] = checks
             losses += finetune_(built.model, loaded.model, batches, n_batches, lr_taylor=d.lr, lr_model=0.0,
-                                ce_weight=d.label_weight, **train)
+                                ce_weight=d.label_weight, schedule=d.schedule, **train)
             what = f"training of the Taylor tensors alone (KL + {d.label_weight} x cross-entropy, lr {d.lr})"
     else:
         losses = distill_(built.model, loaded.model, lambda: (x for x, _ in batches()), n_batches, lr=d.lr, train_basis=d.train_basis,
