@@ -19,7 +19,7 @@ import time
 import torch
 
 import tmlp
-from tmlp.finetune import finetune_
+from tmlp.finetune import Recipe, finetune_
 from tmlp.io import write_json, write_text
 from tmlp.stages import load
 from tmlp.train import evaluate
@@ -43,8 +43,7 @@ def finetune_original(base: tmlp.ExportSpec, distill: tmlp.DistillSpec) -> dict:
     batches, n_batches = loaded.labelled_batches("train", distill.images or base.source.calib_images)
     before = evaluate(student, report, loaded.spec, torch.device("cpu"))
     t0 = time.time()
-    finetune_(student, loaded.model, batches, n_batches, distill.epochs, distill.lr, distill.finetune_lr,
-              distill.label_weight, require_taylor=False)
+    finetune_(student, loaded.model, batches, n_batches, distill.epochs, Recipe.of(distill), require_taylor=False)
     seconds = time.time() - t0
     after = evaluate(student, report, loaded.spec, torch.device("cpu"))
     return {"before": before, "after": after, "seconds": round(seconds, 1), "original": before}

@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tmlp.distill import kl_to_teacher
-    from tmlp.finetune import finetune_
+    from tmlp.finetune import Recipe, finetune_
     from tmlp.io import write_json, write_text
     from tmlp.stages import load_model_and_data, load_tmlp_model
     from tmlp.train import autocast, batches
@@ -130,9 +130,9 @@ def main() -> None:
 
     t0 = time.time()
     train, n_batches = loaded.labelled_batches("train", args.images, 64)
-    finetune_(student, teacher, train, n_batches, epochs=1, lr_taylor=args.lr_taylor, lr_model=args.lr_model,
-              ce_weight=args.ce_weight, check=Track(), precision="bf16", schedule=args.schedule,
-              warmup=args.warmup if args.schedule == "cosine" else 0.0)
+    recipe = Recipe(lr_taylor=args.lr_taylor, lr_model=args.lr_model, ce_weight=args.ce_weight,
+                    schedule=args.schedule, warmup=args.warmup)
+    finetune_(student, teacher, train, n_batches, epochs=1, recipe=recipe, check=Track(), precision="bf16")
     seconds = time.time() - t0
 
     def replay(kind: str, key: str, best) -> dict[str, float]:

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from tmlp.cli import main
 from tmlp.distill import taylor_blocks
 from tmlp.errors import TmlpError
-from tmlp.finetune import finetune_
+from tmlp.finetune import Recipe, finetune_
 from tmlp.spec import DistillSpec
 from tmlp.surgery import taylorize_
 from tmlp.taylor import TaylorConfig
@@ -107,8 +107,8 @@ def test_cosine_schedule_warms_up_then_decays_to_zero(trained_tiny_vit, digits, 
     batches = _labelled(digits, digits_spec)
     taylorize_(student, TaylorConfig(k=4), batches=lambda: (x for x, _ in batches), n_batches=len(batches),
                progress=False)
-    finetune_(student, teacher, lambda: iter(batches), len(batches), epochs=2, progress=False, schedule="cosine",
-              warmup=0.25, lr_taylor=1e-3, lr_model=2e-5)
+    finetune_(student, teacher, lambda: iter(batches), len(batches), epochs=2, progress=False,
+              recipe=Recipe(lr_taylor=1e-3, lr_model=2e-5, schedule="cosine", warmup=0.25))
     assert len(seen) == 8
     assert seen[0] == pytest.approx([5e-4, 1e-5])  # half-way up the 2-step warm-up
     assert seen[1] == pytest.approx([1e-3, 2e-5])

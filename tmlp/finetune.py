@@ -11,6 +11,7 @@ constant or on a warm-up + cosine schedule, gradient norm clipped at ``CLIP_GRAD
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -21,25 +22,46 @@ from tmlp.distill import (TRAINABLE, Check, _to_buffers, _to_parameters, kl_to_t
 from tmlp.train import autocast
 from tmlp.errors import TmlpError
 
-__all__ = ["CLIP_GRAD", "finetune_"]
+__all__ = ["CLIP_GRAD", "Recipe", "finetune_"]
 
 CLIP_GRAD = 1.0  # gradient-norm clip of every fine-tuning step
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How fine-tuning trains: AdamW at ``lr_taylor`` for the per-centre tensors and ``lr_model`` for every other
+    weight (0: those stay fixed), loss KL to the original + ``ce_weight`` x cross-entropy to the labels, both rates
+    ``schedule`` "constant" or "cosine" (a linear rise over the first ``warmup`` fraction of the steps, then a
+    cosine decay to zero)."""
+
+    lr_taylor: float = 1e-3
+    lr_model: float = 2e-5
+    ce_weight: float = 0.5
+    schedule: str = "constant"
+    warmup: float = 0.05
+
+    @classmethod
+    def of(cls, distill) -> "Recipe":
+        """The recipe a ``tmlp.spec.DistillSpec`` asks for."""
+        return cls(lr_taylor=distill.lr, lr_model=distill.finetune_lr, ce_weight=distill.label_weight,
+                   schedule=distill.schedule)
+
+
 def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batches: int, epochs: int,
-              lr_taylor: float = 1e-3, lr_model: float = 2e-5, ce_weight: float = 0.5,
-              progress: bool = True, require_taylor: bool = True, check: Check | None = None,
-              precision: str = "fp32", schedule: str = "constant", warmup: float = 0.05) -> list[float]:
+              recipe: Recipe = Recipe(), progress: bool = True, require_taylor: bool = True,
+              check: Check | None = None, precision: str = "fp32") -> list[float]:
     """Fine-tune all of ``student`` (a model with Taylor blocks; any model with ``require_taylor=False``, for
     comparisons) in place against ``teacher`` (the original) over ``batches()`` — (inputs [B, C, H, W], labels [B])
     pairs, called once per epoch — for ``epochs`` passes of ``n_batches`` steps; returns the mean loss of each
     epoch. ``check`` (see ``tmlp.distill.run_epochs``) may stop it early; ``precision`` "bf16" runs the forward
     passes under bf16 autocast (the loss in fp32). Under torchrun each rank passes its share of
     every batch and the gradients are summed over the ranks before clipping, as in ``tmlp.distill.distill_``.
-    ``schedule`` "cosine" decays both learning rates to zero over the ``epochs * n_batches`` steps after a linear
-    warm-up over their first ``warmup`` fraction (a check that stops early stops it part-way)."""
+    A "cosine" ``recipe.schedule`` runs over all ``epochs * n_batches`` steps (a check that stops early stops it
+    part-way)."""
+    r = recipe
+    lr_taylor, lr_model, ce_weight = r.lr_taylor, r.lr_model, r.ce_weight
     if epochs < 0 or lr_taylor <= 0 or lr_model < 0 or ce_weight < 0:
         raise TmlpError(f"--finetune-epochs must be >= 0, the learning rates > 0 (the model's >= 0) and the label "
                         f"weight >= 0, got {epochs}, {lr_taylor}, {lr_model}, {ce_weight}")
@@ -58,7 +80,7 @@ def finetune_(student: nn.Module, teacher: nn.Module, batches: Batches, n_batche
     if not groups:
         raise TmlpError("nothing to fine-tune: no Taylor blocks and --finetune-lr 0")
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, epochs * n_batches, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(r.schedule, epochs * n_batches, r.warmup))
     teacher.eval()
     student.eval()
 

@@ -173,12 +173,12 @@ class _Builder:
     def finetuned(self, net: torch.nn.Module) -> torch.nn.Module:
         """A short distillation fine-tune of every weight of ``net`` against the original (one pass over
         ``finetune_images`` training images; tmlp.finetune)."""
-        from tmlp.finetune import finetune_
+        from tmlp.finetune import Recipe, finetune_
 
         if self.finetune_images <= 0:
             return net
         gen, n_batches = self.loaded.labelled_batches("train", self.finetune_images, 64)
-        finetune_(net, self.loaded.model, gen, n_batches, epochs=1, lr_taylor=1e-3, lr_model=1e-4,
+        finetune_(net, self.loaded.model, gen, n_batches, epochs=1, recipe=Recipe(lr_taylor=1e-3, lr_model=1e-4),
                   progress=self.progress, require_taylor=False)
         return net
 
@@ -195,7 +195,7 @@ class _Builder:
         rel = os.path.join(FOLDER, f"tmlp-tokens-{self.token_keep:g}{suffix}.onnx")
         if not os.path.isfile(self.path(rel)):  # built once: a second run reuses the file
             net, _ = stages.load_tmlp_model(self.run_dir)
-            from tmlp.finetune import finetune_
+            from tmlp.finetune import Recipe, finetune_
             from tmlp.tokens import TokenReduction, apply_token_reduction_, train_token_scorers_
 
             apply_token_reduction_(net, TokenReduction(keep=self.token_keep, policy=policy))
@@ -207,8 +207,8 @@ class _Builder:
                 self.log(f"T-MLP + tokens {self.token_keep:g}{suffix}: fine-tuning on {self.finetune_images} "
                          "training images")
                 gen, n_batches = self.loaded.labelled_batches("train", self.finetune_images, 64)
-                finetune_(net, self.loaded.model, gen, n_batches, epochs=1, lr_taylor=d.lr, lr_model=d.finetune_lr,
-                          ce_weight=d.label_weight, progress=self.progress)
+                finetune_(net, self.loaded.model, gen, n_batches, epochs=1, recipe=Recipe.of(d),
+                          progress=self.progress)
             self.export(net, rel, "tmlp+tokens")
         return rel, list(self.manifest["layers"])
 

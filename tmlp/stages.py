@@ -12,7 +12,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -24,7 +24,7 @@ from tmlp.calibration.record import IndexedBatch, tokens_per_image
 from tmlp.data import DataSet, ImageSplit, augment_batch, load_dataset, to_tensor
 from tmlp.distill import distill_
 from tmlp.distributed import World, batch_share, world
-from tmlp.finetune import finetune_
+from tmlp.finetune import Recipe, finetune_
 from tmlp.errors import TmlpError
 from tmlp.io import atomic_path, cache_path, ensure_writable_dir, file_sha256, publish, save_torch, write_json
 from tmlp.models import (create_model, input_size, load_checkpoint, model_names, resolve_config,
@@ -529,8 +529,7 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
                                                  seed=spec.calibration.seed)
     whole_model_checks = None  # the checks of a whole-model fine-tuning that gained nothing and was dropped
     if d.finetune:
-        losses = finetune_(built.model, loaded.model, batches, n_batches, lr_taylor=d.lr, lr_model=d.finetune_lr,
-                           ce_weight=d.label_weight, schedule=d.schedule, **train)
+        losses = finetune_(built.model, loaded.model, batches, n_batches, recipe=Recipe.of(d), **train)
         what = (f"fine-tuning of the whole model (KL + {d.label_weight} x cross-entropy, lr {d.lr} Taylor / "
                 f"{d.finetune_lr} rest, {d.schedule}, {precision})")
         if auto and checks.restore_best() == 0 and d.finetune_lr > 0:
@@ -543,8 +542,8 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
             checks = ChooseSplitChecks(built.model, checks.accuracy, built.choose, d.check_images, log,
                                        target=built.choose_original, patience=d.patience)
             train["check"] = checks
-            losses += finetune_(built.model, loaded.model, batches, n_batches, lr_taylor=d.lr, lr_model=0.0,
-                                ce_weight=d.label_weight, schedule=d.schedule, **train)
+            losses += finetune_(built.model, loaded.model, batches, n_batches,
+                                recipe=replace(Recipe.of(d), lr_model=0.0), **train)
             what = f"training of the Taylor tensors alone (KL + {d.label_weight} x cross-entropy, lr {d.lr})"
     else:
         losses = distill_(built.model, loaded.model, lambda: (x for x, _ in batches()), n_batches, lr=d.lr, train_basis=d.train_basis,
@@ -804,8 +803,8 @@ def recovery(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print
                                    lambda line: log(f"    recovery {line.strip()}"), patience=2)
         batches, n_batches = loaded.labelled_batches("train", n, start=start, augment=d.augment,
                                                      seed=spec.calibration.seed)
-        finetune_(model, loaded.model, batches, n_batches, epochs=1, lr_taylor=d.lr, lr_model=d.finetune_lr,
-                  ce_weight=d.label_weight, progress=False, check=checks, precision=resolve_precision(d.precision, cpu))
+        finetune_(model, loaded.model, batches, n_batches, epochs=1, recipe=Recipe.of(d), progress=False,
+                  check=checks, precision=resolve_precision(d.precision, cpu))
         checks.restore_best()
     return recover
 
