@@ -54,7 +54,8 @@ def main() -> None:
                         help="the T-MLP model's forward when measured (the original's reference logits are fp32)")
     parser.add_argument("--keep-mlp", default="",
                         help="comma-separated module paths (e.g. blocks.11.mlp) whose original MLP is put back before "
-                             "training: the same run with fewer blocks replaced")
+                             "training: the same run with fewer blocks replaced; 'all': the original model itself, "
+                             "fine-tuned the same way (the control)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "finetune-selection"))
     args = parser.parse_args()
 
@@ -67,7 +68,8 @@ def main() -> None:
     loaded = load_model_and_data("deit_small", args.checkpoint, dataset=args.dataset, progress=False)
     teacher = loaded.model.eval()
     student, layers = load_tmlp_model(args.run)
-    for path in filter(None, args.keep_mlp.split(",")):
+    keep = list(layers) if args.keep_mlp == "all" else list(filter(None, args.keep_mlp.split(",")))
+    for path in keep:
         if path not in layers:
             raise SystemExit(f"--keep-mlp {path}: not a Taylor block of {args.run} ({', '.join(layers)})")
         student.set_submodule(path, copy.deepcopy(teacher.get_submodule(path)))
@@ -132,7 +134,8 @@ def main() -> None:
     train, n_batches = loaded.labelled_batches("train", args.images, 64)
     recipe = Recipe(lr_taylor=args.lr_taylor, lr_model=args.lr_model, ce_weight=args.ce_weight,
                     schedule=args.schedule, warmup=args.warmup)
-    finetune_(student, teacher, train, n_batches, epochs=1, recipe=recipe, check=Track(), precision="bf16")
+    finetune_(student, teacher, train, n_batches, epochs=1, recipe=recipe, check=Track(), precision="bf16",
+              require_taylor=bool(layers))
     seconds = time.time() - t0
 
     def replay(kind: str, key: str, best) -> dict[str, float]:
