@@ -310,6 +310,39 @@ def test_automatic_distillation_runs_only_when_needed_and_keeps_the_best_check(t
     assert changed == (record["images_seen"] > 0)  # the best check's weights, or the untouched start
 
 
+def test_averaged_fine_tuning_keeps_the_mean_of_the_checks_closest_to_the_original(trained_tiny_vit_path):
+    """--check-average: no early stop over --distill-images, the running mean of the weights measured at each check
+    (accuracy and KL on the choose split), the lowest-KL mean (or the start) kept."""
+    import dataclasses
+
+    from tmlp import stages
+    from tmlp.spec import DistillSpec, ExportSpec, SourceSpec, TaylorConfig
+
+    spec = ExportSpec("test_vit", source=SourceSpec(checkpoint=trained_tiny_vit_path, calib_images=256,
+                                                    eval_images=200),
+                      calibration=TaylorConfig(k=8), distill=DistillSpec(check_images=128, images=512, average=True))
+    assert ExportSpec.from_dict(spec.to_dict()).distill.average
+    logs = []
+    loaded = stages.load(spec, logs.append, progress=False)
+    selection = stages.select(loaded, spec)
+    calibration = stages.calibrate_selection(loaded, selection, spec.calibration, 256, logs.append, False)
+    built = stages.build(loaded, selection, calibration, spec.calibration, spec.source, logs.append)
+    behind = dataclasses.replace(built, choose=built.choose_original - 0.5)  # as if it had lost 50 points
+    start = {k: v.clone() for k, v in built.model.state_dict().items()}
+    out = stages.distil(loaded, behind, spec, logs.append, False)
+    record = out.distillation
+    assert record["average"] and record["images"] == 512
+    averaged = record["whole_model_checks"] or record["checks"]  # no mean beat the start: Taylor tensors alone
+    assert [c["images"] for c in averaged] == [128, 256, 384, 512]  # never stopped early
+    assert all(c["choose_kl"] >= 0 for c in averaged)
+    if record["whole_model_checks"]:
+        assert "training the Taylor tensors alone" in "\n".join(logs)
+    else:  # the kept mean is the one closest to the original, or the untouched start
+        kept = [c for c in averaged if c["images"] == record["images_seen"]]
+        assert not kept or kept[0]["choose_kl"] == min(c["choose_kl"] for c in averaged)
+        assert any(not torch.equal(start[k], v) for k, v in out.model.state_dict().items()) == bool(kept)
+
+
 def test_the_plan_calibrates_every_k_in_one_pass_over_the_data(trained_tiny_vit_path, tmp_path, monkeypatch):
     from tmlp import stages
     from tmlp.calibration import calibrate as calibrate_module

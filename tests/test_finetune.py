@@ -191,3 +191,33 @@ def test_augmented_training_batches_are_seeded_and_the_same_for_every_rank_count
     assert torch.equal(auto, augmented[0][0]) == (loaded.data.augment == "crop_flip")
     with pytest.raises(TmlpError, match="--distill-augment"):
         DistillSpec(augment="mixup")
+
+
+def test_averaged_checks_keep_the_mean_closest_to_the_original(trained_tiny_vit, digits, digits_spec):
+    """tmlp.stages.AveragedChecks: each check adds the weights to their running mean and keeps the mean with the
+    lowest KL to the original; a mean no closer than the start leaves the start in place."""
+    from tmlp.stages import AveragedChecks
+
+    teacher = trained_tiny_vit.eval()
+    split = digits.val.subset(0, 64)
+    noisy = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in teacher.state_dict().items()}
+    exact = {k: v.clone() for k, v in teacher.state_dict().items()}
+
+    student = copy.deepcopy(teacher)  # starts at the original: KL 0, nothing can beat it
+    checks = AveragedChecks(student, teacher, split, digits_spec, every=64, log=lambda _: None)
+    student.load_state_dict(noisy)
+    assert checks(64) is False and checks.history[0]["choose_kl"] > 0
+    assert checks.restore_best() == 0
+    assert all(torch.equal(student.state_dict()[k], exact[k]) for k in exact)
+
+    student.load_state_dict(noisy)  # starts away from the original; the checks' weights (the start is not one) are it
+    checks = AveragedChecks(student, teacher, split, digits_spec, every=64, log=lambda _: None)
+    start_kl = checks.best_kl
+    student.load_state_dict(exact)
+    checks(64)
+    checks(128)
+    assert [c["images"] for c in checks.history] == [64, 128]
+    assert checks.history[0]["choose_kl"] < start_kl and checks.history[1]["choose_kl"] < start_kl
+    assert checks.restore_best() == 64  # the first mean already was the original; the second, no closer, is not kept
+    assert all(torch.allclose(student.state_dict()[k].float(), exact[k].float()) for k in exact)

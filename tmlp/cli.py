@@ -357,6 +357,12 @@ EPOCHS = _NumberOrWord(int, "auto", None)
 @spec_option("--check-patience", field="distill.patience", type=int,
              help="With --distill-epochs auto: checks in a row without a gain before training stops (the best "
                   "weights are kept; an accuracy near 70% on 2,500 images has a standard error of 0.9 points).")
+@click.option("--check-average/--no-check-average", "distill__average", default=None,
+              help="With --distill-epochs auto and --finetune: fine-tune over --distill-images (none: 30,720) "
+                   "without stopping early, average the weights at every check and keep the average closest to "
+                   "the original (lowest choose-split KL). Replayed on nine CIFAR-10 DeiT-Small fine-tuning runs it "
+                   "kept 0.42 points more on the report split than the best single check; not yet measured as a "
+                   "whole export.  [default: no-check-average]")
 @spec_option("--recover-images", field="distill.recover_images", type=int,
              help="After whole-model fine-tuning, training images of a brief fine-tuning after each MLP the budget "
                   "gives back, keeping the best of the start and two checks (0: none; CIFAR-10 DeiT-Small: two "

@@ -29,6 +29,7 @@ FITS = ("auto", "taylor", "lstsq")
 PARTITIONS = ("input", "hidden")
 HESSIANS = ("diag", "full")
 DISTILL_SCHEDULES = ("constant", "cosine")
+AVERAGE_IMAGES = 30720  # training images of averaged auto fine-tuning (bench/results/finetune-selection)
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 DISTILL_AUGMENTS = ("none", "auto", "crop_flip", "crop")
 
@@ -221,7 +222,9 @@ class DistillSpec:
     for the rest; loss KL to the original's logits +
     ``label_weight`` × cross-entropy; tmlp.finetune); without it logit distillation of the Taylor tensors alone.
     ``precision`` "bf16" runs the training steps' forward passes under bf16 autocast (the checks stay fp32); "auto"
-    does where the CPU multiplies bf16 natively (tmlp.train.native_bf16)."""
+    does where the CPU multiplies bf16 natively (tmlp.train.native_bf16). ``average`` (auto fine-tuning only):
+    train over ``images`` (None: ``AVERAGE_IMAGES``) without stopping early, average the weights at every check and
+    keep the average whose choose-split KL to the original is lowest (SWA-style)."""
 
     epochs: int | None = None
     lr: float = 1e-3
@@ -236,6 +239,7 @@ class DistillSpec:
     recover_images: int = 0  # after whole-model fine-tuning: images of fine-tuning after each MLP the budget gives back
     precision: str = "auto"  # bf16 autocast of the training steps where the CPU has native bf16 matmuls, else fp32
     augment: str = "none"  # random crops/flips of the training images (tmlp.data.augment_batch); "auto": the data set's
+    average: bool = False  # auto fine-tuning: no early stop; the running mean of the weights at the checks, lowest KL kept
 
     def __post_init__(self) -> None:
         if (self.epochs is not None and self.epochs < 0) or self.lr <= 0:
@@ -338,7 +342,7 @@ class ExportSpec:
     """One export, complete: the model name, a section per stage, and the output folder (None:
     runs/<model>-<dataset>)."""
 
-    VERSION: ClassVar[int] = 7
+    VERSION: ClassVar[int] = 8
     model: str
     source: SourceSpec = field(default_factory=SourceSpec)
     blocks: BlocksSpec = field(default_factory=BlocksSpec)
