@@ -522,12 +522,14 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
     w = world()  # under torchrun each rank trains on its share of every batch and scores its share of the checks
     def choose_accuracy(m: torch.nn.Module) -> float:
         return evaluate(m, splits.choose, loaded.spec, cpu, share=w)
-    checks = ChooseSplitChecks(built.model, choose_accuracy, built.choose, d.check_images, log,
-                               target=built.choose_original, patience=d.patience) if auto else None
-    if auto and d.average and d.finetune:
+    averaged = auto and d.average and d.finetune
+    if averaged:
         images = d.images or AVERAGE_IMAGES
         n_images = min(images, len(loaded.data.train))
         checks = AveragedChecks(built.model, loaded.model, splits.choose, loaded.spec, d.check_images, log)
+    else:
+        checks = ChooseSplitChecks(built.model, choose_accuracy, built.choose, d.check_images, log,
+                                   target=built.choose_original, patience=d.patience) if auto else None
     precision = resolve_precision(d.precision, cpu)
     train = dict(epochs=1 if auto else d.epochs, progress=progress and w.main, check=checks, precision=precision)
     batches, n_batches = loaded.labelled_batches("train", images, share=w, augment=d.augment,
@@ -566,7 +568,7 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
               "kl_per_epoch" if not d.finetune else "loss_per_epoch": losses, "accuracy_before": built.accuracy,
               "accuracy_after": after, "choose_before": built.choose, "choose_after": choose,
               "checks": checks.history if auto else [], "patience": d.patience if auto else None,
-              "average": bool(auto and d.average and d.finetune),
+              "average": averaged,
               "seconds": round(time.time() - t0, 1)}
     if d.finetune:
         record.update(finetune_lr=d.finetune_lr, label_weight=d.label_weight, whole_model_checks=whole_model_checks)
