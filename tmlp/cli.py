@@ -268,10 +268,11 @@ EPOCHS = _NumberOrWord(int, "auto", None)
                   "for --basis shared and taylor for dense.")
 @spec_option("--fit-ridge", field="calibration.fit_ridge", type=float,
              help="Ridge of --fit lstsq towards the Taylor values, relative to the features' variance.")
-@spec_option("--partition", field="calibration.partition", type=click.Choice(["input", "hidden"]),
+@spec_option("--partition", field="calibration.partition", type=click.Choice(["auto", "input", "hidden"]),
              help="Which centre serves a token: 'input' the nearest in the block's input space; 'hidden' the nearest "
                   "after the block's first Linear layer (K-means on its pre-activations, so cells follow where the "
-                  "activation bends; same graph, same speed).")
+                  "activation bends; same graph, same speed); 'auto' hidden wherever that layer keeps all the "
+                  "block's input directions (a transformer MLP), input elsewhere (VGG-16's head).")
 @spec_option("--partition-rank", field="calibration.partition_rank", type=click.IntRange(min=0),
              callback=_none_if_zero,
              help="Find the cells, and assign tokens, in this many leading principal directions of the partition's "

@@ -26,7 +26,7 @@ from tmlp.errors import TmlpError
 BASES = ("shared", "dense")
 BASIS_SOURCES = ("data", "jacobian")
 FITS = ("auto", "taylor", "lstsq")
-PARTITIONS = ("input", "hidden")
+PARTITIONS = ("auto", "input", "hidden")
 HESSIANS = ("diag", "full")
 DISTILL_SCHEDULES = ("constant", "cosine")
 AVERAGE_IMAGES = 30720  # training images of averaged auto fine-tuning (bench/results/finetune-selection)
@@ -55,7 +55,9 @@ class TaylorConfig:
     centre. ``fit`` "lstsq" refits the per-centre tensors to the block's outputs (ridge ``fit_ridge`` towards the
     Taylor values), "taylor" keeps the derivatives, "auto" is lstsq for the shared basis and taylor for dense.
     ``partition`` "input" serves a token from its nearest centre, "hidden" measures the distance through the block's
-    first Linear layer; ``partition_rank`` q finds cells and assigns tokens in q principal directions (None: all)."""
+    first Linear layer, "auto" is hidden wherever that layer keeps all the block's input directions and input
+    elsewhere (tmlp.taylor.partition.resolve_partition); ``partition_rank`` q finds cells and assigns tokens in q
+    principal directions (None: all)."""
 
     VERSION: ClassVar[int] = 1
     k: int = 100
@@ -121,7 +123,8 @@ class TaylorConfig:
         if self.fit == "lstsq":
             form += f", least-squares fit (ridge {self.fit_ridge})"
         if self.partition != "input" or self.partition_rank:
-            form += f", {self.partition} partition" + (
+            name = "hidden (input where the first layer narrows)" if self.partition == "auto" else self.partition
+            form += f", {name} partition" + (
                 f" in {self.partition_rank} principal directions" if self.partition_rank else "")
         return form
 

@@ -14,7 +14,7 @@ from tmlp.calibration.calibrate import kmeans, shared_block
 from tmlp.errors import TmlpError
 from tmlp.export.onnx_export import export_onnx
 from tmlp.taylor.partition import (assignment_tensors, centres_from_projected, hidden_factor, nearest_centre,
-                            partition_projection, project)
+                            partition_projection, project, resolve_partition)
 from tmlp.surgery import taylorize_
 from tmlp.taylor import SharedTaylorMLP, TaylorConfig
 
@@ -55,6 +55,22 @@ def test_hidden_factor_gives_the_first_layers_distance():
     rows = torch.randn(100, 12)
     assert partition_projection(block, "input", rows) is None
     assert torch.equal(partition_projection(block, "hidden", rows), factor)
+
+
+@pytest.mark.parametrize("block, expected", [
+    (Mlp(12, 48), "hidden"),  # a transformer MLP: 4x wider first layer
+    (Mlp(12, 6), "input"),  # narrower first layer (VGG-16's head, 25088 -> 4096): no Gram is formed
+    (nn.Sequential(nn.GELU()), "input"),  # no first Linear layer at all
+])
+def test_auto_partition_is_hidden_wherever_the_block_allows_it(block, expected):
+    assert resolve_partition(block, "auto", 12) == expected
+    assert resolve_partition(block, "input", 12) == "input"
+    rows = torch.randn(40, 12)
+    auto = partition_projection(block, "auto", rows)
+    if expected == "hidden":
+        assert torch.equal(auto, hidden_factor(block, 12))
+    else:
+        assert auto is None
 
 
 def test_partition_rank_keeps_the_leading_principal_directions():

@@ -10,7 +10,7 @@ A partition is Euclidean nearest centre in the coordinates x P of a projection P
 - q < d_in: x P first (``assign_projection``), then a [q, k] MatMul against W = C P: N·q·(d_in + k) instead of
   N·d_in·k multiply-adds (d_in = 384, k = 100, q = 16: 7.8× fewer).
 
-Partitions (``--partition``):
+Partitions (``--partition``; the default ``auto`` is ``hidden`` wherever the block allows it, else ``input``):
 
 - ``input``: P = I, K-means on the block's inputs x (the DESIGN's nearest centre).
 - ``hidden``: P = L with L Lᵀ = W₁ᵀW₁ (Cholesky), W₁ [h, d_in] the block's first Linear layer: K-means on its
@@ -52,22 +52,41 @@ def first_weight(block: nn.Module, d_in: int) -> torch.Tensor:
 def hidden_factor(block: nn.Module, d_in: int) -> torch.Tensor:
     """L [d_in, d_in] (float32, lower triangular) with L Lᵀ = W₁ᵀW₁ for the block's first Linear layer W₁."""
     w1 = first_weight(block, d_in).detach().double()
+    if w1.shape[0] < d_in:  # rank < d_in for sure, and the d_in x d_in Gram may not even fit (VGG-16's head)
+        raise TmlpError(f"--partition hidden needs the block's first layer to keep all {d_in} input directions "
+                        f"(it has {w1.shape[0]} outputs); use --partition input")
     gram = w1.T @ w1
     rank = int(torch.linalg.matrix_rank(gram))
-    if w1.shape[0] < d_in or rank < d_in:
+    if rank < d_in:
         raise TmlpError(f"--partition hidden needs the block's first layer to keep all {d_in} input directions "
                         f"(rank {rank}); use --partition input")
     return torch.linalg.cholesky(gram).float()
 
 
-def partition_projection(block: nn.Module, partition: str, rows: torch.Tensor, rank: int | None = None
-                         ) -> torch.Tensor | None:
-    """The projection P [d_in, q] (float32) of ``partition`` for ``block``, q = ``rank`` leading principal
-    directions of the partition's coordinates over ``rows`` [n, d_in] (all d_in when None); None for the plain
-    Euclidean distance (``input`` at full rank)."""
+def resolve_partition(block: nn.Module, partition: str, d_in: int) -> str:
+    """The partition ``block`` gets: ``partition`` itself, or for "auto" "hidden" when the block's first layer reads
+    its d_in inputs and keeps all their directions (timm's Mlp: 384 -> 1536), "input" otherwise (VGG-16's head,
+    25088 -> 4096, or a block with no such layer)."""
     if partition not in PARTITIONS:
         raise TmlpError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+    if partition != "auto":
+        return partition
+    try:
+        narrower = first_weight(block, d_in).shape[0] < d_in  # no d_in x d_in Gram for a 25088-wide head
+        if not narrower:
+            hidden_factor(block, d_in)
+    except TmlpError:
+        return "input"
+    return "input" if narrower else "hidden"
+
+
+def partition_projection(block: nn.Module, partition: str, rows: torch.Tensor, rank: int | None = None
+                         ) -> torch.Tensor | None:
+    """The projection P [d_in, q] (float32) of ``partition`` for ``block`` ("auto": resolve_partition), q =
+    ``rank`` leading principal directions of the partition's coordinates over ``rows`` [n, d_in] (all d_in when
+    None); None for the plain Euclidean distance (``input`` at full rank)."""
     d_in = rows.shape[1]
+    partition = resolve_partition(block, partition, d_in)
     if rank is not None and rank < 1:
         raise TmlpError(f"--partition-rank must be >= 1, got {rank}")
     factor = hidden_factor(block, d_in) if partition == "hidden" else None
