@@ -3,16 +3,21 @@
 # from an empty calibration cache, then `tmlp bench` and `tmlp bench --pareto` on it. Results are copied into
 # bench/results/cifar10-deit_small-default/ (export log, manifest, bench table, wall times) and
 # bench/results/pareto-cifar10/ (pareto.json/md/png and the log; batch8/: the same variants at batch 8). Pause any training while this runs.
-# Usage: bash bench/cifar10_deit_default.sh [CHECKPOINT] [DATASET]   (from the repository root, tmlp installed)
+# Usage: bash bench/cifar10_deit_default.sh [CHECKPOINT] [DATASET] [RUN] [DEFAULT_OUT] [PARETO_OUT] [CACHE]
+#   (from the repository root, tmlp installed). The 197-token model:
+#   bash bench/cifar10_deit_default.sh bench/deit_small_cifar10_56px_fp16.pt npz:../shared/data/cifar10-jpeg \
+#       runs/cifar56-default bench/results/cifar10-deit_small-56px-default bench/results/pareto-cifar10-56px \
+#       /tmp/tmlp-cache-cifar56
 set -euo pipefail
 checkpoint="${1:-bench/deit_small_cifar10_fp16.pt}"
 dataset="${2:-npz:../shared/data/cifar10-jpeg}"
-run=runs/cifar-default
-default_out=bench/results/cifar10-deit_small-default
-pareto_out=bench/results/pareto-cifar10
-# an empty calibration cache, so the export takes the time a user sees the first time; it is kept for later runs
-# on the same model (TMLP_CACHE=/tmp/tmlp-cache-cifar10 bash bench/cifar10_deit_all12.sh reuses the calibration)
-export TMLP_CACHE=/tmp/tmlp-cache-cifar10
+run="${3:-runs/cifar-default}"
+default_out="${4:-bench/results/cifar10-deit_small-default}"
+pareto_out="${5:-bench/results/pareto-cifar10}"
+# an empty calibration cache (this script's own folder, emptied), so the export takes the time a user sees the first
+# time; it is kept for later runs on the same model (TMLP_CACHE=/tmp/tmlp-cache-cifar10 bash
+# bench/cifar10_deit_all12.sh reuses the calibration)
+export TMLP_CACHE="${6:-/tmp/tmlp-cache-cifar10}"
 rm -rf "$TMLP_CACHE"
 mkdir -p "$default_out" "$pareto_out"
 rm -rf "$run"

@@ -10,7 +10,7 @@ A partition is Euclidean nearest centre in the coordinates x P of a projection P
 - q < d_in: x P first (``assign_projection``), then a [q, k] MatMul against W = C P: N·q·(d_in + k) instead of
   N·d_in·k multiply-adds (d_in = 384, k = 100, q = 16: 7.8× fewer).
 
-Partitions (``--partition``; the default ``auto`` is ``hidden`` wherever the block allows it, else ``input``):
+Partitions (``--partition``, default ``input``; ``auto`` is ``hidden`` wherever the block allows it, else ``input``):
 
 - ``input``: P = I, K-means on the block's inputs x (the DESIGN's nearest centre).
 - ``hidden``: P = L with L Lᵀ = W₁ᵀW₁ (Cholesky), W₁ [h, d_in] the block's first Linear layer: K-means on its
@@ -72,12 +72,10 @@ def resolve_partition(block: nn.Module, partition: str, d_in: int) -> str:
     if partition != "auto":
         return partition
     try:
-        narrower = first_weight(block, d_in).shape[0] < d_in  # no d_in x d_in Gram for a 25088-wide head
-        if not narrower:
-            hidden_factor(block, d_in)
+        hidden_factor(block, d_in)  # refuses a narrower first layer before forming its d_in x d_in Gram
     except TmlpError:
         return "input"
-    return "input" if narrower else "hidden"
+    return "hidden"
 
 
 def partition_projection(block: nn.Module, partition: str, rows: torch.Tensor, rank: int | None = None
