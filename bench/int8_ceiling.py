@@ -10,6 +10,12 @@ with its MLPs replaced by nothing (``nn.Identity``: the residual branch adds zer
 ``tmlp.int8.onnx``, and that T-MLP + int8 file with its per-centre tables stored in fp16 (a Cast after each
 Gather: is reading them what makes a Taylor block cost more in the model than alone?); onnxruntime CPU, 1 thread,
 batch 1, median of ``--repeats`` rounds' p50.
+
+``--chain`` also times the run's Taylor blocks outside the model, on random tokens [1, N, d] (N the model's tokens):
+one block alone, and all of them chained (x ← x + block(x)), interleaved with each other. Set against the blocks'
+in-model cost (T-MLP + int8 minus the model with those MLPs removed), it says whether a block costs more in the
+model because of the blocks themselves (their tables together outgrow the cache: the chain costs more than the
+blocks alone) or because of what runs around them (the chain costs what the blocks alone do).
 Results: ``--out``/ceiling.json and ceiling.md.
 """
 from __future__ import annotations
@@ -33,6 +39,19 @@ def without_mlps(model: torch.nn.Module, blocks: list[int]) -> torch.nn.Module:
     for i in blocks:
         net.blocks[i].mlp = torch.nn.Identity()
     return net
+
+
+class Chain(torch.nn.Module):
+    """Taylor blocks applied in sequence with a residual, x ← x + block(x): x [B, N, d] -> [B, N, d]."""
+
+    def __init__(self, blocks: list[torch.nn.Module]):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
 
 
 def fp16_tables(src: str, dst: str) -> int:
@@ -69,6 +88,7 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="an export folder with original.int8.onnx and tmlp.int8.onnx")
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chain", action="store_true", help="also time the run's Taylor blocks outside the model")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -95,11 +115,20 @@ def main() -> None:
         n_tables = fp16_tables(paths["T-MLP + int8 (the run's)"], paths["T-MLP + int8, per-centre tables fp16"])
         print(f"{n_tables} per-centre tables stored in fp16", flush=True)
         p50 = time_paths(paths, tuple(example.shape), args.runs, 10, args.repeats)
+        chain = taylor_chain(args.run, tmp, model, args.runs, args.repeats) if args.chain else None
     base = p50["int8 original"]
     rows = [{"variant": name, "p50_ms": round(ms, 3), "speedup_vs_int8": round(base / ms, 3)}
             for name, ms in p50.items()]
     lines = ["| variant | p50 ms | speed-up vs int8 original |", "| --- | --- | --- |"]
     lines += [f"| {r['variant']} | {r['p50_ms']:.3f} | {r['speedup_vs_int8']:.2f}× |" for r in rows]
+    if chain is not None:
+        removed = next(ms for name, ms in p50.items() if name.startswith("int8, MLPs 1-"))
+        chain["in_model_ms_per_block"] = round((p50["T-MLP + int8 (the run's)"] - removed) / chain["blocks"], 4)
+        lines += ["", f"The run's {chain['blocks']} Taylor blocks on random tokens {chain['shape']}, fp32, interleaved:",
+                  "", "| measure | ms per block |", "| --- | --- |",
+                  f"| one block alone (`{chain['alone']}`) | {chain['alone_ms']:.4f} |",
+                  f"| all {chain['blocks']} chained, per block | {chain['chain_ms'] / chain['blocks']:.4f} |",
+                  f"| in the model (T-MLP + int8 minus MLPs removed), per block | {chain['in_model_ms_per_block']:.4f} |"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
@@ -107,8 +136,29 @@ def main() -> None:
         os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "ceiling.json"),
                    {"checkpoint": args.checkpoint, "run": args.run, "runs": args.runs, "repeats": args.repeats,
-                    "cpu": platform.processor() or platform.machine(), "rows": rows})
+                    "cpu": platform.processor() or platform.machine(), "rows": rows, "chain": chain})
         write_text(os.path.join(args.out, "ceiling.md"), text)
+
+
+def taylor_chain(run_dir: str, tmp: str, model: torch.nn.Module, runs: int, repeats: int) -> dict:
+    """Time the Taylor blocks of ``run_dir``'s T-MLP model outside the model: its middle block alone and all of
+    them chained (``Chain``), fp32, on random tokens [1, N, d] with N the tokens ``model`` makes."""
+    from option_latency import time_paths
+
+    from tmlp.export import export_onnx
+    from tmlp.stages import load_tmlp_model
+
+    tmlp_model, layers = load_tmlp_model(run_dir)
+    blocks = [tmlp_model.get_submodule(f).eval() for f in layers]
+    middle = len(blocks) // 2
+    tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+    example = torch.zeros(1, tokens, blocks[0].d_in)
+    paths = {"alone": os.path.join(tmp, "alone.onnx"), "chain": os.path.join(tmp, "chain.onnx")}
+    export_onnx(Chain([blocks[middle]]), example, paths["alone"], {})
+    export_onnx(Chain(blocks), example, paths["chain"], {})
+    p50 = time_paths(paths, tuple(example.shape), runs, 10, repeats)
+    return {"blocks": len(blocks), "alone": layers[middle], "shape": list(example.shape),
+            "alone_ms": round(p50["alone"], 4), "chain_ms": round(p50["chain"], 4)}
 
 
 if __name__ == "__main__":
