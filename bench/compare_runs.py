@@ -1,6 +1,6 @@
 """Export folders side by side on the whole validation set: accuracy on the choose split, the report split and both
-(5,000 images: half the noise of one split), the mean KL(original || T-MLP) per image and the top-1 agreement with the original on each, the least noisy
-measures of how closely a T-MLP model follows the original.
+(5,000 images: 1/√2 of one split's noise), and on each split the mean KL(original || T-MLP) per image and the top-1
+agreement with the original, the least noisy measures of how closely a T-MLP model follows the original.
 
     python bench/compare_runs.py --checkpoint bench/deit_small_cifar10_fp16.pt --dataset npz:../shared/data/cifar10-jpeg \
         --runs runs/pre-ft,runs/pre-ft-hidden --out bench/results/partition-default
