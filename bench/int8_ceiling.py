@@ -12,7 +12,8 @@ Gather: is reading them what makes a Taylor block cost more in the model than al
 batch 1, median of ``--repeats`` rounds' p50.
 
 ``--chain`` also times the run's Taylor blocks outside the model, on random tokens [1, N, d] (N the model's tokens):
-one block alone, and all of them chained (x ← x + block(x)), interleaved with each other. Set against the blocks'
+one block alone (also on the tokens it sees in the model for 4 validation images: do real tokens, spread over more
+cells, gather more distinct rows of the tables?), and all of them chained (x ← x + block(x)), interleaved. Set against the blocks'
 in-model cost (T-MLP + int8 minus the model with those MLPs removed), it says whether a block costs more in the
 model because of the blocks themselves (their tables together outgrow the cache: the chain costs more than the
 blocks alone) or because of what runs around them (the chain costs what the blocks alone do).
@@ -27,6 +28,7 @@ import platform
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,6 +41,13 @@ def without_mlps(model: torch.nn.Module, blocks: list[int]) -> torch.nn.Module:
     for i in blocks:
         net.blocks[i].mlp = torch.nn.Identity()
     return net
+
+
+def loaded_images(loaded, n: int) -> torch.Tensor:
+    """The first ``n`` validation images of ``loaded`` (tmlp.stages.load_model_and_data), preprocessed [n, C, H, W]."""
+    from tmlp.train import batches
+
+    return next(iter(batches(loaded.data.val.subset(0, n), loaded.spec, n)))[0]
 
 
 class Chain(torch.nn.Module):
@@ -115,7 +124,8 @@ def main() -> None:
         n_tables = fp16_tables(paths["T-MLP + int8 (the run's)"], paths["T-MLP + int8, per-centre tables fp16"])
         print(f"{n_tables} per-centre tables stored in fp16", flush=True)
         p50 = time_paths(paths, tuple(example.shape), args.runs, 10, args.repeats)
-        chain = taylor_chain(args.run, tmp, model, args.runs, args.repeats) if args.chain else None
+        images = loaded_images(loaded, 4)
+        chain = taylor_chain(args.run, tmp, model, images, args.runs, args.repeats) if args.chain else None
     base = p50["int8 original"]
     rows = [{"variant": name, "p50_ms": round(ms, 3), "speedup_vs_int8": round(base / ms, 3)}
             for name, ms in p50.items()]
@@ -127,6 +137,7 @@ def main() -> None:
         lines += ["", f"The run's {chain['blocks']} Taylor blocks on random tokens {chain['shape']}, fp32, interleaved:",
                   "", "| measure | ms per block |", "| --- | --- |",
                   f"| one block alone (`{chain['alone']}`) | {chain['alone_ms']:.4f} |",
+                  f"| the same block on the tokens it sees in the model (4 validation images) | {chain['alone_real_ms']:.4f} |",
                   f"| all {chain['blocks']} chained, per block | {chain['chain_ms'] / chain['blocks']:.4f} |",
                   f"| in the model (T-MLP + int8 minus MLPs removed), per block | {chain['in_model_ms_per_block']:.4f} |"]
     text = "\n".join(lines) + "\n"
@@ -140,12 +151,23 @@ def main() -> None:
         write_text(os.path.join(args.out, "ceiling.md"), text)
 
 
-def taylor_chain(run_dir: str, tmp: str, model: torch.nn.Module, runs: int, repeats: int) -> dict:
-    """Time the Taylor blocks of ``run_dir``'s T-MLP model outside the model: its middle block alone and all of
-    them chained (``Chain``), fp32, on random tokens [1, N, d] with N the tokens ``model`` makes."""
-    from option_latency import time_paths
+def block_inputs(model: torch.nn.Module, fqn: str, images: torch.Tensor) -> list[np.ndarray]:
+    """The inputs [1, N, d] that block ``fqn`` of ``model`` sees for each of ``images`` [B, C, H, W]."""
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(fqn).register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    return [row[None].numpy().astype(np.float32) for row in seen[0]]
 
+
+def taylor_chain(run_dir: str, tmp: str, model: torch.nn.Module, images: torch.Tensor, runs: int, repeats: int
+                 ) -> dict:
+    """Time the Taylor blocks of ``run_dir``'s T-MLP model outside the model, fp32, interleaved: its middle block
+    alone on random tokens [1, N, d] (N the tokens ``model`` makes) and on the tokens it sees for ``images`` in the
+    original model, and all of them chained (``Chain``) on random tokens."""
     from tmlp.export import export_onnx
+    from tmlp.runtime import run
     from tmlp.stages import load_tmlp_model
 
     tmlp_model, layers = load_tmlp_model(run_dir)
@@ -153,12 +175,23 @@ def taylor_chain(run_dir: str, tmp: str, model: torch.nn.Module, runs: int, repe
     middle = len(blocks) // 2
     tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
     example = torch.zeros(1, tokens, blocks[0].d_in)
-    paths = {"alone": os.path.join(tmp, "alone.onnx"), "chain": os.path.join(tmp, "chain.onnx")}
-    export_onnx(Chain([blocks[middle]]), example, paths["alone"], {})
-    export_onnx(Chain(blocks), example, paths["chain"], {})
-    p50 = time_paths(paths, tuple(example.shape), runs, 10, repeats)
+    alone, chain = os.path.join(tmp, "alone.onnx"), os.path.join(tmp, "chain.onnx")
+    export_onnx(Chain([blocks[middle]]), example, alone, {})
+    export_onnx(Chain(blocks), example, chain, {})
+    rng = np.random.default_rng(0)
+    noise = [rng.standard_normal(tuple(example.shape)).astype(np.float32) for _ in range(4)]
+    cases = {"alone": (alone, noise), "alone_real": (alone, block_inputs(model, layers[middle], images)),
+             "chain": (chain, noise)}
+    sessions = {name: run.make_session(path, "cpu", 1) for name, (path, _) in cases.items()}
+    rounds: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, session in sessions.items():
+            times = run.time_batches(session, session.get_inputs()[0].name, cases[name][1], 10, runs)
+            rounds[name].append(run.percentiles(times)["p50"])
+    p50 = {name: float(np.median(v)) for name, v in rounds.items()}
     return {"blocks": len(blocks), "alone": layers[middle], "shape": list(example.shape),
-            "alone_ms": round(p50["alone"], 4), "chain_ms": round(p50["chain"], 4)}
+            "alone_ms": round(p50["alone"], 4), "alone_real_ms": round(p50["alone_real"], 4),
+            "chain_ms": round(p50["chain"], 4)}
 
 
 if __name__ == "__main__":
