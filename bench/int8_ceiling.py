@@ -124,8 +124,8 @@ def main() -> None:
         n_tables = fp16_tables(paths["T-MLP + int8 (the run's)"], paths["T-MLP + int8, per-centre tables fp16"])
         print(f"{n_tables} per-centre tables stored in fp16", flush=True)
         p50 = time_paths(paths, tuple(example.shape), args.runs, 10, args.repeats)
-        images = loaded_images(loaded, 4)
-        chain = taylor_chain(args.run, tmp, model, images, args.runs, args.repeats) if args.chain else None
+        chain = (taylor_chain(args.run, tmp, model, loaded_images(loaded, 4), args.runs, args.repeats)
+                 if args.chain else None)
     base = p50["int8 original"]
     rows = [{"variant": name, "p50_ms": round(ms, 3), "speedup_vs_int8": round(base / ms, 3)}
             for name, ms in p50.items()]
