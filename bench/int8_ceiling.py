@@ -166,8 +166,9 @@ def taylor_chain(run_dir: str, tmp: str, model: torch.nn.Module, images: torch.T
     """Time the Taylor blocks of ``run_dir``'s T-MLP model outside the model, fp32, interleaved: its middle block
     alone on random tokens [1, N, d] (N the tokens ``model`` makes) and on the tokens it sees for ``images`` in the
     original model, and all of them chained (``Chain``) on random tokens."""
+    from option_latency import time_paths
+
     from tmlp.export import export_onnx
-    from tmlp.runtime import run
     from tmlp.stages import load_tmlp_model
 
     tmlp_model, layers = load_tmlp_model(run_dir)
@@ -178,17 +179,8 @@ def taylor_chain(run_dir: str, tmp: str, model: torch.nn.Module, images: torch.T
     alone, chain = os.path.join(tmp, "alone.onnx"), os.path.join(tmp, "chain.onnx")
     export_onnx(Chain([blocks[middle]]), example, alone, {})
     export_onnx(Chain(blocks), example, chain, {})
-    rng = np.random.default_rng(0)
-    noise = [rng.standard_normal(tuple(example.shape)).astype(np.float32) for _ in range(4)]
-    cases = {"alone": (alone, noise), "alone_real": (alone, block_inputs(model, layers[middle], images)),
-             "chain": (chain, noise)}
-    sessions = {name: run.make_session(path, "cpu", 1) for name, (path, _) in cases.items()}
-    rounds: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, session in sessions.items():
-            times = run.time_batches(session, session.get_inputs()[0].name, cases[name][1], 10, runs)
-            rounds[name].append(run.percentiles(times)["p50"])
-    p50 = {name: float(np.median(v)) for name, v in rounds.items()}
+    p50 = time_paths({"alone": alone, "alone_real": alone, "chain": chain}, tuple(example.shape), runs, 10, repeats,
+                     inputs={"alone_real": block_inputs(model, layers[middle], images)})
     return {"blocks": len(blocks), "alone": layers[middle], "shape": list(example.shape),
             "alone_ms": round(p50["alone"], 4), "alone_real_ms": round(p50["alone_real"], 4),
             "chain_ms": round(p50["chain"], 4)}

@@ -36,9 +36,10 @@ def random_block(d: int, k: int, rank: int, q: int, seed: int = 0) -> torch.nn.M
     return build_taylor_block(torch.randn(k, d, generator=g), derivatives, 1, projection).eval()
 
 
-def time_paths(paths: dict[str, str], shape: tuple[int, ...], runs: int, warmup: int, repeats: int
-               ) -> dict[str, float]:
-    """Median over ``repeats`` interleaved rounds of each model's p50 (ms) on random inputs of ``shape``."""
+def time_paths(paths: dict[str, str], shape: tuple[int, ...], runs: int, warmup: int, repeats: int,
+               inputs: dict[str, list[np.ndarray]] | None = None) -> dict[str, float]:
+    """Median over ``repeats`` interleaved rounds of each model's p50 (ms) on random inputs of ``shape`` (the
+    batches ``inputs[name]`` instead, for the names it holds)."""
     sessions = {name: run.make_session(path, "cpu", 1) for name, path in paths.items()}
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
@@ -46,7 +47,8 @@ def time_paths(paths: dict[str, str], shape: tuple[int, ...], runs: int, warmup:
     for _ in range(repeats):
         for name, session in sessions.items():
             input_name = session.get_inputs()[0].name
-            rounds[name].append(run.percentiles(run.time_batches(session, input_name, batches, warmup, runs))["p50"])
+            data = (inputs or {}).get(name, batches)
+            rounds[name].append(run.percentiles(run.time_batches(session, input_name, data, warmup, runs))["p50"])
     return {name: float(np.median(v)) for name, v in rounds.items()}
 
 

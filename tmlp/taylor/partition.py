@@ -71,11 +71,17 @@ def resolve_partition(block: nn.Module, partition: str, d_in: int) -> str:
         raise TmlpError(f"partition must be one of {PARTITIONS}, got {partition!r}")
     if partition != "auto":
         return partition
-    try:
-        hidden_factor(block, d_in)  # refuses a narrower first layer before forming its d_in x d_in Gram
-    except TmlpError:
-        return "input"
-    return "hidden"
+    return "input" if _factor(block, partition, d_in) is None else "hidden"
+
+
+def _factor(block: nn.Module, partition: str, d_in: int) -> torch.Tensor | None:
+    """The hidden partition's L (hidden_factor) for "hidden", and for "auto" where the block allows it; else None."""
+    if partition == "auto":
+        try:
+            return hidden_factor(block, d_in)  # refuses a narrower first layer before forming its d_in x d_in Gram
+        except TmlpError:
+            return None
+    return hidden_factor(block, d_in) if partition == "hidden" else None
 
 
 def partition_projection(block: nn.Module, partition: str, rows: torch.Tensor, rank: int | None = None
@@ -83,11 +89,12 @@ def partition_projection(block: nn.Module, partition: str, rows: torch.Tensor, r
     """The projection P [d_in, q] (float32) of ``partition`` for ``block`` ("auto": resolve_partition), q =
     ``rank`` leading principal directions of the partition's coordinates over ``rows`` [n, d_in] (all d_in when
     None); None for the plain Euclidean distance (``input`` at full rank)."""
+    if partition not in PARTITIONS:
+        raise TmlpError(f"partition must be one of {PARTITIONS}, got {partition!r}")
     d_in = rows.shape[1]
-    partition = resolve_partition(block, partition, d_in)
     if rank is not None and rank < 1:
         raise TmlpError(f"--partition-rank must be >= 1, got {rank}")
-    factor = hidden_factor(block, d_in) if partition == "hidden" else None
+    factor = _factor(block, partition, d_in)  # one Cholesky, "auto" included
     if rank is None or rank >= d_in:
         return factor
     coords = rows.double() if factor is None else rows.double() @ factor.double()
