@@ -298,7 +298,8 @@ def test_pareto_bench_builds_measures_and_draws_every_variant(exported, tmp_path
     front = [v for v in result["variants"] if v["on_front"]]
     for v in front:  # nothing is both faster and more accurate than a point of the front
         assert not any(w["p50_ms"] < v["p50_ms"] and w["accuracy"] > v["accuracy"] for w in result["variants"])
-    assert (run / "pareto.png").stat().st_size > 10_000 and 0 < result["mlp_keep"] < 1
+    assert (run / "pareto.png").stat().st_size > 10_000
+    assert len(result["mlp_keep"]) == 1 and 0 < result["mlp_keep"][0] < 1  # the T-MLP's share
     assert [w["budget_points"] for w in result["fastest_within"]] == [0.0, 0.5, 1.0, 2.0]
     assert "fastest variant within it" in (run / "pareto.md").read_text()
     by_name = {v["name"]: v for v in result["variants"]}
@@ -308,6 +309,20 @@ def test_pareto_bench_builds_measures_and_draws_every_variant(exported, tmp_path
         static = onnx.load(str(run / by_name[name + " + int8 static"]["onnx"])).graph.node
         assert sum(n.op_type == "ArgMin" for n in static) == 6 and any(n.op_type == "QuantizeLinear" for n in static)
     assert not (run / "pareto" / "tmlp-tokens").exists()  # built from tmlp.pt, no second export
+
+    # several pruning / low-rank budgets: one pair of variants each, named by their share; the rest is reused
+    built = {p.name: p.stat().st_mtime_ns for p in (run / "pareto").glob("*.onnx")}
+    _ok(["bench", "--pareto", "--run", str(run), "--runs", "3", "--warmup", "1", "--repeats", "1",
+         "--finetune-images", "32", "--mlp-keep", "0.5", "--mlp-keep", "0.25"])
+    result = json.load(open(run / "pareto.json"))
+    by_name = {v["name"]: v for v in result["variants"]}
+    assert result["mlp_keep"] == [0.5, 0.25] and "prune MLPs" not in by_name
+    for method in ("prune", "low-rank"):
+        for keep, label in ((0.5, "50%"), (0.25, "25%")):
+            for name in (f"{method} MLPs {label}", f"{method} MLPs {label} + int8 dynamic"):
+                assert by_name[name]["mlp_keep"] == keep and (run / by_name[name]["onnx"]).is_file(), name
+    assert by_name["prune MLPs 25%"]["file_mb"] < by_name["prune MLPs 50%"]["file_mb"]
+    assert all((run / "pareto" / name).stat().st_mtime_ns == t for name, t in built.items())  # reused, not rebuilt
 
 
 def test_export_with_token_reduction(trained, tmp_path):

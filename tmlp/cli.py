@@ -457,8 +457,9 @@ def export(model: str, **flags) -> None:
               help="--pareto: share of patch tokens the token-reduction variants keep.")
 @click.option("--finetune-images", type=click.IntRange(0), default=5000, show_default=True,
               help="--pareto: training images of the distillation fine-tune of the pruned/low-rank/Tucker variants.")
-@click.option("--mlp-keep", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="--pareto: share of MLP multiply-adds the pruned and low-rank variants keep [default: the "
+@click.option("--mlp-keep", type=click.FloatRange(0, 1, min_open=True), multiple=True,
+              help="--pareto: share of MLP multiply-adds the pruned and low-rank variants keep; repeat it for "
+                   "several (e.g. --mlp-keep 0.1 --mlp-keep 0.25: their own accuracy-latency curve) [default: the "
                    "T-MLP's own share].")
 @click.argument("reports", nargs=-1, type=click.Path(dir_okay=False))
 @user_errors

@@ -36,11 +36,11 @@ FOLDER = "pareto"
 class ParetoOptions:
     """How the variants are built: ``token_keep`` the share of patch tokens token reduction keeps; ``finetune_images``
     the training images of the pruned/low-rank/Tucker variants' distillation fine-tune (0: none); ``mlp_keep`` the
-    share of MLP multiply-adds pruning and low rank keep (None: the T-MLP's own)."""
+    shares of MLP multiply-adds pruning and low rank keep, one pair of variants each (empty: the T-MLP's own)."""
 
     token_keep: float = 0.7
     finetune_images: int = 5000
-    mlp_keep: float | None = None
+    mlp_keep: tuple[float, ...] = ()
 
 
 @dataclass
@@ -85,7 +85,7 @@ class _Builder:
     """Builds the variants of one run folder (the model and data loaded once, on first need)."""
 
     def __init__(self, run_dir: str, manifest: dict[str, Any], log: Log, progress: bool, token_keep: float,
-                 finetune_images: int, mlp_keep: float | None):
+                 finetune_images: int, mlp_keep: tuple[float, ...]):
         from tmlp.spec import ExportSpec
 
         self.run_dir, self.manifest, self.log, self.progress = run_dir, manifest, log, progress
@@ -114,11 +114,14 @@ class _Builder:
         return int(getattr(self.loaded.model, "num_prefix_tokens", 0) or 0) >= 1 and hasattr(self.loaded.model,
                                                                                                  "blocks")
 
-    def mlp_keep(self) -> float:
-        """The share of MLP multiply-adds the baselines keep in the blocks T-MLP replaced: the Taylor blocks' own
-        (``replaced_mac_share`` of the plan, or of the export's form)."""
-        if self.mlp_keep_given is not None:
-            return self.mlp_keep_given
+    def mlp_keeps(self) -> tuple[float, ...]:
+        """The shares of MLP multiply-adds the baselines keep in the blocks T-MLP replaced: those asked for, else the
+        Taylor blocks' own (``replaced_mac_share`` of the plan, or of the export's form)."""
+        if self.mlp_keep_given:
+            return tuple(self.mlp_keep_given)
+        return (self._taylor_share(),)
+
+    def _taylor_share(self) -> float:
         share = replaced_mac_share(self.manifest.get("layer_plan") or {})
         if share is not None:
             return share
@@ -260,8 +263,9 @@ def _variants(b: _Builder) -> list[Variant]:
     for how in ("dynamic", "static"):
         out.append(Variant(f"int8 {how}", (f"int8-{how}",), b.quantized("original.onnx", how, None)))
         out.append(Variant(f"T-MLP + int8 {how}", ("tmlp", f"int8-{how}"), b.quantized("tmlp.onnx", how, taylor)))
-    keep = b.mlp_keep()
-    b.log(f"baselines keep {100 * keep:.1f}% of the MLP multiply-adds (the T-MLP's share)")
+    keeps = b.mlp_keeps()
+    b.log("baselines keep " + ", ".join(f"{100 * k:.1f}%" for k in keeps) + " of the MLP multiply-adds"
+          + ("" if b.mlp_keep_given else " (the T-MLP's share)"))
     if b.has_class_token:
         net = copy.deepcopy(b.loaded.model)
         schedule = apply_token_reduction_(net, TokenReduction(keep=b.token_keep))
@@ -284,18 +288,22 @@ def _variants(b: _Builder) -> list[Variant]:
                 out.append(Variant(f"T-MLP + tokens {b.token_keep:g}{label} + int8 {how}",
                                    ("tmlp", method, f"int8-{how}"), b.quantized(rel, how, mlp_layers)))
     for method, fn in (("prune", prune_hidden_), ("low-rank", low_rank_)):
-        rel = os.path.join(FOLDER, f"{method}-{keep:.3f}.onnx")
-        if not os.path.isfile(b.path(rel)):
-            net = copy.deepcopy(b.loaded.model)
-            record = fn(net, taylor, keep)
-            if not record["blocks"]:
-                b.log(f"{method} skipped: no block it can shrink ({record['skipped']})")
-                continue
-            b.log(f"{method}: {len(record['blocks'])} MLP block(s) at {100 * keep:.1f}% of their multiply-adds; "
-                  f"fine-tuning on {b.finetune_images} training images")
-            b.export(b.finetuned(net), rel, method)
-        out.append(Variant(f"{method} MLPs", (method,), rel))
-        out.append(Variant(f"{method} MLPs + int8 dynamic", (method, "int8-dynamic"), b.quantized(rel, "dynamic", None)))
+        for keep in keeps:
+            rel = os.path.join(FOLDER, f"{method}-{keep:.3f}.onnx")
+            if not os.path.isfile(b.path(rel)):
+                net = copy.deepcopy(b.loaded.model)
+                record = fn(net, taylor, keep)
+                if not record["blocks"]:
+                    b.log(f"{method} skipped: no block it can shrink ({record['skipped']})")
+                    break
+                b.log(f"{method}: {len(record['blocks'])} MLP block(s) at {100 * keep:.1f}% of their multiply-adds; "
+                      f"fine-tuning on {b.finetune_images} training images")
+                b.export(b.finetuned(net), rel, method)
+            name = f"{method} MLPs" + (f" {100 * keep:.3g}%" if len(keeps) > 1 else "")
+            notes = {"mlp_keep": keep}
+            out.append(Variant(name, (method,), rel, notes))
+            out.append(Variant(f"{name} + int8 dynamic", (method, "int8-dynamic"), b.quantized(rel, "dynamic", None),
+                               notes))
     if not b.has_class_token:
         rel = os.path.join(FOLDER, "tucker-0.5.onnx")
         if not os.path.isfile(b.path(rel)):
@@ -359,7 +367,7 @@ def run_pareto(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: in
               "n_eval": measured[0][0].get("n_eval"), "provider": ran_on([{"provider": m[0]["provider"]}
                                                                            for m in measured]),
               "threads": threads, "batch": batch, "runs": runs, "repeats": repeats,
-              "token_keep": options.token_keep, "mlp_keep": builder.mlp_keep(),
+              "token_keep": options.token_keep, "mlp_keep": list(builder.mlp_keeps()),
               "finetune_images": options.finetune_images,
               "machine": measured[0][0].get("machine"), "variants": rows, "fastest_within": fastest_within(rows)}
     result["markdown"] = format_pareto(result)
