@@ -85,6 +85,14 @@ def taylor_nodes(optimized: str, chain: bool) -> set[str]:
     return found
 
 
+def op_counts(optimized: str, skip: set[str]) -> dict[str, int]:
+    """Nodes per op type in the optimized graph ``optimized``, leaving out the nodes named in ``skip``."""
+    import onnx
+
+    graph = onnx.load(optimized, load_external_data=False).graph
+    return dict(collections.Counter(n.op_type for n in graph.node if n.name not in skip))
+
+
 def node_times(profile: str, skip_runs: int) -> tuple[dict[str, tuple[str, float]], float]:
     """From an onnxruntime profile: {node name: (op type, mean kernel µs per run)} over the runs after the first
     ``skip_runs``, and the mean wall µs of those runs."""
@@ -140,6 +148,7 @@ def main() -> None:
         inputs["removed"] = inputs["tmlp"]
         times: dict[str, list] = {name: [] for name in paths}
         taylor: dict[str, set[str]] = {}
+        counts: dict[str, dict[str, int]] = {}
         for r in range(args.repeats):
             for name, path in paths.items():
                 optimized = os.path.join(tmp, f"{name}.opt.onnx")
@@ -149,7 +158,9 @@ def main() -> None:
                     session.run(None, feed)
                 times[name].append(node_times(session.end_profiling(), warmup))
                 taylor.setdefault(name, taylor_nodes(optimized, name == "chain") if name != "removed" else set())
+                counts.setdefault(name, op_counts(optimized, taylor[name]))
     summary = summarize(times, taylor, len(blocks))
+    summary["other_nodes"] = {name: counts[name] for name in ("tmlp", "removed")}
     summary.update(checkpoint=args.checkpoint, run=args.run, runs=args.runs, repeats=args.repeats, blocks=layers,
                    tokens=tokens, cpu=platform.processor() or platform.machine())
     text = render(summary)
@@ -203,13 +214,16 @@ def render(s: dict) -> str:
     tm, tc = sum(model.values()), sum(chain.values())
     lines.append(f"| **all** | **{tm:.2f}** | **{tc:.2f}** | **{tm / tc:.2f}×** |")
     rest_t, rest_r = s["rest_tmlp_us"], s["rest_removed_us"]
-    lines += ["", "| other nodes, op type | T-MLP + int8, µs | MLPs removed, µs | difference µs |",
-              "| --- | --- | --- | --- |"]
-    for op in sorted(set(rest_t) | set(rest_r), key=lambda o: -rest_t.get(o, 0.0)):
+    n_t, n_r = s["other_nodes"]["tmlp"], s["other_nodes"]["removed"]
+    lines += ["", "| other nodes, op type | T-MLP + int8, µs | MLPs removed, µs | difference µs "
+              "| nodes (T-MLP / removed) |",
+              "| --- | --- | --- | --- | --- |"]
+    for op in sorted(set(rest_t) | set(rest_r) | set(n_t) | set(n_r), key=lambda o: -rest_t.get(o, 0.0)):
         a, b = rest_t.get(op, 0.0), rest_r.get(op, 0.0)
-        lines.append(f"| {op} | {a:.1f} | {b:.1f} | {a - b:+.1f} |")
+        lines.append(f"| {op} | {a:.1f} | {b:.1f} | {a - b:+.1f} | {n_t.get(op, 0)} / {n_r.get(op, 0)} |")
     a, b = sum(rest_t.values()), sum(rest_r.values())
-    lines.append(f"| **all** | **{a:.1f}** | **{b:.1f}** | **{a - b:+.1f}** |")
+    lines.append(f"| **all** | **{a:.1f}** | **{b:.1f}** | **{a - b:+.1f}** "
+                 f"| {sum(n_t.values())} / {sum(n_r.values())} |")
     lines += ["", "| model | wall µs per run | kernels µs | wall − kernels µs |", "| --- | --- | --- | --- |"]
     for name in s["wall_us"]:
         w, k = s["wall_us"][name], s["kernels_us"][name]
