@@ -54,14 +54,11 @@ def profiled_session(path: str, optimized: str, prefix: str):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def taylor_nodes(optimized: str, chain: bool) -> set[str]:
-    """Names of the nodes of the optimized graph ``optimized`` that belong to a Taylor block: everything reached
+def taylor_nodes(graph, chain: bool) -> set[str]:
+    """Names of the nodes of the optimized graph ``graph`` (onnx GraphProto) that belong to a Taylor block: everything reached
     from a ``blocks.<i>.norm2`` LayerNormalization's output up to (not including) the residual (``RESIDUAL_OPS``),
     for blocks whose MLP is a Taylor block (its ``half_sq_norm`` is read downstream); in a chain, every non-Add
     node."""
-    import onnx
-
-    graph = onnx.load(optimized, load_external_data=False).graph
     if chain:
         return {n.name for n in graph.node if n.op_type != "Add"}
     consumers: dict[str, list] = collections.defaultdict(list)
@@ -85,11 +82,8 @@ def taylor_nodes(optimized: str, chain: bool) -> set[str]:
     return found
 
 
-def op_counts(optimized: str, skip: set[str]) -> dict[str, int]:
-    """Nodes per op type in the optimized graph ``optimized``, leaving out the nodes named in ``skip``."""
-    import onnx
-
-    graph = onnx.load(optimized, load_external_data=False).graph
+def op_counts(graph, skip: set[str]) -> dict[str, int]:
+    """Nodes per op type in the graph ``graph`` (onnx GraphProto), leaving out the nodes named in ``skip``."""
     return dict(collections.Counter(n.op_type for n in graph.node if n.name not in skip))
 
 
@@ -122,6 +116,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
+    import onnx
     from int8_ceiling import Chain, without_mlps
 
     from tmlp.export import export_onnx
@@ -157,8 +152,10 @@ def main() -> None:
                 for _ in range(warmup + args.runs):
                     session.run(None, feed)
                 times[name].append(node_times(session.end_profiling(), warmup))
-                taylor.setdefault(name, taylor_nodes(optimized, name == "chain") if name != "removed" else set())
-                counts.setdefault(name, op_counts(optimized, taylor[name]))
+                if r == 0:  # the optimized graph is the same every round: classify its nodes once
+                    graph = onnx.load(optimized, load_external_data=False).graph
+                    taylor[name] = taylor_nodes(graph, name == "chain") if name != "removed" else set()
+                    counts[name] = op_counts(graph, taylor[name])
     summary = summarize(times, taylor, len(blocks))
     summary["other_nodes"] = {name: counts[name] for name in ("tmlp", "removed")}
     summary.update(checkpoint=args.checkpoint, run=args.run, runs=args.runs, repeats=args.repeats, blocks=layers,
