@@ -15,7 +15,8 @@ of weights on both validation splits (first half: choose, second half: report):
 
 For each it records the top-1 accuracy and the mean KL(original || T-MLP) per image, so a stopping rule can be
 replayed afterwards: which check would "best choose accuracy" or "lowest choose KL" keep, and what does that check
-score on the report split. Results: ``--out``/selection.json and selection.md.
+score on the report split. ``--feature-weight W`` adds W x the normalized squared error of every transformer block's
+output against the original's to the loss (``match_features``). Results: ``--out``/selection.json and selection.md.
 """
 from __future__ import annotations
 
@@ -34,6 +35,41 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached fp32 copy of every floating-point tensor of ``model``'s state (parameters and buffers)."""
     return {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+class _AddFeatureGrad(torch.autograd.Function):
+    """Identity in the forward pass; the backward pass adds the gradient of ``scale`` x ||out - target||^2 to the
+    incoming one, so a feature-matching loss joins the logits' loss without changing ``finetune_``."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(out, target)
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, target = ctx.saved_tensors
+        return grad + (2 * ctx.scale * (out.float() - target.float())).to(grad.dtype), None, None
+
+
+def match_features(student: torch.nn.Module, teacher: torch.nn.Module, paths: list[str], weight: float) -> None:
+    """Hooks that add ``weight`` x the mean over ``paths`` of ||s - t||^2 / mean(t^2) (each module's output in the
+    student s against the teacher t on the same batch, the teacher run first) to every gradient step of the student;
+    inactive while gradients are off (measurements). Scaled by the batch size, as ``finetune_``'s summed loss is."""
+    seen: dict[str, torch.Tensor] = {}
+    for path in paths:
+        def keep(_m, _i, out, path=path):
+            seen[path] = out.detach()
+        teacher.get_submodule(path).register_forward_hook(keep)
+
+        def pull(_m, _i, out, path=path):
+            if not torch.is_grad_enabled() or path not in seen:
+                return None
+            t = seen.pop(path)
+            scale = weight * len(out) / (len(paths) * t.numel() * float(t.float().pow(2).mean()))
+            return _AddFeatureGrad.apply(out, t, scale)
+        student.get_submodule(path).register_forward_hook(pull)
 
 
 def main() -> None:
@@ -56,6 +92,9 @@ def main() -> None:
                         help="comma-separated module paths (e.g. blocks.11.mlp) whose original MLP is put back before "
                              "training: the same run with fewer blocks replaced; 'all': the original model itself, "
                              "fine-tuned the same way (the control)")
+    parser.add_argument("--feature-weight", type=float, default=0.0,
+                        help="also match every transformer block's output to the original's (normalized squared "
+                             "error, mean over blocks, this weight; 0: logits only, as the export does)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "finetune-selection"))
     args = parser.parse_args()
 
@@ -74,6 +113,8 @@ def main() -> None:
             raise SystemExit(f"--keep-mlp {path}: not a Taylor block of {args.run} ({', '.join(layers)})")
         student.set_submodule(path, copy.deepcopy(teacher.get_submodule(path)))
         layers.remove(path)
+    if args.feature_weight > 0:
+        match_features(student, teacher, [f"blocks.{i}" for i in range(len(teacher.blocks))], args.feature_weight)
     val = loaded.data.val
     n = min(5000, len(val))
     splits = {"choose": val.subset(0, n // 2), "report": val.subset(n // 2, n)}
@@ -149,7 +190,7 @@ def main() -> None:
              replay("mean", "choose_accuracy", max), replay("mean", "choose_kl", min)]
     result = {"run": args.run, "layers": layers, "checkpoint": args.checkpoint, "dataset": loaded.dataset,
               "images": args.images, "every": args.every, "lr_taylor": args.lr_taylor, "lr_model": args.lr_model,
-              "ce_weight": args.ce_weight, "schedule": args.schedule,
+              "ce_weight": args.ce_weight, "feature_weight": args.feature_weight, "schedule": args.schedule,
               "warmup": args.warmup if args.schedule == "cosine" else 0.0, "eval_precision": args.eval_precision,
               "ema": args.ema, "original": original,
               "rows": rows, "rules": rules, "seconds": round(seconds, 1)}
