@@ -117,8 +117,9 @@ def gather_3d_tables(path: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="an export folder with tmlp.pt, tmlp.onnx and the int8 files")
-    parser.add_argument("--runs", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=25,
+                        help="interleaved rounds (9 rounds ranked the formulations differently twice on this machine)")
     parser.add_argument("--no-timing", action="store_true", help="export, count and check only")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
