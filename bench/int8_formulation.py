@@ -51,14 +51,14 @@ def forward_3d(block: torch.nn.Module, x: torch.Tensor, einsum: bool) -> torch.T
 
 @contextlib.contextmanager
 def formulation(name: str, model: torch.nn.Module):
-    """Swap SharedTaylorMLP.forward for formulation ``name`` while the context is open (the blocks of ``model`` get
-    a buffer ``s_rows``, S as [k, r_out·r], for the Gather)."""
+    """Swap SharedTaylorMLP.forward for formulation ``name`` while the context is open (the blocks of ``model`` hold
+    a buffer ``s_rows``, S as [k, r_out·r], for the Gather, until it closes)."""
     from tmlp.taylor import SharedTaylorMLP
 
     original = SharedTaylorMLP.forward
-    for block in model.modules():
-        if isinstance(block, SharedTaylorMLP):
-            block.register_buffer("s_rows", block.s.flatten(1).contiguous())
+    blocks = [m for m in model.modules() if isinstance(m, SharedTaylorMLP)]
+    for block in blocks:
+        block.register_buffer("s_rows", block.s.flatten(1).contiguous())
     if name != "current":
         einsum = name == "3-D einsum"
 
@@ -71,6 +71,8 @@ def formulation(name: str, model: torch.nn.Module):
         yield
     finally:
         SharedTaylorMLP.forward = original
+        for block in blocks:
+            del block.s_rows
 
 
 def gather_3d_tables(path: str) -> int:
