@@ -414,7 +414,8 @@ def plot_pareto(result: dict[str, Any], path: str, span_points: float = 3.0) -> 
     floor = max(floor, base["accuracy"] - span_points)
     fig, (ax, side) = plt.subplots(1, 2, figsize=(13, 6.5), dpi=120, gridspec_kw={"width_ratios": [2.0, 1.2]})
     front = sorted((r for r in rows if r["on_front"]), key=lambda r: r["p50_ms"])
-    ax.plot([r["p50_ms"] for r in front], [r["accuracy"] for r in front], "-", color="tab:green", lw=2, zorder=1,
+    ax.plot([r["p50_ms"] for r in front], [max(r["accuracy"], floor) for r in front], "-", color="tab:green", lw=2,
+            zorder=1,
             label="front (no variant faster and more accurate)")
     for i, r in enumerate(rows, 1):
         colour = "tab:red" if "tmlp" in r["methods"] else "tab:blue"
