@@ -1,4 +1,5 @@
 """The whole pipeline through the CLI on a tiny model: train -> export -> bench -> runtime/run.py, and resuming."""
+import collections
 import json
 import os
 import shutil
@@ -273,6 +274,26 @@ def test_hidden_partition_is_recorded_and_exports_with_parity(trained, tmp_path)
     assert meta["tmlp.partition"] == "hidden"
     assert (meta["tmlp.rank"], meta["tmlp.rank_out"]) == ("8", "12")
     assert manifest["taylor_config"]["_data"]["rank_out"] == 12
+
+
+def test_exact_units_are_recorded_export_with_parity_and_stay_int8_beside_float_taylor_parts(trained, tmp_path):
+    out = tmp_path / "exact"
+    log = _ok(["export", "--model", "test_vit", "--checkpoint", str(trained / "best.pt"), "--k", "8", "--layers",
+               "1,4", "--rank", "8", "--exact-units", "64", "--out", str(out)])
+    assert "64 exact hidden units" in log
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["taylor_config"]["_data"]["exact_units"] == 64
+    assert manifest["parity"]["tmlp.onnx"]["top1_agree"] == 1.0
+    meta = {p.key: p.value for p in onnx.load(str(out / "tmlp.onnx")).metadata_props}
+    assert meta["tmlp.exact_units"] == "64"
+    _ok(["bench", "--run", str(out), "--runs", "2", "--warmup", "1", "--repeats", "1"])
+    ops = {name: collections.Counter(n.op_type for n in onnx.load(str(out / name)).graph.node)
+           for name in ("tmlp.int8.onnx", "original.int8.onnx")}
+    tmlp, original = ops["tmlp.int8.onnx"], ops["original.int8.onnx"]
+    # the Taylor parts' MatMuls (projection to the cells' 16 directions, distances, V, S_c, Uᵀ) stay float: 5 per
+    # block beside attention's; the exact units take the int8 MatMuls of the fc1/fc2 they stand in for
+    assert tmlp["MatMul"] - original["MatMul"] == 10 and tmlp["ArgMin"] == 2
+    assert tmlp["MatMulInteger"] == original["MatMulInteger"] > 0
 
 
 def test_pareto_bench_builds_measures_and_draws_every_variant(exported, tmp_path):

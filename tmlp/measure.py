@@ -60,6 +60,12 @@ def measure_in_subprocess(model: str, data: str | None, provider: str, threads: 
             return json.load(f)
 
 
+def exact_units(manifest: dict[str, Any]) -> int:
+    """The hidden units per block a run keeps exact (tmlp.taylor.exact; 0 for runs written before the option)."""
+    calibration = manifest.get("spec", {}).get("_data", {}).get("calibration", {}).get("_data", {})
+    return int(calibration.get("exact_units", 0))
+
+
 def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int = 10, runs: int = 50,
               batch: int = 1, repeats: int = 3, progress=print, fallback: bool = False) -> dict[str, Any]:
     """Measure original, int8 original, T-MLP and T-MLP + int8 in ``run_dir``; write bench.json and bench.md.
@@ -89,8 +95,10 @@ def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int
             if source is None:
                 raise TmlpError(f"{path} is missing; export again with `tmlp export`")
             from tmlp.export.quantize import quantize_int8_dynamic
+            from tmlp.taylor.exact import float_scopes
 
-            taylor = manifest.get("layers") if what == "rest" else None
+            taylor = float_scopes(manifest["layers"], exact_units(manifest)) if what == "rest" and manifest.get(
+                "layers") else None
             ops = QUANTIZED_OPS[what]
             progress(f"quantizing {source} -> {name} (onnxruntime quantize_dynamic: int8 {'/'.join(ops)} weights"
                      f"{'; Taylor blocks stay fp32' if taylor else ''})")

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from tmlp.taylor.exact import float_scopes
 from tmlp.errors import TmlpError
 from tmlp.io import write_json, write_text
 
@@ -156,6 +157,7 @@ class _Builder:
     def quantized(self, src_rel: str, how: str, taylor: list[str] | None) -> str:
         """``src_rel`` in int8: onnxruntime dynamic (MatMul/Gemm weights) or static QDQ; Taylor blocks stay float."""
         stem = src_rel[:-len(".onnx")]
+        scopes = float_scopes(taylor, self.spec.calibration.exact_units) if taylor else None
         rel = f"{stem}.int8{'-static' if how == 'static' else ''}.onnx"
         if os.path.isfile(self.path(rel)):
             return rel
@@ -163,14 +165,14 @@ class _Builder:
             from tmlp.export.quantize import quantize_int8_dynamic
 
             quantize_int8_dynamic(self.path(src_rel), self.path(rel), op_types=["MatMul", "Gemm"],
-                                  exclude_scopes=taylor or None)
+                                  exclude_scopes=scopes)
         else:
             from tmlp.export.static_quant import quantize_int8_static
             from tmlp.quantization import calibration_images
 
             images = calibration_images(self.loaded, self.spec.quantize.images)
             quantize_int8_static(self.path(src_rel), self.path(rel), images, self.spec.quantize.calibration,
-                                 exclude_scopes=taylor or None)
+                                 exclude_scopes=scopes)
         return rel
 
     def finetuned(self, net: torch.nn.Module) -> torch.nn.Module:

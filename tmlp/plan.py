@@ -37,10 +37,9 @@ from tmlp.calibration.calibrate import BlockCalibration
 from tmlp.calibration.record import stream_blocks
 from tmlp.errors import TmlpError
 from tmlp.surgery import replace_module
-from tmlp.taylor import build_taylor_block
 from tmlp.taylor.derivatives import SharedDerivatives
 
-__all__ = ["BlockOption", "Plan", "assignment_width", "candidate_choices", "choose", "held_out_tokens", "logit_kl", "logit_kl_with",
+__all__ = ["BlockOption", "Plan", "assignment_width", "block_macs", "candidate_choices", "choose", "held_out_tokens", "logit_kl", "logit_kl_with",
            "mlp_macs", "option_calibration", "option_macs", "plan_blocks", "relative_error", "replayed_prefix",
            "truncate_rank"]
 
@@ -98,6 +97,14 @@ def option_macs(option: BlockOption, d_in: int, d_out: int, order: int, rank_out
     r = option.rank
     r_out = r if rank_out is None else rank_out
     return macs + d_in * r + order * r_out * r + r_out * d_out
+
+
+def block_macs(block: nn.Module, option: BlockOption, d_in: int, d_out: int, order: int) -> int:
+    """MACs per token of a built block: ``option_macs`` of its Taylor part, plus m·(d_in + d_out) for the m hidden
+    units a HybridTaylorMLP keeps exact (tmlp.taylor.exact)."""
+    taylor, exact = getattr(block, "taylor", block), getattr(block, "exact", None)
+    macs = option_macs(option, d_in, d_out, order, getattr(taylor, "rank_out", None), assignment_width(taylor))
+    return macs + (0 if exact is None else exact.m * (d_in + d_out))
 
 
 def assignment_width(block: nn.Module) -> int | None:
@@ -351,8 +358,7 @@ def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibra
         with replayed_prefix(model, fqn, probe, reference):
             for opt in options:
                 errors[fqn][opt] = relative_error(blocks[fqn, opt], x, y)
-                macs[fqn][opt] = option_macs(opt, d_in, d_out, order, getattr(blocks[fqn, opt], "rank_out", None),
-                                             assignment_width(blocks[fqn, opt]))
+                macs[fqn][opt] = block_macs(blocks[fqn, opt], opt, d_in, d_out, order)
                 sensitivity[fqn][opt] = logit_kl_with(model, fqn, blocks[fqn, opt], reference, probe)
     plan = Plan(baseline=evaluate(model), max_drop=max_drop, errors=errors, sensitivity=sensitivity, macs=macs,
                 build_block=lambda f, o: _build(calibrations, f, o, order, originals[f]))
@@ -425,4 +431,4 @@ def smallest_feasible(n: int, feasible: Callable[[int], bool]) -> int | None:
 def _build(calibrations: dict[int, dict[str, BlockCalibration]], fqn: str, option: BlockOption, order: int,
            original: nn.Module) -> nn.Module:
     cal = option_calibration(calibrations, fqn, option)
-    return build_taylor_block(cal.centres, cal.derivatives, order, cal.projection, channel_dim(original))
+    return cal.build(order, original, channel_dim(original))

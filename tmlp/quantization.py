@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tmlp.taylor.exact import float_scopes
 from tmlp.budget import ort_accuracy
 from tmlp.runtime.run import preprocess
 
@@ -48,7 +49,7 @@ def quantize_stage(loaded: Any, spec: Any, exported: Any, staging: str, fqns: li
         for src_name, dst_name in STATIC_FILES.items():
             src, dst = exported.files[src_name], os.path.join(staging, dst_name)
             cache = os.path.join(work, f"ranges-{src_name}.json")
-            scopes = fqns if src_name == "tmlp.onnx" and fqns else None
+            scopes = float_scopes(fqns, spec.calibration.exact_units) if src_name == "tmlp.onnx" and fqns else None
             quantize_int8_static(src, dst, calib, q.calibration, exclude_scopes=scopes, cache=cache)
             kept: list[str] = []
             if budget is not None and src_name == "tmlp.onnx":

@@ -57,9 +57,10 @@ class TaylorConfig:
     ``partition`` "input" serves a token from its nearest centre, "hidden" measures the distance through the block's
     first Linear layer, "auto" is hidden wherever that layer keeps all the block's input directions and input
     elsewhere (tmlp.taylor.partition.resolve_partition); ``partition_rank`` q finds cells and assigns tokens in q
-    principal directions (None: all)."""
+    principal directions (None: all). ``exact_units`` m keeps the m hidden units a piecewise-linear block serves worst
+    exact beside the Taylor block, which is calibrated on the rest (tmlp.taylor.exact; two-layer MLPs only)."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     k: int = 100
     order: int = 1
     hessian: str = "diag"
@@ -74,6 +75,7 @@ class TaylorConfig:
     fit_ridge: float = 1e-2
     partition: str = "input"
     partition_rank: int | None = 16
+    exact_units: int = 0
 
     def __post_init__(self) -> None:
         _positive_int(self.k, "--k", " (expansion points per block)")
@@ -98,6 +100,9 @@ class TaylorConfig:
                             "Jacobians")
         if self.fit_ridge < 0:
             raise TmlpError(f"--fit-ridge must be >= 0, got {self.fit_ridge}")
+        if not isinstance(self.exact_units, int) or self.exact_units < 0:
+            raise TmlpError(f"--exact-units must be an integer >= 0 (hidden units kept exact per block), got "
+                            f"{self.exact_units!r}")
         if self.max_tokens is None:
             object.__setattr__(self, "max_tokens", max(20000, 20 * self.k))
         if self.n_init < 1 or self.max_tokens < self.k:
@@ -126,6 +131,8 @@ class TaylorConfig:
             name = "hidden (input where the first layer narrows)" if self.partition == "auto" else self.partition
             form += f", {name} partition" + (
                 f" in {self.partition_rank} principal directions" if self.partition_rank else "")
+        if self.exact_units:
+            form += f", {self.exact_units} exact hidden units"
         return form
 
     def to_dict(self) -> dict[str, Any]:
@@ -345,7 +352,7 @@ class ExportSpec:
     """One export, complete: the model name, a section per stage, and the output folder (None:
     runs/<model>-<dataset>)."""
 
-    VERSION: ClassVar[int] = 8
+    VERSION: ClassVar[int] = 9
     model: str
     source: SourceSpec = field(default_factory=SourceSpec)
     blocks: BlocksSpec = field(default_factory=BlocksSpec)

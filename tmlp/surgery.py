@@ -16,7 +16,7 @@ from torch import nn
 from tmlp.blocks import channel_dim, is_mlp_block, unsupported_reason
 from tmlp.calibration.calibrate import BlockCalibration, calibrate
 from tmlp.errors import TmlpError
-from tmlp.taylor import TaylorConfig, build_taylor_block
+from tmlp.taylor import TaylorConfig
 
 __all__ = ["candidate_blocks", "config_for", "default_filter", "fold_batch_norm_", "replace_module", "select_blocks",
            "skipped_blocks", "taylorize_"]
@@ -133,6 +133,6 @@ def taylorize_(model: nn.Module, config: TaylorConfig | dict[str, TaylorConfig],
         if fqn not in calibration:
             raise TmlpError(f"no calibration for block {fqn!r}; calibrate it first")
         cal = calibration[fqn]
-        replace_module(model, fqn, build_taylor_block(cal.centres, cal.derivatives, config_for(config, fqn).order,
-                                                      cal.projection, channel_dim(model.get_submodule(fqn))))
+        original = model.get_submodule(fqn)
+        replace_module(model, fqn, cal.build(config_for(config, fqn).order, original, channel_dim(original)))
     return calibration

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tmlp.taylor.block import build_taylor_block
+from tmlp.taylor.exact import ExactUnits, HybridTaylorMLP, WithoutUnits, choose_units
 from tmlp.taylor.basis import check_rank, data_basis, jacobian_basis
 from tmlp.taylor.derivatives import (BlockDerivatives, SharedDerivatives, block_derivatives, jacobian_grams,
                               refuse_full_hessian, shared_derivatives)
@@ -35,24 +37,32 @@ SAMPLE_VERSION = "per-image-1"  # how collect_inputs draws its tokens (part of t
 
 @dataclass
 class BlockCalibration:
-    """What calibration produced for one block: centres [k, d_in], the per-centre tensors, and the partition's
-    projection P [d_in, q] of the nearest-centre assignment (None: Euclidean in x; tmlp.taylor.partition)."""
+    """What calibration produced for one block: centres [k, d_in], the per-centre tensors, the partition's
+    projection P [d_in, q] of the nearest-centre assignment (None: Euclidean in x; tmlp.taylor.partition), and the
+    hidden units kept exact (``units`` [m] int64, None: none; tmlp.taylor.exact), whose tensors then serve F − E."""
 
     fqn: str
     centres: torch.Tensor
     derivatives: BlockDerivatives | SharedDerivatives
     n_tokens: int  # rows K-means saw
     projection: torch.Tensor | None = None
+    units: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
         kind = "shared" if isinstance(self.derivatives, SharedDerivatives) else "dense"
         return {"centres": self.centres, "n_tokens": self.n_tokens, "kind": kind,
-                "derivatives": asdict(self.derivatives), "projection": self.projection}
+                "derivatives": asdict(self.derivatives), "projection": self.projection, "units": self.units}
 
     @classmethod
     def from_dict(cls, fqn: str, d: dict) -> "BlockCalibration":
         kind = SharedDerivatives if d["kind"] == "shared" else BlockDerivatives
-        return cls(fqn, d["centres"], kind(**d["derivatives"]), d["n_tokens"], d["projection"])
+        return cls(fqn, d["centres"], kind(**d["derivatives"]), d["n_tokens"], d["projection"], d.get("units"))
+
+    def build(self, order: int, original: nn.Module, channel_dim: int = -1) -> nn.Module:
+        """The module that replaces ``original`` (the block this was calibrated on): its Taylor block, plus its
+        exact units when it keeps some (tmlp.taylor.exact.HybridTaylorMLP)."""
+        block = build_taylor_block(self.centres, self.derivatives, order, self.projection, channel_dim)
+        return block if self.units is None else HybridTaylorMLP(block, ExactUnits(original, self.units))
 
 
 @torch.no_grad()
@@ -200,7 +210,8 @@ def calibrate_many(model: nn.Module, fqns: list[str], batches: Callable[[], Iter
         fitted = fit_least_squares_many(
             model, [{f: (r.centres, r.derivatives) for f, r in results[i].items()} for i in fitting], batches(),
             n_batches, [(configs[i].order, configs[i].fit_ridge) for i in fitting], progress, log,
-            [{f: r.projection for f, r in results[i].items()} for i in fitting])
+            [{f: r.projection for f, r in results[i].items()} for i in fitting],
+            [{f: r.units for f, r in results[i].items()} for i in fitting])
         for i, tensors in zip(fitting, fitted):
             results[i] = {f: replace(r, derivatives=tensors[f]) for f, r in results[i].items()}
     for i in todo:
@@ -238,11 +249,15 @@ def centres_and_tensors(block: nn.Module, fqn: str, rows: torch.Tensor, config: 
     """K-means centres of one block's sampled input ``rows`` [n, d_in] and the per-centre tensors at them."""
     projection = partition_projection(block, config.partition, rows, config.partition_rank)
     centres = partition_kmeans(rows, config.k, config.seed, config.n_init, projection)
+    units, served = None, block
+    if config.exact_units:
+        units = choose_units(block, rows, nearest_centre(rows, centres, projection), config.k, config.exact_units)
+        served = WithoutUnits(block, ExactUnits(block, units)).eval()
     if config.basis == "shared":
-        derivs = shared_block(block, rows, centres, config, projection=projection)
+        derivs = shared_block(served, rows, centres, config, projection=projection)
     else:
-        derivs = block_derivatives(block, centres, config.order, config.hessian)
-    return BlockCalibration(fqn, centres, derivs, int(rows.shape[0]), projection)
+        derivs = block_derivatives(served, centres, config.order, config.hessian)
+    return BlockCalibration(fqn, centres, derivs, int(rows.shape[0]), projection, units)
 
 
 def fit_least_squares(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, SharedDerivatives]],
@@ -260,9 +275,12 @@ def fit_least_squares(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, Sh
 def fit_least_squares_many(model: nn.Module, groups: list[dict[str, tuple[torch.Tensor, SharedDerivatives]]],
                            batches: Iterable[torch.Tensor], n_batches: int, fits: list[tuple[int, float]],
                            progress: bool = True, log: Callable[[str], None] | None = None,
-                           projections: list[dict[str, torch.Tensor | None]] | None = None
+                           projections: list[dict[str, torch.Tensor | None]] | None = None,
+                           units: list[dict[str, torch.Tensor | None]] | None = None
                            ) -> list[dict[str, SharedDerivatives]]:
-    """``fit_least_squares`` for several groups of blocks, each with its (order, ridge) in ``fits``, in one pass."""
+    """``fit_least_squares`` for several groups of blocks, each with its (order, ridge) in ``fits``, in one pass.
+    ``units`` {fqn: exact hidden units or None} per group: those blocks' tensors are fitted to F − E
+    (tmlp.taylor.exact)."""
     sums: list[dict[str, CellSums]] = []
     prepared = []
     for g, (blocks, (order, _ridge)) in enumerate(zip(groups, fits)):
@@ -275,14 +293,17 @@ def fit_least_squares_many(model: nn.Module, groups: list[dict[str, tuple[torch.
             if order == 2 and d.t is None:
                 raise TmlpError("--fit lstsq at order 2 needs second derivatives; calibrate with --order 2")
             sums[g][fqn] = CellSums.for_block(d, order)
+            kept = (units or [{}] * len(groups))[g].get(fqn)
+            exact = None if kept is None else ExactUnits(get_module(model, fqn), kept).eval()
             prepared[g][fqn] = (centres.float(), d.u.float(), d.v.float(), (projections or [{}] * len(groups))[g]
-                                .get(fqn))
+                                .get(fqn), exact)
 
     def record(fqn: str, x: torch.Tensor, y: torch.Tensor) -> None:
         for g, (order, _ridge) in enumerate(fits):
             if fqn in prepared[g]:
-                centres, u, v, projection = prepared[g][fqn]
-                accumulate_(sums[g][fqn], x, y, centres, u, v, order, projection=projection)
+                centres, u, v, projection, exact = prepared[g][fqn]
+                target = y if exact is None else y - exact(x)
+                accumulate_(sums[g][fqn], x, target, centres, u, v, order, projection=projection)
 
     fqns = list(dict.fromkeys(f for blocks in groups for f in blocks))
     stream_blocks(model, fqns, batches, record, n_batches, "calibrate: least-squares fit", progress)
