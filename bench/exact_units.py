@@ -32,60 +32,7 @@ from tmlp.data import to_tensor
 from tmlp.stages import load_model_and_data
 from tmlp.surgery import select_blocks
 from tmlp.taylor import CellSums, SharedTaylorMLP, TaylorConfig, accumulate_, nearest_centre, solve_cells
-
-
-class ExactUnits(nn.Module):
-    """The hidden units ``units`` [m] of a timm Mlp, exactly: x [..., d] -> W2[:, units] GELU(W1[units] x + b1[units])
-    [..., d_out] (no output bias)."""
-
-    def __init__(self, mlp: nn.Module, units: torch.Tensor):
-        super().__init__()
-        self.fc1_weight = nn.Parameter(mlp.fc1.weight.detach()[units].clone())
-        self.fc1_bias = nn.Parameter(mlp.fc1.bias.detach()[units].clone())
-        self.fc2_weight = nn.Parameter(mlp.fc2.weight.detach()[:, units].clone())
-        self.act = mlp.act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x @ self.fc1_weight.T + self.fc1_bias) @ self.fc2_weight.T
-
-
-class WithoutUnits(nn.Module):
-    """F(x) − E(x): the MLP with the exact units taken out, the part the Taylor block serves."""
-
-    def __init__(self, mlp: nn.Module, exact: ExactUnits):
-        super().__init__()
-        self.mlp, self.exact = mlp, exact
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x) - self.exact(x)
-
-
-class HybridMLP(nn.Module):
-    """x [..., d] -> taylor(x) + exact(x): a Taylor block for F − E plus the exact units E."""
-
-    def __init__(self, taylor: nn.Module, exact: ExactUnits):
-        super().__init__()
-        self.taylor, self.exact = taylor, exact
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.taylor(x) + self.exact(x)
-
-
-def unit_scores(mlp: nn.Module, x: torch.Tensor, cells: torch.Tensor, k: int) -> torch.Tensor:
-    """[hidden] per-unit error left by a per-cell line in its own pre-activation, weighted by ‖W2[:, j]‖²."""
-    with torch.no_grad():
-        a = mlp.fc1(x).double()
-        h = mlp.act(a)
-    err = torch.zeros(a.shape[1], dtype=torch.float64)
-    for c in range(k):
-        rows = cells == c
-        if int(rows.sum()) < 3:
-            continue
-        ac, hc = a[rows], h[rows]
-        ac0, hc0 = ac - ac.mean(0), hc - hc.mean(0)
-        slope = (ac0 * hc0).sum(0) / (ac0 * ac0).sum(0).clamp_min(1e-12)
-        err += ((hc0 - slope * ac0) ** 2).sum(0)
-    return err * mlp.fc2.weight.detach().double().pow(2).sum(0)
+from tmlp.taylor.exact import ExactUnits, HybridTaylorMLP, WithoutUnits, unit_scores
 
 
 def fit_hybrid(mlp: nn.Module, calib: torch.Tensor, y: torch.Tensor, sample: torch.Tensor, centres: torch.Tensor,
@@ -101,7 +48,7 @@ def fit_hybrid(mlp: nn.Module, calib: torch.Tensor, y: torch.Tensor, sample: tor
     accumulate_(sums, calib, y_rest, centres, taylor.u, taylor.v, 1)
     fitted, _ = solve_cells(sums, taylor, 1e-2)
     block = SharedTaylorMLP(centres, fitted, 1)
-    return HybridMLP(block, exact) if len(units) else block
+    return HybridTaylorMLP(block, exact) if len(units) else block
 
 
 def rel_err(pred: torch.Tensor, ref: torch.Tensor) -> float:

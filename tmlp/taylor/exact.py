@@ -20,6 +20,9 @@ from torch import nn
 
 from tmlp.errors import TmlpError
 
+__all__ = ["ExactUnits", "HybridTaylorMLP", "WithoutUnits", "choose_units", "float_scopes", "mlp_layers",
+           "unit_scores"]
+
 
 def mlp_layers(block: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear]:
     """(fc1, act, fc2) of a two-layer MLP: a timm ``Mlp`` (fc1, act, fc2; dropout and an identity norm allowed) or
