@@ -29,6 +29,7 @@ from torch import nn
 
 from tmlp.calibration import collect_inputs, partition_kmeans, shared_block
 from tmlp.data import to_tensor
+from tmlp.io import write_json, write_text
 from tmlp.stages import load_model_and_data
 from tmlp.surgery import select_blocks
 from tmlp.taylor import CellSums, SharedTaylorMLP, TaylorConfig, accumulate_, nearest_centre, solve_cells
@@ -70,7 +71,6 @@ def whole_model(args, loaded, fqns: list[str], calib_all: dict, config: TaylorCo
     import copy
     from tmlp.distill import kl_to_teacher
     from tmlp.finetune import Recipe, finetune_
-    from tmlp.io import write_json
     from tmlp.train import autocast, batches
 
     teacher, spec = loaded.model.eval(), loaded.spec
@@ -211,16 +211,15 @@ def main() -> None:
         print(f"{fqn}: " + ", ".join(f"m={m} {row[f'm{m}']:.4f} ({row['score_share'][str(m)]:.0%} of score)"
                                       for m in ms) + f" ({time.time() - t0:.0f} s)", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "exact_units.json"), "w") as f:
-        json.dump({"checkpoint": args.checkpoint, "k": args.k, "rank": args.rank, "m": ms, "rows": rows,
-                   "date": time.strftime("%Y-%m-%d")}, f, indent=2)
+    write_json(os.path.join(args.out, "exact_units.json"), {"checkpoint": args.checkpoint, "k": args.k,
+                                                             "rank": args.rank, "m": ms, "rows": rows,
+                                                             "date": time.strftime("%Y-%m-%d")})
     lines = [f"Held-out relative output error per block, {args.checkpoint}, k={args.k}, shared basis r={args.rank}, "
              f"least-squares fit, with m hidden units exact; {args.train_images} training images, 5,000 validation "
              "tokens.", "", "| block | " + " | ".join(f"m = {m}" for m in ms) + " |", "| --- |" + " --- |" * len(ms)]
     lines += ["| " + r["block"] + " | " + " | ".join(f"{r[f'm{m}']:.4f}" for m in ms) + " |" for r in rows]
     lines.append("| mean | " + " | ".join(f"{np.mean([r[f'm{m}'] for r in rows]):.4f}" for m in ms) + " |")
-    with open(os.path.join(args.out, "exact_units.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(os.path.join(args.out, "exact_units.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
