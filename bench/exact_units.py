@@ -52,6 +52,18 @@ def fit_hybrid(mlp: nn.Module, calib: torch.Tensor, y: torch.Tensor, sample: tor
     return HybridTaylorMLP(block, exact) if len(units) else block
 
 
+@torch.no_grad()
+def prepare_block(mlp: nn.Module, calib: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor]:
+    """What every m shares for one block: the K-means sample [20000, d] and centres [k, d] (seed 0, cells in all
+    input directions), the unit scores [hidden] and F(calib) [n, d_out]."""
+    sample = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))[:20000]]
+    centres = partition_kmeans(sample, k, 0, 1, None)
+    scores = unit_scores(mlp, calib, nearest_centre(calib, centres, None), k)
+    y = torch.cat([mlp(calib[s:s + 8192]) for s in range(0, len(calib), 8192)])
+    return sample, centres, scores, y
+
+
 def rel_err(pred: torch.Tensor, ref: torch.Tensor) -> float:
     return float((pred - ref).norm() / ref.norm())
 
@@ -105,22 +117,18 @@ def whole_model(args, loaded, fqns: list[str], calib_all: dict, config: TaylorCo
                "finetune_images": args.finetune_images, "every": args.every, "lr_taylor": args.lr_taylor,
                "lr_model": args.lr_model, "block_m": block_m, "runs": []}
     tag = "-" + args.block_m.replace("=", "x").replace(",", "_") if block_m else ""
+    prepared = {fqn: prepare_block(teacher.get_submodule(fqn), calib_all[fqn], args.k) for fqn in fqns}
     for m in ms:
         t0 = time.time()
         student = copy.deepcopy(teacher)
         for fqn in fqns:
-            mlp = teacher.get_submodule(fqn)
-            calib = calib_all[fqn]
-            sample = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))[:20000]]
-            centres = partition_kmeans(sample, args.k, 0, 1, None)
-            scores = unit_scores(mlp, calib, nearest_centre(calib, centres, None), args.k)
-            with torch.no_grad():
-                y = torch.cat([mlp(calib[s:s + 8192]) for s in range(0, len(calib), 8192)])
+            sample, centres, scores, y = prepared[fqn]
             units = torch.argsort(scores, descending=True)[:block_m.get(fqn, m)]
-            student.set_submodule(fqn, fit_hybrid(mlp, calib, y, sample, centres, units, config))
+            student.set_submodule(fqn, fit_hybrid(teacher.get_submodule(fqn), calib_all[fqn], y, sample, centres,
+                                                  units, config))
         if args.onnx:
             export_pair(student, example, os.path.join(args.onnx, f"m{m}{tag}.onnx"))
-        run = {"m": m, "calibration_s": round(time.time() - t0, 1), "rows": [{"images": 0, **measure(student)}]}
+        run = {"m": m, "fit_s": round(time.time() - t0, 1), "rows": [{"images": 0, **measure(student)}]}
         print(json.dumps({"m": m, **run["rows"][-1]}), flush=True)
 
         class Track:
@@ -194,12 +202,9 @@ def main() -> None:
         t0 = time.time()
         mlp = model.get_submodule(fqn)
         calib, test = calib_all[fqn], test_all[fqn]
-        sample = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))[:20000]]
-        centres = partition_kmeans(sample, args.k, 0, 1, None)
-        scores = unit_scores(mlp, calib, nearest_centre(calib, centres, None), args.k)
+        sample, centres, scores, y = prepare_block(mlp, calib, args.k)
         order = torch.argsort(scores, descending=True)
         with torch.no_grad():
-            y = torch.cat([mlp(calib[s:s + 8192]) for s in range(0, len(calib), 8192)])
             ref = mlp(test)
         row = {"block": fqn, "train_tokens": len(calib),
                "score_share": {str(m): float(scores[order[:m]].sum() / scores.sum()) for m in ms}}
