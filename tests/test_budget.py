@@ -271,6 +271,36 @@ def test_the_export_backs_off_until_the_budget_holds(trained_tiny_vit_path, tmp_
     assert sorted(f for f, c in plan.items() if c) == sorted(manifest["layers"])
 
 
+def test_the_plan_offers_exact_units_and_the_back_off_adds_them_before_an_mlp_comes_back(
+        trained_tiny_vit_path, tmp_path, monkeypatch):
+    """--plan-units 0,16: a block's least sensitive option keeps 16 hidden units exact, so the back-off moves the
+    most sensitive block there first; the manifest, the ONNX metadata and int8's float scopes follow each block's
+    own count."""
+    _pessimistic_onnxruntime(monkeypatch, points_per_block=0.5)
+    out = tmp_path / "units"
+    result = CliRunner().invoke(main, [
+        "export", "--model", "test_vit", "--checkpoint", trained_tiny_vit_path, "--out", str(out), "--calib-images",
+        "256", "--eval-images", "200", "--plan-k", "8", "--plan-rank", "8", "--plan-units", "0,16", "--max-acc-drop",
+        "1", "--headroom", "100", "--distill-epochs", "0"])
+    assert result.exit_code == 0, result.output
+    assert "with 0, 16 exact hidden units for the plan" in result.output
+    assert "takes its least sensitive option, k=8 r=8 +16 units" in result.output
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["budget"]["holds"] and manifest["parity"]["tmlp.onnx"]["top1_agree"] == 1.0
+    units = manifest["exact_units"]
+    assert list(units) == manifest["layers"] and set(units.values()) <= {0, 16} and 16 in units.values()
+    plan = manifest["layer_plan"]["choice"]
+    assert all(plan[f]["units"] == m for f, m in units.items())
+    meta = {p.key: p.value for p in onnx.load(str(out / "tmlp.onnx"), load_external_data=False).metadata_props}
+    recorded = meta["tmlp.exact_units"]
+    assert (json.loads(recorded) == units) if len(set(units.values())) > 1 else recorded == "16"
+    from tmlp.measure import exact_units
+    from tmlp.taylor.exact import float_scopes
+
+    assert exact_units(manifest) == units
+    assert float_scopes(units) == [f"{f}.taylor" if m else f for f, m in units.items()]
+
+
 def test_a_model_that_breaks_the_budget_is_never_written(trained_tiny_vit_path, tmp_path, monkeypatch):
     _pessimistic_onnxruntime(monkeypatch, points_per_block=5.0)
     out = tmp_path / "run"
@@ -359,9 +389,39 @@ def test_the_plan_calibrates_every_k_in_one_pass_over_the_data(trained_tiny_vit_
     monkeypatch.setattr(calibrate_module, "collect_inputs", lambda *a, **kw: passes.append(1) or collect(*a, **kw))
     logs = []
     calibrations = stages.calibrate_plan_options(loaded, selection, spec, logs.append, False)
-    assert sorted(calibrations) == [2, 4, 8] and len(passes) == 1 and "at k=2, 4, 8 for the plan" in logs[0]
+    assert sorted(calibrations) == [(2, 0), (4, 0), (8, 0)] and len(passes) == 1
+    assert "at k=2, 4, 8 for the plan" in logs[0]
     assert all(set(c) == set(selection.fqns) for c in calibrations.values())
-    assert [len(calibrations[k][selection.fqns[0]].centres) for k in (2, 4, 8)] == [2, 4, 8]
+    assert [len(calibrations[k, 0][selection.fqns[0]].centres) for k in (2, 4, 8)] == [2, 4, 8]
+
+
+def test_the_plan_calibrates_each_unit_count_on_one_k_means(trained_tiny_vit_path, tmp_path, monkeypatch):
+    """--plan-units: one calibration per count of exact units, on the same centres (one K-means per k), each
+    with its own units and tensors fitted to F − E."""
+    from tmlp import stages
+    from tmlp.calibration import calibrate as calibrate_module
+    from tmlp.spec import ExportSpec, PlanSpec, SourceSpec, TaylorConfig
+
+    monkeypatch.setenv("TMLP_CACHE", str(tmp_path / "cache"))
+    spec = ExportSpec("test_vit", source=SourceSpec(checkpoint=trained_tiny_vit_path, calib_images=256,
+                                                    eval_images=200), calibration=TaylorConfig(k=8),
+                      plan=PlanSpec(unit_choices=(0, 4, 16)))
+    assert stages.plan_options(spec.plan, spec.calibration, 10_000) == [
+        BlockOption(8, 32, 0), BlockOption(8, 32, 4), BlockOption(8, 32, 16)]
+    loaded = stages.load(spec, lambda s: None, progress=False)
+    selection = stages.select(loaded, spec)
+    runs = []
+    kmeans = calibrate_module.partition_kmeans
+    monkeypatch.setattr(calibrate_module, "partition_kmeans", lambda *a, **kw: runs.append(1) or kmeans(*a, **kw))
+    logs = []
+    calibrations = stages.calibrate_plan_options(loaded, selection, spec, logs.append, False)
+    assert sorted(calibrations) == [(8, 0), (8, 4), (8, 16)] and len(runs) == len(selection.fqns)
+    assert "at k=8 with 0, 4, 16 exact hidden units for the plan" in logs[0]
+    fqn = selection.fqns[0]
+    plain, few, many = (calibrations[8, m][fqn] for m in (0, 4, 16))
+    assert plain.units is None and len(few.units) == 4 and len(many.units) == 16
+    assert set(few.units.tolist()) <= set(many.units.tolist())  # the same scores, the top 4 of the top 16
+    assert torch.equal(plain.centres, many.centres) and not torch.equal(plain.derivatives.s, many.derivatives.s)
 
 
 def test_replace_all_keeps_every_block_replaced_under_the_budget(trained_tiny_vit_path, tmp_path):

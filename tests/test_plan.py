@@ -23,7 +23,7 @@ def setup(trained_tiny_vit_path, digit_batches, digits, digits_spec):
 
     model = load_checkpoint(trained_tiny_vit_path)[0]
     fqns = select_blocks(model)
-    calibrations = {k: calibrate(model, fqns, lambda: iter(digit_batches), 4,
+    calibrations = {(k, 0): calibrate(model, fqns, lambda: iter(digit_batches), 4,
                                  TaylorConfig(k=k, order=1, basis="shared", rank=max(RANKS)), progress=False)
                     for k in KS}
     x, y = to_tensor(digits.val.x, digits_spec), torch.from_numpy(digits.val.y)
@@ -38,7 +38,7 @@ def setup(trained_tiny_vit_path, digit_batches, digits, digits_spec):
 def test_truncated_rank_is_the_lower_rank_projection(setup):
     _, calibrations, tokens, _, _ = setup
     fqn = next(iter(tokens))
-    full = calibrations[6][fqn]
+    full = calibrations[6, 0][fqn]
     low = option_calibration(calibrations, fqn, BlockOption(6, 4)).derivatives
     assert low.u.shape[1] == low.v.shape[1] == 4 and low.s.shape == (6, 4, 4)
     torch.testing.assert_close(low.s, low.u.T @ (full.derivatives.u @ full.derivatives.s @ full.derivatives.v.T)

@@ -380,6 +380,10 @@ EPOCHS = _NumberOrWord(int, "auto", None)
                   "double the error; bench/results/option-latency).")
 @spec_option("--plan-rank", field="plan.rank_choices",
              help="Ranks the plan may use, e.g. 8,16,32 (none: --rank alone; shared basis only).")
+@spec_option("--plan-units", field="plan.unit_choices",
+             help="Exact hidden units per block the plan may use, e.g. 0,64,256 (none: --exact-units alone): each "
+                  "count is calibrated, and the budget's back-off moves a block to its least sensitive form (most "
+                  "units) before it gives the block its MLP back. Two-layer MLPs only.")
 @spec_option("--opset", field="target.opset", type=int, help="ONNX opset.")
 @spec_option("--max-memory", field="target.max_memory_mb", type=float,
              help="Memory budget in MiB for weights + peak live activations (estimated from the graph); the Taylor "
@@ -427,8 +431,8 @@ def export(model: str, **flags) -> None:
     from tmlp.spec import ExportSpec, parse_int_list
 
     for key, flag in (("plan__k_choices", "--plan-k"), ("plan__rank_choices", "--plan-rank"),
-                      ("tokens__layers", "--token-layers")):
-        flags[key] = parse_int_list(flags[key], flag, allow_zero=key == "tokens__layers")
+                      ("plan__unit_choices", "--plan-units"), ("tokens__layers", "--token-layers")):
+        flags[key] = parse_int_list(flags[key], flag, allow_zero=key in ("tokens__layers", "plan__unit_choices"))
     result = run_export(ExportSpec.from_flags(model, flags))
     if not result.files:  # under torchrun rank 0 reports
         return

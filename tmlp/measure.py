@@ -60,10 +60,13 @@ def measure_in_subprocess(model: str, data: str | None, provider: str, threads: 
             return json.load(f)
 
 
-def exact_units(manifest: dict[str, Any]) -> int:
-    """The hidden units per block a run keeps exact (tmlp.taylor.exact; 0 for runs written before the option)."""
+def exact_units(manifest: dict[str, Any]) -> dict[str, int]:
+    """{replaced block: hidden units it keeps exact} of a run (tmlp.taylor.exact): the manifest's own record, else
+    (runs written before the plan chose units per block) the spec's one count for every block."""
+    if isinstance(manifest.get("exact_units"), dict):
+        return {f: int(m) for f, m in manifest["exact_units"].items()}
     calibration = manifest.get("spec", {}).get("_data", {}).get("calibration", {}).get("_data", {})
-    return int(calibration.get("exact_units", 0))
+    return {f: int(calibration.get("exact_units", 0)) for f in manifest.get("layers") or []}
 
 
 def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int = 10, runs: int = 50,
@@ -97,8 +100,7 @@ def run_bench(run_dir: str, provider: str = "cpu", threads: int = 1, warmup: int
             from tmlp.export.quantize import quantize_int8_dynamic
             from tmlp.taylor.exact import float_scopes
 
-            taylor = float_scopes(manifest["layers"], exact_units(manifest)) if what == "rest" and manifest.get(
-                "layers") else None
+            taylor = float_scopes(exact_units(manifest)) if what == "rest" and manifest.get("layers") else None
             ops = QUANTIZED_OPS[what]
             progress(f"quantizing {source} -> {name} (onnxruntime quantize_dynamic: int8 {'/'.join(ops)} weights"
                      f"{'; Taylor blocks stay fp32' if taylor else ''})")

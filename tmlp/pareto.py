@@ -22,9 +22,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tmlp.taylor.exact import float_scopes
 from tmlp.errors import TmlpError
 from tmlp.io import write_json, write_text
+from tmlp.measure import exact_units
+from tmlp.taylor.exact import float_scopes
 
 __all__ = ["BUDGETS", "ParetoOptions", "Variant", "fastest_within", "pareto_front", "plot_pareto", "replaced_mac_share",
            "run_pareto"]
@@ -157,7 +158,8 @@ class _Builder:
     def quantized(self, src_rel: str, how: str, taylor: list[str] | None) -> str:
         """``src_rel`` in int8: onnxruntime dynamic (MatMul/Gemm weights) or static QDQ; Taylor blocks stay float."""
         stem = src_rel[:-len(".onnx")]
-        scopes = float_scopes(taylor, self.spec.calibration.exact_units) if taylor else None
+        units = exact_units(self.manifest)
+        scopes = float_scopes({f: units.get(f, 0) for f in taylor}) if taylor else None
         rel = f"{stem}.int8{'-static' if how == 'static' else ''}.onnx"
         if os.path.isfile(self.path(rel)):
             return rel
@@ -251,7 +253,7 @@ def replaced_mac_share(plan: dict) -> float | None:
     from tmlp.plan import BlockOption
 
     choice, options = plan.get("choice") or {}, plan.get("options") or {}
-    ratios = [options[fqn][BlockOption(c["k"], c.get("rank")).label()]["mac_ratio"] for fqn, c in choice.items() if c]
+    ratios = [options[fqn][BlockOption(c["k"], c.get("rank"), c.get("units", 0)).label()]["mac_ratio"] for fqn, c in choice.items() if c]
     return float(np.mean(ratios)) if ratios else None
 
 

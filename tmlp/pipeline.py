@@ -19,6 +19,7 @@ from tmlp.distributed import init, leave, lost_rank
 from tmlp.io import check_can_write, signals_deferred, staging_folder
 from tmlp.quantization import quantize_stage
 from tmlp.spec import ExportSpec
+from tmlp.taylor.exact import kept_units
 
 
 @dataclass
@@ -79,7 +80,8 @@ def run_export(spec: ExportSpec, log=print, progress: bool = True) -> ExportResu
                                                   log)
         stages.save_model(built, selection, staging, exported)
         stages.report(loaded, spec, exported, log)
-        exported.quantization = quantize_stage(loaded, spec, exported, staging, selection.fqns, log, progress)
+        exported.quantization = quantize_stage(loaded, spec, exported, staging,
+                                                  kept_units(built.model, selection.fqns), log, progress)
         summary = stages.summarize(spec, loaded, selection, built, target, plan, exported,
                                    {"calibration_seconds": round(calib_seconds, 1),
                                     "export_seconds": round(time.time() - started, 1), "processes": w.size})

@@ -6,7 +6,9 @@
    have large relative errors and little effect on the logits). Each option is costed in multiply-accumulates per
    token (MACs, a latency proxy). Options up to rank 32 all cost 3–7% of the MLP in onnxruntime
    (bench/results/option-latency), so by default the export offers each block one option, the calibration's own k
-   and rank, and the plan decides only which blocks to replace; ``--plan-k``/``--plan-rank`` offer more.
+   and rank, and the plan decides only which blocks to replace; ``--plan-k``/``--plan-rank`` offer more, and
+   ``--plan-units`` offers hidden units kept exact beside the Taylor block (tmlp.taylor.exact), which cost
+   2·m·d MACs per token and measure close to that share of the MLP's time (bench/results/exact-units).
 2. One multiplier λ decides everything (the Lagrangian relaxation of "least MACs with summed KL under a budget"):
    each block takes the option minimising MACs/MLP-MACs + λ · KL, the original MLP costing 1 and 0. A binary
    search over the distinct choices λ produces finds the cheapest whose model keeps the validation accuracy within
@@ -19,7 +21,8 @@ The sensitivities cost one forward of the probe per block and option. Where the 
 (``replayed_prefix``), checked once per block to reproduce the original logits.
 
 Lower ranks come free from one calibration at the largest rank (the bases' columns are ordered by importance and
-S_c = Uᵀ J_c V, so the first r' columns give exactly the rank-r' projection); each k needs its own K-means.
+S_c = Uᵀ J_c V, so the first r' columns give exactly the rank-r' projection); each k needs its own K-means, and
+each count of exact units its own tensors (fitted to F − E) on the same centres.
 """
 from __future__ import annotations
 
@@ -46,13 +49,21 @@ __all__ = ["BlockOption", "Plan", "assignment_width", "block_macs", "candidate_c
 
 @dataclass(frozen=True, order=True)
 class BlockOption:
-    """One way to replace a block: ``k`` centres and shared-basis ``rank`` (None: dense Jacobians)."""
+    """One way to replace a block: ``k`` centres, shared-basis ``rank`` (None: dense Jacobians) and ``units`` hidden
+    units kept exact beside the Taylor block (tmlp.taylor.exact; 0: none)."""
 
     k: int
     rank: int | None = None
+    units: int = 0
+
+    @property
+    def calibrated_as(self) -> tuple[int, int]:
+        """(k, units): the key of the calibration this option comes from (ranks are truncations of one)."""
+        return self.k, self.units
 
     def label(self) -> str:
-        return f"k={self.k}" + ("" if self.rank is None else f" r={self.rank}")
+        return (f"k={self.k}" + ("" if self.rank is None else f" r={self.rank}")
+                + (f" +{self.units} units" if self.units else ""))
 
 
 def truncate_rank(derivatives: SharedDerivatives, rank: int) -> SharedDerivatives:
@@ -70,10 +81,11 @@ def truncate_rank(derivatives: SharedDerivatives, rank: int) -> SharedDerivative
                              None if derivatives.t is None else derivatives.t[:, :keep, :rank].contiguous())
 
 
-def option_calibration(calibrations: dict[int, dict[str, BlockCalibration]], fqn: str, option: BlockOption
-                       ) -> BlockCalibration:
-    """The calibration of block ``fqn`` for ``option``, from the per-k calibrations (rank truncated if needed)."""
-    cal = calibrations[option.k][fqn]
+def option_calibration(calibrations: dict[tuple[int, int], dict[str, BlockCalibration]], fqn: str,
+                       option: BlockOption) -> BlockCalibration:
+    """The calibration of block ``fqn`` for ``option``, from the calibrations per (k, exact units) (rank truncated
+    if needed)."""
+    cal = calibrations[option.calibrated_as][fqn]
     if option.rank is None or not isinstance(cal.derivatives, SharedDerivatives):
         return cal
     return replace(cal, derivatives=truncate_rank(cal.derivatives, option.rank))
@@ -281,7 +293,8 @@ class Plan:
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "accuracy": self.accuracy, "max_acc_drop_points": 100 * self.max_drop,
                 "mac_ratio": self.mac_ratio(),
-                "choice": {f: None if o is None else {"k": o.k, "rank": o.rank, "rel_error": self.errors[f][o],
+                "choice": {f: None if o is None else {"k": o.k, "rank": o.rank, "units": o.units,
+                                                      "rel_error": self.errors[f][o],
                                                       "logit_kl": self.sensitivity[f][o]}
                            for f, o in self.choice.items()},
                 "options": {f: {o.label(): {"rel_error": e, "logit_kl": self.sensitivity[f][o],
@@ -328,12 +341,13 @@ def candidate_choices(sensitivity: dict[str, dict[BlockOption, float]],
     return out
 
 
-def plan_blocks(model: nn.Module, calibrations: dict[int, dict[str, BlockCalibration]], options: list[BlockOption],
+def plan_blocks(model: nn.Module, calibrations: dict[tuple[int, int], dict[str, BlockCalibration]],
+                options: list[BlockOption],
                 order: int, evaluate: Callable[[nn.Module], float], max_drop: float,
                 tokens: dict[str, tuple[torch.Tensor, torch.Tensor]], probe: torch.Tensor,
                 log: Callable[[str], None] | None = None, progress: bool = False, keep_mlps: bool = True) -> Plan:
-    """Per-block (k, rank) choice under an accuracy budget (see module docstring). ``calibrations`` maps each k of
-    ``options`` to the calibration of every candidate block; ``tokens`` holds each block's held-out inputs and
+    """Per-block (k, rank, units) choice under an accuracy budget (see module docstring). ``calibrations`` maps each
+    (k, exact units) of ``options`` to the calibration of every candidate block; ``tokens`` holds each block's held-out inputs and
     outputs (``held_out_tokens``); ``probe`` [n, C, H, W] validation images for the logit-KL sensitivities;
     ``evaluate(model) -> accuracy``. ``model`` is left unchanged. Without ``keep_mlps`` every block is replaced:
     the cheapest choice within the budget, or, when none is, the least sensitive one (for training to recover)."""
@@ -428,7 +442,7 @@ def smallest_feasible(n: int, feasible: Callable[[int], bool]) -> int | None:
     return hi
 
 
-def _build(calibrations: dict[int, dict[str, BlockCalibration]], fqn: str, option: BlockOption, order: int,
+def _build(calibrations: dict[tuple[int, int], dict[str, BlockCalibration]], fqn: str, option: BlockOption, order: int,
            original: nn.Module) -> nn.Module:
     cal = option_calibration(calibrations, fqn, option)
     return cal.build(order, original, channel_dim(original))

@@ -30,10 +30,11 @@ def calibration_images(loaded: Any, images: int) -> np.ndarray:
     return preprocess(train.images(np.arange(min(images, len(train)))), loaded.spec)
 
 
-def quantize_stage(loaded: Any, spec: Any, exported: Any, staging: str, fqns: list[str], log: Log = print,
+def quantize_stage(loaded: Any, spec: Any, exported: Any, staging: str, units: dict[str, int], log: Log = print,
                    progress: bool = True) -> dict[str, Any] | None:
     """Write the static int8 files of ``spec.quantize`` into ``staging`` (adding them to ``exported.files``) and
-    return their record for the manifest; None when ``spec.quantize.mode`` is "none"."""
+    return their record for the manifest; None when ``spec.quantize.mode`` is "none". ``units``: {replaced block:
+    hidden units it keeps exact} (tmlp.taylor.exact.kept_units), whose Taylor parts stay float."""
     from tmlp.export.static_quant import quantize_int8_static
 
     q = spec.quantize
@@ -49,7 +50,7 @@ def quantize_stage(loaded: Any, spec: Any, exported: Any, staging: str, fqns: li
         for src_name, dst_name in STATIC_FILES.items():
             src, dst = exported.files[src_name], os.path.join(staging, dst_name)
             cache = os.path.join(work, f"ranges-{src_name}.json")
-            scopes = float_scopes(fqns, spec.calibration.exact_units) if src_name == "tmlp.onnx" and fqns else None
+            scopes = float_scopes(units) if src_name == "tmlp.onnx" and units else None
             quantize_int8_static(src, dst, calib, q.calibration, exclude_scopes=scopes, cache=cache)
             kept: list[str] = []
             if budget is not None and src_name == "tmlp.onnx":

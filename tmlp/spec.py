@@ -191,8 +191,8 @@ class BlocksSpec:
 class PlanSpec:
     """The accuracy budget: ``max_acc_drop`` points of top-1 accuracy the final T-MLP model (distilled, in
     onnxruntime, on the choose split) may lose against the original. The plan stage chooses per block whether to
-    replace it and with which k and rank (``k_choices``/``rank_choices``; None: the calibration's own k and rank
-    alone, so the plan decides only which blocks to replace), allowing ``headroom`` points more before distillation when distillation runs (it wins them back, or
+    replace it and with which k, rank and exact hidden units (``k_choices``/``rank_choices``/``unit_choices``; None:
+    the calibration's own k, rank and exact units alone, so the plan decides only which blocks to replace), allowing ``headroom`` points more before distillation when distillation runs (it wins them back, or
     the export backs off until the budget holds). None: no budget; every selected block is replaced as the
     calibration section says (what ``tmlp export`` does when form flags such as --k or --layers are given).
     ``replace_all``: under the budget every selected block is replaced; the plan chooses only k and rank, the
@@ -202,6 +202,7 @@ class PlanSpec:
     max_acc_drop: float | None = 1.0
     k_choices: tuple[int, ...] | None = None
     rank_choices: tuple[int, ...] | None = None
+    unit_choices: tuple[int, ...] | None = None  # exact hidden units per block (tmlp.taylor.exact); 0: none
     headroom: float = 2.0
     replace_all: bool = False
     margin: float = 0.0  # standard errors of the measured drop it must leave below the budget (tmlp.budget)
@@ -219,6 +220,9 @@ class PlanSpec:
         for what, values in (("--plan-k", self.k_choices), ("--plan-rank", self.rank_choices)):
             if values is not None and (not values or min(values) < 1):
                 raise TmlpError(f"{what} takes comma-separated positive integers like 25,50,100, got {values!r}")
+        if self.unit_choices is not None and (not self.unit_choices or min(self.unit_choices) < 0):
+            raise TmlpError("--plan-units takes comma-separated hidden-unit counts >= 0 like 0,64,256, got "
+                            f"{self.unit_choices!r}")
 
 
 @dataclass(frozen=True)
@@ -352,7 +356,7 @@ class ExportSpec:
     """One export, complete: the model name, a section per stage, and the output folder (None:
     runs/<model>-<dataset>)."""
 
-    VERSION: ClassVar[int] = 9
+    VERSION: ClassVar[int] = 10
     model: str
     source: SourceSpec = field(default_factory=SourceSpec)
     blocks: BlocksSpec = field(default_factory=BlocksSpec)
@@ -427,10 +431,10 @@ def default_of(path: str) -> Any:
 
 
 def parse_int_list(text: str | None, flag: str, allow_zero: bool = False) -> tuple[int, ...] | None:
-    """'25,50,100' -> (25, 50, 100); None stays None. ``allow_zero``: indices (0 and up) instead of counts."""
+    """'25,50,100' -> (25, 50, 100); None stays None. ``allow_zero``: 0 allowed (indices, unit counts)."""
     if text is None:
         return None
-    kind = "indices >= 0 like 3,6,9" if allow_zero else "positive integers like 25,50,100"
+    kind = "integers >= 0 like 0,3,6" if allow_zero else "positive integers like 25,50,100"
     try:
         values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
     except ValueError:

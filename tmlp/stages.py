@@ -32,6 +32,7 @@ from tmlp.models import (create_model, input_size, load_checkpoint, model_names,
 from tmlp.plan import BlockOption, Plan, held_out_tokens, option_calibration, plan_blocks
 from tmlp.spec import AVERAGE_IMAGES, ExportSpec, PlanSpec, SourceSpec, TaylorConfig
 from tmlp.surgery import select_blocks, skipped_blocks, taylorize_
+from tmlp.taylor.exact import kept_units
 from tmlp.train import TrainConfig, batches, evaluate, is_trained, resolve_precision, train
 
 __all__ = ["AveragedChecks", "Built", "ChooseSplitChecks", "Exported", "Loaded", "ResolvedTarget", "Selection", "ValSplits", "build",
@@ -346,8 +347,8 @@ def planning_budget(spec: ExportSpec) -> float:
 
 
 def plan_options(plan: PlanSpec, config: TaylorConfig, available_tokens: int) -> list[BlockOption]:
-    """The (k, rank) options the planner may choose from: the spec's choices, else the calibration's own k and
-    rank alone. Cheaper options save little: up to rank 32 every option costs 3-7% of the MLP it replaces in
+    """The (k, rank, exact units) options the planner may choose from: the spec's choices, else the calibration's
+    own k, rank and exact units alone. Cheaper options save little: up to rank 32 every option costs 3-7% of the MLP it replaces in
     onnxruntime (bench/results/option-latency), while on the CIFAR-10 DeiT-Small k=25, r=8 doubles the output error
     of k=100, r=32, and a plan of the cheapest options lost 1.1 points more before fine-tuning than one of the most
     faithful (bench/results/default-variants)."""
@@ -355,42 +356,50 @@ def plan_options(plan: PlanSpec, config: TaylorConfig, available_tokens: int) ->
     rank_choices = (plan.rank_choices or (config.rank,)) if config.basis == "shared" else (None,)
     if max(k_choices) > available_tokens:
         raise TmlpError(f"--plan-k {max(k_choices)} exceeds the {available_tokens} calibration tokens; lower it")
-    return [BlockOption(k, r) for k in k_choices for r in rank_choices]
+    unit_choices = plan.unit_choices or (config.exact_units,)
+    return [BlockOption(k, r, m) for k in k_choices for r in rank_choices for m in unit_choices]
 
 
-def plan_configs(spec: ExportSpec, options: list[BlockOption]) -> dict[int, TaylorConfig]:
-    """The calibration config of each k the planner may use: the export's own where it covers that k and every
-    rank, else the same at that k and the largest rank (U keeps its share of columns, plan.truncate_rank)."""
+def plan_configs(spec: ExportSpec, options: list[BlockOption]) -> dict[tuple[int, int], TaylorConfig]:
+    """The calibration config of each (k, exact units) the planner may use: the export's own where it covers that
+    k, those units and every rank, else the same at that k and units and the largest rank (U keeps its share of
+    columns, plan.truncate_rank)."""
     config = spec.calibration
     max_rank = max(o.rank or config.rank for o in options)
     out = {}
-    for k in sorted({o.k for o in options}):
-        if k == config.k and max_rank <= config.rank:
-            out[k] = config
+    for k, units in sorted({o.calibrated_as for o in options}):
+        if k == config.k and units == config.exact_units and max_rank <= config.rank:
+            out[k, units] = config
         else:
-            out[k] = config.replace(k=k, max_tokens=config.max_tokens, rank=max_rank, rank_out=None
-                                    if config.rank_out is None else round(config.rank_out * max_rank / config.rank))
+            out[k, units] = config.replace(
+                k=k, max_tokens=config.max_tokens, exact_units=units, rank=max_rank,
+                rank_out=None if config.rank_out is None else round(config.rank_out * max_rank / config.rank))
     return out
 
 
 def calibrate_plan_options(loaded: Loaded, selection: Selection, spec: ExportSpec, log: Log = print,
-                           progress: bool = True) -> dict[int, dict[str, BlockCalibration]]:
-    """Stage 3 when a plan follows: the calibration of every selected block at each k the planner may use, in one
-    pass over the data for all of them (one collection of inputs, one least-squares pass; each k cached as
-    ``calibrate`` alone would cache it)."""
+                           progress: bool = True) -> dict[tuple[int, int], dict[str, BlockCalibration]]:
+    """Stage 3 when a plan follows: the calibration of every selected block at each (k, exact units) the planner
+    may use, in one pass over the data for all of them (one collection of inputs, one K-means per k, one
+    least-squares pass; each cached as ``calibrate`` alone would cache it)."""
     configs = plan_configs(spec, plan_options(spec.plan, spec.calibration, selection.available_tokens))
     fqns, config = selection.fqns, spec.calibration
     n = min(spec.source.calib_images, len(loaded.data.train))
+    ks = sorted({k for k, _ in configs})
+    units = sorted({m for _, m in configs})
+    extra = f" with {', '.join(map(str, units))} exact hidden units" if units != [config.exact_units] else ""
     log(f"calibrating {len(fqns)} block(s) ({fqns[0]}{' ...' if len(fqns) > 1 else ''}) at k="
-        f"{', '.join(map(str, configs))} for the plan, order {config.order}, {config.describe()}, on {n} training "
-        f"images of {loaded.dataset}")
+        f"{', '.join(map(str, ks))}{extra} for the plan, order {config.order}, "
+        f"{(config.replace(exact_units=0) if extra else config).describe()}, on {n} "
+        f"training images of {loaded.dataset}")
     batches, n_batches = loaded.batches("train", spec.source.calib_images, share=world())
     results = calibrate_many(loaded.model, fqns, batches, n_batches, list(configs.values()),
                              loaded.calibration_key(spec.source.calib_images), progress, log)
     return dict(zip(configs, results))
 
 
-def plan_stage(loaded: Loaded, selection: Selection, calibrations: dict[int, dict[str, BlockCalibration]],
+def plan_stage(loaded: Loaded, selection: Selection,
+               calibrations: dict[tuple[int, int], dict[str, BlockCalibration]],
                spec: ExportSpec, log: Log = print, progress: bool = True
                ) -> tuple[Selection, dict[str, BlockCalibration], Plan]:
     """Stage 4 (with ``--max-acc-drop``): per block, replace or keep, and with which k and rank, from the
@@ -684,11 +693,20 @@ def tmlp_metadata(common: dict[str, str], config: TaylorConfig, fqns: list[str],
             **({"tmlp.partition_rank": str(c.partition_rank)} if c.partition_rank else {}),
             **({"tmlp.rank": str(c.rank), "tmlp.basis_source": c.basis_source, "tmlp.fit": c.fit} if shared else {}),
             **({"tmlp.rank_out": str(c.rank_out)} if shared and c.rank_out else {}),
-            **({"tmlp.exact_units": str(c.exact_units)} if c.exact_units else {}),
+            **exact_units_metadata({f: plan.choice[f].units if plan else c.exact_units for f in fqns}),
             "tmlp.layers": json.dumps(fqns), "tmlp.taylor_config": json.dumps(c.to_dict(), sort_keys=True),
             "tmlp.distill_epochs": "auto" if spec.distill.epochs is None else str(spec.distill.epochs),
             **({"tmlp.block_k": json.dumps(block_k, sort_keys=True)} if block_k else {}),
             **({} if plan is None else {"tmlp.plan": json.dumps(plan.to_dict()["choice"], sort_keys=True)})}
+
+
+def exact_units_metadata(units: dict[str, int]) -> dict[str, str]:
+    """``tmlp.exact_units``: the hidden units each replaced block keeps exact, one count when all keep the same
+    ("256"), else a JSON object {block: count}; nothing when none keeps any."""
+    counts = set(units.values())
+    if not any(counts):
+        return {}
+    return {"tmlp.exact_units": str(counts.pop()) if len(counts) == 1 else json.dumps(units, sort_keys=True)}
 
 
 def clear_run_folder(out_dir: str) -> None:
@@ -924,6 +942,7 @@ def summarize(spec: ExportSpec, loaded: Loaded, selection: Selection, built: Bui
     return {"spec": spec.to_dict(), "model": spec.model, "model_config": loaded.payload["config"],
             "dataset": loaded.dataset, "checkpoint": loaded.checkpoint, "checkpoint_sha256": loaded.source_sha256,
             "taylor_config": spec.calibration.to_dict(), "layers": selection.fqns, "block_k": selection.block_k,
+            "exact_units": kept_units(built.model, selection.fqns),
             "skipped_blocks": selection.skipped,
             "preprocessing": loaded.spec, "pytorch_val_accuracy": {"original": built.accuracy_original,
                                                                    "tmlp": built.accuracy, "split": "report"},

@@ -87,11 +87,11 @@ def test_the_hybrid_block_exports_with_parity_and_its_units_as_matmuls(tmp_path)
     assert result.max_abs < 1e-4
     # int8 of the rest of the model: the Taylor part stays float, the exact units' weights turn int8
     excluded = quantize_int8_dynamic(path, str(tmp_path / "hybrid.int8.onnx"), op_types=["MatMul", "Gemm"],
-                                     exclude_scopes=float_scopes(["1"], 12))
+                                     exclude_scopes=float_scopes({"1": 12}))
     int8 = op_counts(str(tmp_path / "hybrid.int8.onnx"))
     # the first Linear and the units' two MatMuls in int8; the Taylor part's four MatMuls (assignment, V, S_c, Uᵀ) float
     assert excluded and (int8["MatMulInteger"], int8["MatMul"], int8["ArgMin"]) == (3, 4, 1), dict(int8)
-    assert float_scopes(["blocks.1.mlp"], 0) == ["blocks.1.mlp"]
+    assert float_scopes({"blocks.1.mlp": 0, "blocks.2.mlp": 64}) == ["blocks.1.mlp", "blocks.2.mlp.taylor"]
 
 
 def test_the_plan_costs_the_exact_units():

@@ -196,6 +196,7 @@ def calibrate_many(model: nn.Module, fqns: list[str], batches: Callable[[], Iter
         [_cached(path, log) for path in paths] if w.main else None)
     todo = [i for i, r in enumerate(results) if r is None]
     inputs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    cells: dict[tuple[str, str], tuple[torch.Tensor | None, torch.Tensor]] = {}  # configs differing in units share
     for i in todo:
         config = configs[i]
         sample = (config.max_tokens, config.seed)
@@ -203,7 +204,7 @@ def calibrate_many(model: nn.Module, fqns: list[str], batches: Callable[[], Iter
             inputs[sample] = collect_inputs(model, fqns, batches(), n_batches, config.max_tokens, config.seed,
                                             progress)
         results[i] = split_over_ranks(
-            fqns, lambda fqn: centres_and_tensors(block_rows(model, fqn), fqn, inputs[sample][fqn], config),
+            fqns, lambda fqn: centres_and_tensors(block_rows(model, fqn), fqn, inputs[sample][fqn], config, cells),
             f"calibrate: K-means k={config.k} + order-{config.order} tensors", progress)
     fitting = [i for i in todo if configs[i].fit == "lstsq"]
     if fitting:
@@ -245,10 +246,20 @@ def _cached(path: str | None, log: Callable[[str], None] | None) -> dict[str, Bl
     return {f: BlockCalibration.from_dict(f, s) for f, s in stored.items()}
 
 
-def centres_and_tensors(block: nn.Module, fqn: str, rows: torch.Tensor, config: TaylorConfig) -> BlockCalibration:
-    """K-means centres of one block's sampled input ``rows`` [n, d_in] and the per-centre tensors at them."""
-    projection = partition_projection(block, config.partition, rows, config.partition_rank)
-    centres = partition_kmeans(rows, config.k, config.seed, config.n_init, projection)
+def centres_and_tensors(block: nn.Module, fqn: str, rows: torch.Tensor, config: TaylorConfig,
+                        cells: dict[tuple[str, str], tuple[torch.Tensor | None, torch.Tensor]] | None = None
+                        ) -> BlockCalibration:
+    """K-means centres of one block's sampled input ``rows`` [n, d_in] and the per-centre tensors at them.
+    ``cells``, if given, memoises (projection, centres) per block and config up to its exact units, so that the
+    planner's unit counts share one K-means (the rows must be the same for every config sharing it)."""
+    key = (fqn, json.dumps(config.replace(exact_units=0).to_dict(), sort_keys=True))
+    if cells is not None and key in cells:
+        projection, centres = cells[key]
+    else:
+        projection = partition_projection(block, config.partition, rows, config.partition_rank)
+        centres = partition_kmeans(rows, config.k, config.seed, config.n_init, projection)
+        if cells is not None:
+            cells[key] = projection, centres
     units, served = None, block
     if config.exact_units:
         units = choose_units(block, rows, nearest_centre(rows, centres, projection), config.k, config.exact_units)

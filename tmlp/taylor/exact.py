@@ -20,8 +20,8 @@ from torch import nn
 
 from tmlp.errors import TmlpError
 
-__all__ = ["ExactUnits", "HybridTaylorMLP", "WithoutUnits", "choose_units", "float_scopes", "mlp_layers",
-           "unit_scores"]
+__all__ = ["ExactUnits", "HybridTaylorMLP", "WithoutUnits", "choose_units", "float_scopes", "kept_units",
+           "mlp_layers", "unit_scores"]
 
 
 def mlp_layers(block: nn.Module) -> tuple[nn.Linear, nn.Module, nn.Linear]:
@@ -116,8 +116,15 @@ def choose_units(block: nn.Module, rows: torch.Tensor, cells: torch.Tensor, k: i
     return torch.sort(torch.argsort(scores, descending=True)[:m]).values
 
 
-def float_scopes(layers: list[str], exact_units: int) -> list[str]:
-    """Module paths an int8 model keeps in float ("T-MLP + int8, rest of the model"): the Taylor blocks at
-    ``layers``; of a block with exact units only its ``taylor`` part, so the units' MatMuls are quantized with the
-    rest of the model's weights."""
-    return [f"{p}.taylor" for p in layers] if exact_units else list(layers)
+def kept_units(model: nn.Module, layers: list[str]) -> dict[str, int]:
+    """{layer: hidden units it keeps exact} for the replaced blocks ``layers`` of ``model`` (0: a plain Taylor
+    block)."""
+    return {p: int(exact.m) if isinstance(exact := getattr(model.get_submodule(p), "exact", None), ExactUnits) else 0
+            for p in layers}
+
+
+def float_scopes(units: dict[str, int]) -> list[str]:
+    """Module paths an int8 model keeps in float ("T-MLP + int8, rest of the model"), from {replaced layer: exact
+    units}: a plain Taylor block whole; of a block with exact units only its ``taylor`` part, so the units' MatMuls
+    are quantized with the rest of the model's weights."""
+    return [f"{p}.taylor" if m else p for p, m in units.items()]
