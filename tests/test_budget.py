@@ -30,37 +30,45 @@ def _blocks_in(path) -> int:
     return len(json.loads(meta["tmlp.layers"]))
 
 
-def test_back_off_moves_the_most_sensitive_block_to_its_safest_option_then_to_its_mlp():
+MACS = {None: 100, BlockOption(4, 8): 10, BlockOption(8, 16): 20}  # per token: the MLP and two options
+
+
+def test_back_off_makes_the_move_that_buys_the_most_kl_per_multiply_add():
     a, b = BlockOption(4, 8), BlockOption(8, 16)
-    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={},
+    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={f: MACS for f in "xyz"},
                 sensitivity={"x": {a: 0.1, b: 0.01}, "y": {a: 0.5, b: 0.02}, "z": {a: 0.03, b: 0.3}},
                 choice={"x": a, "y": b, "z": b}, build_block=lambda f, o: torch.nn.Identity())
-    assert next_move(plan, ["x", "y", "z"]) == ("z", a)  # KL 0.3 is the worst; its option a has 0.03
-    assert next_move(plan, ["x", "y"]) == ("x", b)
+    assert next_move(plan, ["x", "y", "z"]) == ("z", a)  # a is cheaper than b and 10x less sensitive: free
+    assert next_move(plan, ["x", "y"]) == ("x", b)  # 0.09 nats for 10 MACs; y's MLP: 0.02 for 80
     plan.choice["z"] = a
-    assert next_move(plan, ["x", "y", "z"]) == ("x", b)  # now x (0.1) is the worst
+    assert next_move(plan, ["x", "y", "z"]) == ("x", b)
     plan.choice["x"] = b
-    assert next_move(plan, ["x", "y", "z"]) == ("z", None)  # z holds its safest option already: its MLP back
+    assert next_move(plan, ["x", "y", "z"]) == ("z", None)  # only MLPs are left: 0.03 for 90 is the best of them
     assert next_move(None, ["x", "y", "z"]) == ("z", None)
     plan.build_block = None  # no calibrations to build from: blocks go straight back to their MLP
     plan.choice["y"] = a
     assert next_move(plan, ["x", "y"]) == ("y", None)
+    # one option per block (the default): the most sensitive block's MLP comes back
+    one = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={f: MACS for f in "xyz"},
+               sensitivity={"x": {a: 0.1}, "y": {a: 0.5}, "z": {a: 0.03}}, choice=dict.fromkeys("xyz", a),
+               build_block=lambda f, o: torch.nn.Identity())
+    assert next_move(one, ["x", "y", "z"]) == ("y", None)
 
 
 def test_with_replace_all_the_back_off_only_swaps_options_and_never_gives_an_mlp_back():
     a, b = BlockOption(4, 8), BlockOption(8, 16)
-    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={},
-                sensitivity={"x": {a: 0.1, b: 0.01}, "y": {a: 0.5, b: 0.4}, "z": {a: 0.03, b: 0.3}},
+    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={f: MACS for f in "xyz"},
+                sensitivity={"x": {a: 0.1, b: 0.09}, "y": {a: 0.5, b: 0.45}, "z": {a: 0.03, b: 0.3}},
                 choice={"x": a, "y": b, "z": a}, build_block=lambda f, o: torch.nn.Identity())
-    # y is the most sensitive but holds its safest option: by default its MLP comes back; with --replace-all the
-    # most sensitive block that can still swap (x) takes its safer option
+    # y's MLP buys 0.45 nats for 80 MACs, x's safer option 0.01 for 10: by default y's MLP comes back; with
+    # --replace-all the only swap left (x to b) is made
     assert next_move(plan, ["x", "y", "z"]) == ("y", None)
     assert next_move(plan, ["x", "y", "z"], keep_mlps=False) == ("x", b)
     plan.choice["x"] = b
     assert next_move(plan, ["x", "y", "z"], keep_mlps=False) is None  # every block at its safest option
     assert next_move(None, ["x"], keep_mlps=False) is None
     model, original = torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Sequential(torch.nn.Linear(2, 2))
-    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={}, sensitivity={"0": {a: 0.5, b: 0.1}},
+    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={"0": MACS}, sensitivity={"0": {a: 0.5, b: 0.1}},
                 choice={"0": a}, build_block=lambda f, o: torch.nn.Identity())
     drops = iter([3.0])  # still broken after the swap: no move is left, and the block keeps its Taylor form
     with pytest.raises(TmlpError, match="no T-MLP model with every block replaced holds --max-acc-drop 1"):
@@ -72,7 +80,7 @@ def test_back_off_swaps_in_the_safer_option_before_giving_the_mlp_back():
     a, b = BlockOption(4, 8), BlockOption(8, 16)
     model, original = torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Sequential(torch.nn.Linear(2, 2))
     built = []
-    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={}, sensitivity={"0": {a: 0.5, b: 0.1}},
+    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={"0": MACS}, sensitivity={"0": {a: 0.5, b: 0.1}},
                 choice={"0": a}, build_block=lambda f, o: built.append((f, o)) or torch.nn.Identity())
     drops = iter([0.5, 3.0])  # points: within budget after the swap
     assert back_off(model, original, ["0"], plan, lambda m: next(drops), 1.0, lambda s: None) == ["0"]
@@ -89,7 +97,7 @@ def test_after_fine_tuning_the_back_off_gives_mlps_back_and_recovers_after_each_
     a, b = BlockOption(4, 8), BlockOption(8, 16)
     model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity())
     original = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={},
+    plan = Plan(baseline=0.9, max_drop=0.01, errors={}, macs={f: MACS for f in "012"},
                 sensitivity={"0": {a: 0.5, b: 0.1}, "1": {a: 0.3, b: 0.2}, "2": {a: 0.01, b: 0.02}},
                 choice={"0": a, "1": a, "2": a}, build_block=lambda f, o: pytest.fail("no swap after fine-tuning"))
     assert next_move(plan, ["0", "1", "2"], swaps=False) == ("0", None)
@@ -273,8 +281,8 @@ def test_the_export_backs_off_until_the_budget_holds(trained_tiny_vit_path, tmp_
 
 def test_the_plan_offers_exact_units_and_the_back_off_adds_them_before_an_mlp_comes_back(
         trained_tiny_vit_path, tmp_path, monkeypatch):
-    """--plan-units 0,16: a block's least sensitive option keeps 16 hidden units exact, so the back-off moves the
-    most sensitive block there first; the manifest, the ONNX metadata and int8's float scopes follow each block's
+    """--plan-units 0,16: a block's less sensitive option keeps 16 hidden units exact, and the back-off moves blocks
+    there before any MLP comes back; the manifest, the ONNX metadata and int8's float scopes follow each block's
     own count."""
     _pessimistic_onnxruntime(monkeypatch, points_per_block=0.5)
     out = tmp_path / "units"
@@ -284,7 +292,7 @@ def test_the_plan_offers_exact_units_and_the_back_off_adds_them_before_an_mlp_co
         "1", "--headroom", "100", "--distill-epochs", "0"])
     assert result.exit_code == 0, result.output
     assert "with 0, 16 exact hidden units for the plan" in result.output
-    assert "takes its least sensitive option, k=8 r=8 +16 units" in result.output
+    assert "takes a less sensitive option, k=8 r=8 +16 units" in result.output
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["budget"]["holds"] and manifest["parity"]["tmlp.onnx"]["top1_agree"] == 1.0
     units = manifest["exact_units"]
@@ -445,7 +453,7 @@ def test_after_fine_tuning_the_export_gives_mlps_back_and_trains_after_each_move
                      "--distill-images", "256", "--recover-images", "128")
     assert result.exit_code == 0, result.output
     assert "fine-tuning of the whole model" in result.output
-    assert "is its original MLP again" in result.output and "takes its least sensitive option" not in result.output
+    assert "is its original MLP again" in result.output and "takes a less sensitive option" not in result.output
     assert "    recovery after 64 training images: choose-split accuracy" in result.output
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["budget"]["holds"] and len(manifest["layers"]) == 2 and _blocks_in(out / "tmlp.onnx") == 2
@@ -453,7 +461,7 @@ def test_after_fine_tuning_the_export_gives_mlps_back_and_trains_after_each_move
                     "--distill-epochs", "1", "--distill-images", "256")  # the default: no recovery, still no swap
     assert plain.exit_code == 0, plain.output
     assert "is its original MLP again" in plain.output and "recovery" not in plain.output
-    assert "takes its least sensitive option" not in plain.output
+    assert "takes a less sensitive option" not in plain.output
 
 
 def test_a_budget_margin_backs_off_further_than_the_drop_alone(trained_tiny_vit_path, tmp_path, monkeypatch):

@@ -3,9 +3,10 @@
 The plan stage chooses blocks and options from PyTorch measurements, before distillation and with some headroom;
 distillation changes the model again; onnxruntime computes in its own order. So the export measures the final file
 on the choose split of the validation images against original.onnx, and while it loses more than the budget it
-backs off, one move at a time: the replaced block whose option is most sensitive (logit KL alone, from the plan)
-takes the plan's least sensitive option for it (freshly calibrated, untrained), or, if it has it already, goes back
-to its original MLP — first in PyTorch until the PyTorch drop holds, then the file is exported and measured again.
+backs off, one move at a time: the move that buys the most logit KL (of a block alone, from the plan) per
+multiply-add it adds — a replaced block taking a less sensitive option (freshly calibrated, untrained; more exact
+units, a larger k or rank) or its original MLP back (``next_move``) — first in PyTorch until the PyTorch drop holds,
+then the file is exported and measured again.
 After whole-model fine-tuning the block goes straight back to its MLP (a fresh option would be untrained, and the
 rest of the network had adapted to the Taylor block); ``--recover-images`` fine-tunes briefly after each move. A model
 that cannot hold the budget is never written (the export runs in a staging folder). With ``--replace-all`` no MLP
@@ -16,6 +17,7 @@ The report split, never used for a choice, is measured last (``report``), with a
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -82,31 +84,33 @@ def quick_speedup(original: str, tmlp: str, runs: int = 30, warmup: int = 5) -> 
             "speedup": median["original"] / max(median["tmlp"], 1e-9), "runs": len(times["tmlp"])}
 
 
-def _safest(plan: Plan, fqn: str) -> BlockOption:
-    options = plan.sensitivity[fqn]
-    return min(options, key=lambda o: (options[o], o))
-
-
 def next_move(plan: Plan | None, fqns: list[str], keep_mlps: bool = True,
               swaps: bool = True) -> tuple[str, BlockOption | None] | None:
-    """The budget's next move among the replaced blocks ``fqns``: the block whose current option is the most
-    sensitive (logit KL of that block alone, from the plan) takes the plan's least sensitive option for it, or its
-    original MLP (None) if that is what it has; without a plan, the last block goes back to its MLP. Without
-    ``keep_mlps`` no MLP comes back: the most sensitive block that still has a safer option takes it, and None
-    means no move is left. Without ``swaps`` (the model was fine-tuned: a freshly calibrated option would be
-    untrained) the most sensitive block goes straight back to its MLP."""
+    """The budget's next move among the replaced blocks ``fqns``: the one that buys the most logit KL (of that
+    block alone, from the plan) per multiply-add it adds back, continuing the plan's own trade (MACs + λ · KL).
+    A move takes a block to any option with a lower KL than its current one (freshly calibrated: only with ``swaps``
+    and a plan that can build blocks; one that also costs no more is taken first) or gives it its original MLP back
+    (None: KL 0; not without ``keep_mlps``). With one option per block this gives the most sensitive block its MLP
+    back; with exact units offered (--plan-units) a block gains units before any MLP comes back where that buys
+    more. Without a plan the last block goes back to its MLP; None: no move is left. Without ``swaps`` (the model
+    was fine-tuned whole: a freshly calibrated option would be untrained) only MLPs come back."""
     if plan is None:
         return (fqns[-1], None) if keep_mlps else None
-    sensitivity = lambda f: plan.sensitivity[f][plan.choice[f]]  # noqa: E731
-    can_swap = [f for f in fqns if plan.build_block is not None and (swaps or not keep_mlps)
-                and plan.sensitivity[f][_safest(plan, f)] < sensitivity(f)]
-    if not keep_mlps:
-        if not can_swap:
-            return None
-        fqn = max(can_swap, key=sensitivity)
-        return fqn, _safest(plan, fqn)
-    fqn = max(fqns, key=sensitivity)
-    return (fqn, _safest(plan, fqn)) if fqn in can_swap else (fqn, None)
+    can_swap = plan.build_block is not None and (swaps or not keep_mlps)
+    best: tuple[float, float, str, BlockOption | None] | None = None
+    for fqn in fqns:
+        current = plan.choice[fqn]
+        kl_now, macs = plan.sensitivity[fqn][current], plan.macs[fqn]
+        moves: list[tuple[BlockOption | None, float]] = [(None, 0.0)] if keep_mlps else []
+        if can_swap:
+            moves += [(o, kl) for o, kl in plan.sensitivity[fqn].items() if kl < kl_now]
+        for option, kl in moves:
+            added = macs[option] - macs[current]
+            gain = (kl_now - kl) / added if added > 0 else math.inf
+            key = (gain, kl_now - kl)
+            if best is None or key > best[:2]:
+                best = (*key, fqn, option)
+    return None if best is None else (best[2], best[3])
 
 
 def restore_block(model: torch.nn.Module, original: torch.nn.Module, fqn: str) -> None:
@@ -186,7 +190,7 @@ def back_off(model: torch.nn.Module, original: torch.nn.Module, fqns: list[str],
             what = "is its original MLP again"
         else:
             replace_module(model, fqn, plan.build_block(fqn, option))
-            what = f"takes its least sensitive option, {option.label()}"
+            what = f"takes a less sensitive option, {option.label()}"
         if plan is not None:
             plan.choice[fqn] = option
         if recover is not None and fqns:

@@ -382,8 +382,8 @@ EPOCHS = _NumberOrWord(int, "auto", None)
              help="Ranks the plan may use, e.g. 8,16,32 (none: --rank alone; shared basis only).")
 @spec_option("--plan-units", field="plan.unit_choices",
              help="Exact hidden units per block the plan may use, e.g. 0,64,256 (none: --exact-units alone): each "
-                  "count is calibrated, and the budget's back-off moves a block to its least sensitive form (most "
-                  "units) before it gives the block its MLP back. Two-layer MLPs only.")
+                  "count is calibrated on the same centres, and the budget's back-off adds units to blocks before it "
+                  "gives one its MLP back where that buys more logit KL per multiply-add. Two-layer MLPs only.")
 @spec_option("--opset", field="target.opset", type=int, help="ONNX opset.")
 @spec_option("--max-memory", field="target.max_memory_mb", type=float,
              help="Memory budget in MiB for weights + peak live activations (estimated from the graph); the Taylor "

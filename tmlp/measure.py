@@ -170,7 +170,9 @@ def format_table(result: dict[str, Any]) -> str:
     if plan:
         ks = sorted({c["k"] for c in plan.values()})
         ranks = sorted({c["rank"] for c in plan.values() if c.get("rank")})
-        head = f"per-block plan (k in {ks}" + (f", r in {ranks}" if ranks else "") + ")"
+        units = sorted({c.get("units", 0) for c in plan.values()})
+        head = (f"per-block plan (k in {ks}" + (f", r in {ranks}" if ranks else "")
+                + (f", exact units in {units}" if units != [0] else "") + ")")
         form = "shared basis" if ranks else form
     lines = [f"{result['model']} on {result['dataset']}: T-MLP {head}, order {cfg.get('order')}, {form}, "
              f"{len(result.get('layers') or [])} block(s) replaced. onnxruntime {m['onnxruntime']} "

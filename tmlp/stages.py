@@ -815,8 +815,8 @@ def hold_budget(loaded: Loaded, selection: Selection, built: Built, spec: Export
                 plan: Plan | None, staging: str, exported: Exported, log: Log = print
                 ) -> tuple[Selection, Built]:
     """Stage 8b (under a budget): measure tmlp.onnx against original.onnx in onnxruntime on the choose split and,
-    while it loses more than the budget, give the most sensitive replaced block back its MLP and export again
-    (tmlp.budget: the most sensitive block first takes the plan's least sensitive option for it, then its MLP).
+    while it loses more than the budget, back off and export again (tmlp.budget.next_move: the move that buys the
+    most logit KL per multiply-add, a less sensitive option for a block or its MLP back).
     Raises, with nothing published, when no replaced block can stay."""
     from tmlp.budget import BudgetCheck, back_off, ort_correct
 
