@@ -381,22 +381,28 @@ def test_averaged_fine_tuning_keeps_the_mean_of_the_checks_closest_to_the_origin
         assert any(not torch.equal(start[k], v) for k, v in out.model.state_dict().items()) == bool(kept)
 
 
-def test_the_plan_calibrates_every_k_in_one_pass_over_the_data(trained_tiny_vit_path, tmp_path, monkeypatch):
+def _plan_calibrations(checkpoint, tmp_path, monkeypatch, plan, counted: str):
+    """The plan's calibrations of the tiny ViT at k = 8 (nothing cached), its selection, the log, and the calls of
+    ``tmlp.calibration.calibrate``'s function ``counted``."""
     from tmlp import stages
     from tmlp.calibration import calibrate as calibrate_module
-    from tmlp.spec import ExportSpec, PlanSpec, SourceSpec, TaylorConfig
+    from tmlp.spec import ExportSpec, SourceSpec, TaylorConfig
 
-    monkeypatch.setenv("TMLP_CACHE", str(tmp_path / "cache"))  # nothing cached: every k is computed
-    spec = ExportSpec("test_vit", source=SourceSpec(checkpoint=trained_tiny_vit_path, calib_images=256,
-                                                    eval_images=200), calibration=TaylorConfig(k=8),
-                      plan=PlanSpec(k_choices=(2, 4, 8)))
+    monkeypatch.setenv("TMLP_CACHE", str(tmp_path / "cache"))
+    spec = ExportSpec("test_vit", source=SourceSpec(checkpoint=checkpoint, calib_images=256, eval_images=200),
+                      calibration=TaylorConfig(k=8), plan=plan)
     loaded = stages.load(spec, lambda s: None, progress=False)
     selection = stages.select(loaded, spec)
-    passes = []
-    collect = calibrate_module.collect_inputs
-    monkeypatch.setattr(calibrate_module, "collect_inputs", lambda *a, **kw: passes.append(1) or collect(*a, **kw))
-    logs = []
-    calibrations = stages.calibrate_plan_options(loaded, selection, spec, logs.append, False)
+    calls, real, logs = [], getattr(calibrate_module, counted), []
+    monkeypatch.setattr(calibrate_module, counted, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return stages.calibrate_plan_options(loaded, selection, spec, logs.append, False), selection, logs, calls
+
+
+def test_the_plan_calibrates_every_k_in_one_pass_over_the_data(trained_tiny_vit_path, tmp_path, monkeypatch):
+    from tmlp.spec import PlanSpec
+
+    calibrations, selection, logs, passes = _plan_calibrations(trained_tiny_vit_path, tmp_path, monkeypatch,
+                                                               PlanSpec(k_choices=(2, 4, 8)), "collect_inputs")
     assert sorted(calibrations) == [(2, 0), (4, 0), (8, 0)] and len(passes) == 1
     assert "at k=2, 4, 8 for the plan" in logs[0]
     assert all(set(c) == set(selection.fqns) for c in calibrations.values())
@@ -407,22 +413,13 @@ def test_the_plan_calibrates_each_unit_count_on_one_k_means(trained_tiny_vit_pat
     """--plan-units: one calibration per count of exact units, on the same centres (one K-means per k), each
     with its own units and tensors fitted to F − E."""
     from tmlp import stages
-    from tmlp.calibration import calibrate as calibrate_module
-    from tmlp.spec import ExportSpec, PlanSpec, SourceSpec, TaylorConfig
+    from tmlp.spec import PlanSpec, TaylorConfig
 
-    monkeypatch.setenv("TMLP_CACHE", str(tmp_path / "cache"))
-    spec = ExportSpec("test_vit", source=SourceSpec(checkpoint=trained_tiny_vit_path, calib_images=256,
-                                                    eval_images=200), calibration=TaylorConfig(k=8),
-                      plan=PlanSpec(unit_choices=(0, 4, 16)))
-    assert stages.plan_options(spec.plan, spec.calibration, 10_000) == [
+    plan = PlanSpec(unit_choices=(0, 4, 16))
+    assert stages.plan_options(plan, TaylorConfig(k=8), 10_000) == [
         BlockOption(8, 32, 0), BlockOption(8, 32, 4), BlockOption(8, 32, 16)]
-    loaded = stages.load(spec, lambda s: None, progress=False)
-    selection = stages.select(loaded, spec)
-    runs = []
-    kmeans = calibrate_module.partition_kmeans
-    monkeypatch.setattr(calibrate_module, "partition_kmeans", lambda *a, **kw: runs.append(1) or kmeans(*a, **kw))
-    logs = []
-    calibrations = stages.calibrate_plan_options(loaded, selection, spec, logs.append, False)
+    calibrations, selection, logs, runs = _plan_calibrations(trained_tiny_vit_path, tmp_path, monkeypatch, plan,
+                                                             "partition_kmeans")
     assert sorted(calibrations) == [(8, 0), (8, 4), (8, 16)] and len(runs) == len(selection.fqns)
     assert "at k=8 with 0, 4, 16 exact hidden units for the plan" in logs[0]
     fqn = selection.fqns[0]
