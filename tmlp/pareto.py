@@ -139,7 +139,8 @@ class _Builder:
             d_in, d_out = fc1.weight.shape[1], fc2.weight.shape[0]
             option = BlockOption(cfg.k, cfg.rank if cfg.basis == "shared" else None)
             q = cfg.partition_rank if cfg.partition_rank and cfg.partition_rank < d_in else None
-            ratios.append(option_macs(option, d_in, d_out, cfg.order, partition_rank=q) / mlp_macs(block, d_in, d_out))
+            macs = option_macs(option, d_in, d_out, cfg.order, partition_rank=q) + cfg.exact_units * (d_in + d_out)
+            ratios.append(macs / mlp_macs(block, d_in, d_out))
         return float(np.mean(ratios)) if ratios else 0.25
 
     def export(self, net: torch.nn.Module, rel: str, kind: str) -> str:
@@ -253,7 +254,8 @@ def replaced_mac_share(plan: dict) -> float | None:
     from tmlp.plan import BlockOption
 
     choice, options = plan.get("choice") or {}, plan.get("options") or {}
-    ratios = [options[fqn][BlockOption(c["k"], c.get("rank"), c.get("units", 0)).label()]["mac_ratio"] for fqn, c in choice.items() if c]
+    ratios = [options[fqn][BlockOption(c["k"], c.get("rank"), c.get("units", 0)).label()]["mac_ratio"]
+              for fqn, c in choice.items() if c]
     return float(np.mean(ratios)) if ratios else None
 
 

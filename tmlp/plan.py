@@ -342,15 +342,15 @@ def candidate_choices(sensitivity: dict[str, dict[BlockOption, float]],
 
 
 def plan_blocks(model: nn.Module, calibrations: dict[tuple[int, int], dict[str, BlockCalibration]],
-                options: list[BlockOption],
-                order: int, evaluate: Callable[[nn.Module], float], max_drop: float,
+                options: list[BlockOption], order: int, evaluate: Callable[[nn.Module], float], max_drop: float,
                 tokens: dict[str, tuple[torch.Tensor, torch.Tensor]], probe: torch.Tensor,
                 log: Callable[[str], None] | None = None, progress: bool = False, keep_mlps: bool = True) -> Plan:
     """Per-block (k, rank, units) choice under an accuracy budget (see module docstring). ``calibrations`` maps each
-    (k, exact units) of ``options`` to the calibration of every candidate block; ``tokens`` holds each block's held-out inputs and
-    outputs (``held_out_tokens``); ``probe`` [n, C, H, W] validation images for the logit-KL sensitivities;
-    ``evaluate(model) -> accuracy``. ``model`` is left unchanged. Without ``keep_mlps`` every block is replaced:
-    the cheapest choice within the budget, or, when none is, the least sensitive one (for training to recover)."""
+    (k, exact units) of ``options`` to the calibration of every candidate block; ``tokens`` holds each block's
+    held-out inputs and outputs (``held_out_tokens``); ``probe`` [n, C, H, W] validation images for the logit-KL
+    sensitivities; ``evaluate(model) -> accuracy``. ``model`` is left unchanged. Without ``keep_mlps`` every block
+    is replaced: the cheapest choice within the budget, or, when none is, the least sensitive one (for training to
+    recover)."""
     if max_drop < 0:
         raise TmlpError(f"--max-acc-drop must be >= 0 points, got {100 * max_drop}")
     if not options:
@@ -442,7 +442,7 @@ def smallest_feasible(n: int, feasible: Callable[[int], bool]) -> int | None:
     return hi
 
 
-def _build(calibrations: dict[tuple[int, int], dict[str, BlockCalibration]], fqn: str, option: BlockOption, order: int,
-           original: nn.Module) -> nn.Module:
+def _build(calibrations: dict[tuple[int, int], dict[str, BlockCalibration]], fqn: str, option: BlockOption,
+           order: int, original: nn.Module) -> nn.Module:
     cal = option_calibration(calibrations, fqn, option)
     return cal.build(order, original, channel_dim(original))

@@ -192,8 +192,9 @@ class PlanSpec:
     """The accuracy budget: ``max_acc_drop`` points of top-1 accuracy the final T-MLP model (distilled, in
     onnxruntime, on the choose split) may lose against the original. The plan stage chooses per block whether to
     replace it and with which k, rank and exact hidden units (``k_choices``/``rank_choices``/``unit_choices``; None:
-    the calibration's own k, rank and exact units alone, so the plan decides only which blocks to replace), allowing ``headroom`` points more before distillation when distillation runs (it wins them back, or
-    the export backs off until the budget holds). None: no budget; every selected block is replaced as the
+    the calibration's own k, rank and exact units alone, so the plan decides only which blocks to replace),
+    allowing ``headroom`` points more before distillation when distillation runs (it wins them back, or the export
+    backs off until the budget holds). None: no budget; every selected block is replaced as the
     calibration section says (what ``tmlp export`` does when form flags such as --k or --layers are given).
     ``replace_all``: under the budget every selected block is replaced; the plan chooses only k and rank, the
     back-off only moves blocks to safer options, and the export fails rather than give an MLP back. ``margin``: the

@@ -348,10 +348,11 @@ def planning_budget(spec: ExportSpec) -> float:
 
 def plan_options(plan: PlanSpec, config: TaylorConfig, available_tokens: int) -> list[BlockOption]:
     """The (k, rank, exact units) options the planner may choose from: the spec's choices, else the calibration's
-    own k, rank and exact units alone. Cheaper options save little: up to rank 32 every option costs 3-7% of the MLP it replaces in
-    onnxruntime (bench/results/option-latency), while on the CIFAR-10 DeiT-Small k=25, r=8 doubles the output error
-    of k=100, r=32, and a plan of the cheapest options lost 1.1 points more before fine-tuning than one of the most
-    faithful (bench/results/default-variants)."""
+    own k, rank and exact units alone. Cheaper options save little: up to rank 32 every option costs 3-7% of the
+    MLP it replaces in onnxruntime (bench/results/option-latency), while on the CIFAR-10 DeiT-Small k=25, r=8
+    doubles the output error of k=100, r=32, and a plan of the cheapest options lost 1.1 points more before
+    fine-tuning than one of the most faithful (bench/results/default-variants). Exact units (``unit_choices``) do
+    cost: 256 per block add about 17% of the MLP (bench/results/exact-units)."""
     k_choices = plan.k_choices or (config.k,)
     rank_choices = (plan.rank_choices or (config.rank,)) if config.basis == "shared" else (None,)
     if max(k_choices) > available_tokens:
