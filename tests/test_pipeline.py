@@ -221,7 +221,11 @@ def test_export_with_a_budget_and_distillation_records_both(trained, tmp_path):
     assert "| block | choice |" in log and "| λ" in log and "distillation of the Taylor tensors" in log
     manifest = json.load(open(out / "manifest.json"))
     plan, distil = manifest["layer_plan"], manifest["distillation"]
-    assert plan["max_acc_drop_points"] == 2 and plan["baseline"] - plan["accuracy"] <= 0.02 + 1e-9
+    # judged by the drop predicted from the logit distance, at the rate fitted over every choice the plan measured
+    assert plan["max_acc_drop_points"] == 2 and plan["predicted_drop_points"] <= 2 + 1e-9
+    assert len(plan["rate"]["points"]) == len(plan["search"]) and all(s["logit_distance"] > 0 for s in plan["search"])
+    assert distil["rate"]["source"] == "the trained model's own reading"  # one fixed epoch, no checks
+    assert manifest["budget"]["judged_by"] == "drop predicted from the logit distance"
     assert manifest["layers"] == [f for f, c in plan["choice"].items() if c]
     assert {c["k"] for c in plan["choice"].values() if c} <= {2, 4, 8}
     assert {c["rank"] for c in plan["choice"].values() if c} <= {8, 32}

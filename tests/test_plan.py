@@ -135,7 +135,33 @@ def test_plan_stays_within_its_budget_and_leaves_the_model_intact(setup, budget)
     d = plan.to_dict()
     assert d["max_acc_drop_points"] == pytest.approx(100 * budget) and len(d["search"]) == len(plan.steps)
     if plan.chosen == list(tokens):  # the search keeping originals measures nothing costlier than this plan
-        assert all(n == len(tokens) for _, _, n, _ in plan.steps)
+        assert all(step.blocks == len(tokens) for step in plan.steps)
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.03])
+def test_a_plan_on_readings_judges_every_choice_at_the_final_rate(setup, digits, digits_spec, budget):
+    """evaluate() returning a Reading: every measured choice is a point of the rate, and the plan keeps the cheapest
+    measured choice whose drop, judged at the final rate, fits (all originals when none does)."""
+    from tmlp.drop_rate import read
+
+    model, calibrations, tokens, _, probe = setup
+    x, y = to_tensor(digits.val.x, digits_spec), torch.from_numpy(digits.val.y)
+    with torch.no_grad():
+        reference = model(x)
+    plan = plan_blocks(model, calibrations, [BlockOption(k, 4) for k in KS], 1,
+                       lambda m: read(reference, m(x), y), budget, tokens, probe)
+    assert plan.rate is not None and len(plan.rate.points) == len(plan.steps) > 0
+    assert all(step.reading is not None and step.distance > 0 for step in plan.steps)
+    fits = [s for s in plan.steps if plan.predicted_drop(s) <= 100 * budget + 1e-9]
+    if fits:
+        best = min(fits, key=lambda s: s.mac_ratio)
+        assert plan.mac_ratio() == pytest.approx(best.mac_ratio) and plan.predicted == plan.predicted_drop(best)
+    else:
+        assert plan.chosen == [] and plan.predicted == 0.0
+    assert "judged drop" in plan.search_table()
+    d = plan.to_dict()
+    assert d["rate"]["points_per_unit_distance"] == plan.rate.rate >= 0
+    assert [s["judged_drop_points"] for s in d["search"]] == [plan.predicted_drop(s) for s in plan.steps]
 
 
 def test_replayed_prefix_gives_the_same_sensitivities_and_restores_the_model(setup):
@@ -173,10 +199,10 @@ def test_without_keeping_mlps_every_block_is_replaced(setup, budget):
     options = [BlockOption(k, r) for k in KS for r in RANKS]
     plan = plan_blocks(model, calibrations, options, 1, accuracy, budget, tokens, probe, keep_mlps=False)
     assert plan.chosen == list(tokens) and None not in plan.choice.values()
-    assert all(n == len(tokens) for _, _, n, _ in plan.steps)  # the search that keeps MLPs did not run
+    assert all(step.blocks == len(tokens) for step in plan.steps)  # the search that keeps MLPs did not run
     if budget >= 1.0:
         cheapest = min(options, key=lambda o: option_macs(o, 64, 64, 1))
         assert set(plan.choice.values()) == {cheapest}
     elif plan.baseline - plan.accuracy > 1e-9:  # over budget: every block at its least sensitive option
         assert plan.choice == {f: min(s, key=lambda o: (s[o], o)) for f, s in plan.sensitivity.items()}
-        assert plan.accuracy == pytest.approx(plan.steps[-1][1])
+        assert plan.accuracy == pytest.approx(plan.steps[-1].accuracy)

@@ -41,7 +41,7 @@ def test_spec_round_trips_and_refuses_other_versions_or_fields():
                       quantize=QuantizeSpec(mode="static", calibration="entropy"),
                       tokens=TokensSpec(keep=0.7, layers=(3, 6, 9), policy="learned", policy_images=500))
     assert ExportSpec.from_dict(spec.to_dict()) == spec
-    with pytest.raises(TmlpError, match="this tmlp reads ExportSpec v10: export again"):
+    with pytest.raises(TmlpError, match="this tmlp reads ExportSpec v11: export again"):
         ExportSpec.from_dict({**spec.to_dict(), "_version": 1})
     data = spec.to_dict()
     data["_data"] = {**data["_data"], "surprise": 1}

@@ -12,7 +12,10 @@ rest of the network had adapted to the Taylor block); ``--recover-images`` fine-
 that cannot hold the budget is never written (the export runs in a staging folder). With ``--replace-all`` no MLP
 comes back: the moves are swaps to safer options only.
 
-The report split, never used for a choice, is measured last (``report``), with a quick latency check of both files.
+Every drop is judged as the plan judges it: predicted from the model's logit distance to the original at a fitted
+rate (tmlp.drop_rate; the plan's rate, or for a trained model the rate fitted over its training's checks), each
+back-off step adding its own point to the fit. The report split, never used for a choice, is measured last
+(``report``), with a quick latency check of both files.
 """
 from __future__ import annotations
 
@@ -25,27 +28,31 @@ import numpy as np
 import torch
 
 from tmlp.data import ImageSplit
+from tmlp.drop_rate import DropRate, Reading
 from tmlp.errors import TmlpError
 from tmlp.plan import BlockOption, Plan
 from tmlp.runtime.run import input_shape, make_session, preprocess, time_batches
 from tmlp.surgery import replace_module
 
-__all__ = ["BudgetCheck", "back_off", "next_move", "ort_accuracy", "ort_correct", "paired_standard_error",
+__all__ = ["BudgetCheck", "back_off", "next_move", "ort_accuracy", "ort_correct", "ort_logits", "paired_standard_error",
            "quick_speedup", "restore_block"]
+
+
+def ort_logits(path: str, split: ImageSplit, preprocessing: dict[str, Any], batch: int = 64,
+               threads: int | None = None) -> np.ndarray:
+    """[N, classes] float32 logits of ONNX model ``path`` in onnxruntime on every image of ``split``, preprocessed by
+    the device runner's own code."""
+    session = make_session(path, threads=threads or torch.get_num_threads(), manifest=False)
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: preprocess(split.images(np.arange(start, min(len(split), start + batch))),
+                                               preprocessing)})[0] for start in range(0, len(split), batch)]
+    return np.concatenate(out).astype(np.float32)
 
 
 def ort_correct(path: str, split: ImageSplit, preprocessing: dict[str, Any], batch: int = 64,
                 threads: int | None = None) -> np.ndarray:
-    """Whether ONNX model ``path`` in onnxruntime classifies each image of ``split`` right: bool [N], preprocessed
-    by the device runner's own code."""
-    session = make_session(path, threads=threads or torch.get_num_threads(), manifest=False)
-    name = session.get_inputs()[0].name
-    correct = np.zeros(len(split), dtype=bool)
-    for start in range(0, len(split), batch):
-        index = np.arange(start, min(len(split), start + batch))
-        logits = session.run(None, {name: preprocess(split.images(index), preprocessing)})[0]
-        correct[index] = logits.argmax(axis=1) == split.y[index]
-    return correct
+    """Whether ONNX model ``path`` in onnxruntime classifies each image of ``split`` right: bool [N]."""
+    return ort_logits(path, split, preprocessing, batch, threads).argmax(axis=1) == np.asarray(split.y)
 
 
 def ort_accuracy(path: str, split: ImageSplit, preprocessing: dict[str, Any], batch: int = 64,
@@ -121,14 +128,16 @@ def restore_block(model: torch.nn.Module, original: torch.nn.Module, fqn: str) -
 @dataclass
 class BudgetCheck:
     """The budget loop's record: the budget (points), the original file's per-image results on the choose split, the
-    ``margin`` (in standard errors of the measured drop) the drop must leave, and one step per measured T-MLP file
-    (blocks replaced, accuracy, drop and its paired standard error in points). The budget holds when drop + margin ×
-    standard error <= budget: with a margin, a drop that fits only by chance (the choose split also picked the plan
-    and the fine-tuning stop) does not pass."""
+    ``margin`` (in standard errors of the measured drop) the drop must leave, the ``rate`` that predicts a drop from
+    the logit distance (tmlp.drop_rate; None: judge the measured drop) and one step per measured T-MLP file (blocks
+    replaced, accuracy, drop and its paired standard error in points, logit distance and predicted drop). The budget
+    holds when the judged drop (predicted, else measured) + margin × standard error <= budget: a file is not passed
+    on a lucky reading of 2,500 images."""
 
     max_acc_drop: float
     original_correct: np.ndarray
     margin: float = 0.0
+    rate: DropRate | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -149,20 +158,34 @@ class BudgetCheck:
         """The last measured drop's paired standard error, in points."""
         return self.steps[-1]["standard_error_points"]
 
-    def holds(self) -> bool:
-        return bool(self.drop + self.margin * self.standard_error <= self.max_acc_drop + 1e-9)
+    @property
+    def judged(self) -> float:
+        """The drop the last step is judged by, in points: predicted from its logit distance (``DropRate.judge``),
+        else measured."""
+        step = self.steps[-1]
+        if self.rate is None or step["distance"] is None:
+            return self.drop
+        return self.rate.judge(Reading(step["accuracy"], self.original, step["distance"],
+                                       step["standard_error_points"]))
 
-    def measure(self, fqns: list[str], correct: np.ndarray, seconds: float) -> None:
+    def holds(self) -> bool:
+        return bool(self.judged + self.margin * self.standard_error <= self.max_acc_drop + 1e-9)
+
+    def measure(self, fqns: list[str], correct: np.ndarray, seconds: float, distance: float | None = None) -> None:
         accuracy = float(correct.mean())
         self.steps.append({"blocks": list(fqns), "accuracy": accuracy,
                            "drop_points": 100 * (self.original - accuracy),
                            "standard_error_points": paired_standard_error(self.original_correct, correct),
-                           "seconds": round(seconds, 1)})
+                           "distance": distance, "seconds": round(seconds, 1)})
+        self.steps[-1]["predicted_drop_points"] = None if self.rate is None or distance is None else self.judged
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_acc_drop": self.max_acc_drop, "margin_standard_errors": self.margin, "split": "choose",
                 "images": len(self.original_correct), "original": self.original, "tmlp": self.accuracy,
-                "drop_points": self.drop, "standard_error_points": self.standard_error, "holds": self.holds(),
+                "drop_points": self.drop, "standard_error_points": self.standard_error,
+                "judged_drop_points": self.judged, "judged_by": "measured drop" if self.rate is None else
+                "drop predicted from the logit distance", "rate": None if self.rate is None else self.rate.to_dict(),
+                "holds": self.holds(),
                 "backed_off": [f for f in self.steps[0]["blocks"] if f not in self.steps[-1]["blocks"]],
                 "steps": self.steps}
 
@@ -171,7 +194,8 @@ def back_off(model: torch.nn.Module, original: torch.nn.Module, fqns: list[str],
              pytorch_drop: Callable[[torch.nn.Module], float], max_drop: float,
              log: Callable[[str], None], keep_mlps: bool = True, swaps: bool = True,
              recover: Callable[[torch.nn.Module], None] | None = None) -> list[str]:
-    """Make ``next_move`` until the PyTorch drop (points) is within ``max_drop``, at least one move; returns the
+    """Make ``next_move`` until the PyTorch drop (points, as judged: ``pytorch_drop`` may predict it from the logit
+    distance) is within ``max_drop``, at least one move; returns the
     blocks still replaced (``plan.choice`` follows the moves). Raises when none is left (without ``keep_mlps``:
     when every block holds its least sensitive option). Without ``swaps`` (the model was fine-tuned whole) blocks
     go straight back to their MLP; ``recover(model)``, if given, trains the model briefly after each move."""
@@ -197,7 +221,7 @@ def back_off(model: torch.nn.Module, original: torch.nn.Module, fqns: list[str],
             recover(model)
         drop = pytorch_drop(model)
         log(f"  backing off: {fqn} {what}; {len(fqns)} block(s) replaced, PyTorch drop on the choose split "
-            f"{drop:+.2f} points")
+            f"{drop:+.2f} points (as judged)")
         if fqns and drop <= max_drop + 1e-9:  # points from fractions of images: 100 * (0.53 - 0.52) is 1.0000000000000009
             return fqns
     raise TmlpError(f"no T-MLP model holds --max-acc-drop {max_drop:g} points on the choose split, even with one "

@@ -11,7 +11,7 @@ import click
 
 from tmlp import __version__
 from tmlp.errors import TmlpError
-from tmlp.spec import DISTILL_AUGMENTS, TRAIN_PRECISIONS
+from tmlp.spec import DISTILL_AUGMENTS, DROP_JUDGES, TRAIN_PRECISIONS
 
 
 class Terminated(BaseException):
@@ -348,6 +348,12 @@ EPOCHS = _NumberOrWord(int, "auto", None)
                   "models disagree) that must fit within the budget besides the drop: the choose split also picked "
                   "the plan and the fine-tuning stop, so a drop that fits by chance flatters the model (CIFAR-10 "
                   "DeiT-Small: 1.1-2.4 points; bench/results/default-variants). 0: the drop alone.")
+@spec_option("--judge-drop", field="plan.judge", type=click.Choice(list(DROP_JUDGES)),
+             help="How the plan, the distillation decision and the budget check judge a model's drop on the choose "
+                  "split. predicted: from its logit distance to the original, at a rate fitted over every model "
+                  "measured (the plan's choices, or a training's checks); measured: its top-1 drop on those "
+                  "2,500 images, which reads within +-0.5 points, so the cheapest reading that fits is a lucky one "
+                  "(bench/results/kl-rule).")
 @click.option("--replace-all", "plan__replace_all", is_flag=True, default=None,
               help="Under the budget, replace every selected block: the plan chooses only k and rank per block, "
                    "the back-off only moves blocks to safer options, and the export fails rather than give a "

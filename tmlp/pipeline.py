@@ -65,7 +65,8 @@ def run_export(spec: ExportSpec, log=print, progress: bool = True) -> ExportResu
             calibration = stages.calibrate_selection(loaded, selection, spec.calibration, spec.source.calib_images,
                                                      log, progress)
             calib_seconds = time.time() - t0
-        built = stages.build(loaded, selection, calibration, spec.calibration, spec.source, log)
+        built = stages.build(loaded, selection, calibration, spec.calibration, spec.source, log,
+                             rate=None if plan is None else plan.rate)
         built = stages.reduce_tokens(loaded, built, spec, log, progress)
         built = stages.distil(loaded, built, spec, log, progress)
     except RuntimeError as err:

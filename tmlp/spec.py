@@ -32,6 +32,7 @@ DISTILL_SCHEDULES = ("constant", "cosine")
 AVERAGE_IMAGES = 30720  # training images of averaged auto fine-tuning (bench/results/finetune-selection)
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 DISTILL_AUGMENTS = ("none", "auto", "crop_flip", "crop")
+DROP_JUDGES = ("predicted", "measured")  # how the budget judges a drop (tmlp.drop_rate)
 
 
 def _positive_int(value: Any, what: str, fix: str = "") -> None:
@@ -198,7 +199,9 @@ class PlanSpec:
     calibration section says (what ``tmlp export`` does when form flags such as --k or --layers are given).
     ``replace_all``: under the budget every selected block is replaced; the plan chooses only k and rank, the
     back-off only moves blocks to safer options, and the export fails rather than give an MLP back. ``margin``: the
-    budget holds when the measured drop plus ``margin`` paired standard errors fits (0: the drop alone)."""
+    budget holds when the judged drop plus ``margin`` paired standard errors fits (0: the drop alone). ``judge``:
+    a drop is judged "predicted" from the model's logit distance at a fitted rate (tmlp.drop_rate), or "measured"
+    (its top-1 drop on the choose split)."""
 
     max_acc_drop: float | None = 1.0
     k_choices: tuple[int, ...] | None = None
@@ -207,6 +210,7 @@ class PlanSpec:
     headroom: float = 2.0
     replace_all: bool = False
     margin: float = 0.0  # standard errors of the measured drop it must leave below the budget (tmlp.budget)
+    judge: str = "predicted"  # a drop is judged "predicted" from the logit distance (tmlp.drop_rate) or "measured"
 
     def __post_init__(self) -> None:
         if self.max_acc_drop is not None and self.max_acc_drop < 0:
@@ -218,6 +222,8 @@ class PlanSpec:
             raise TmlpError(f"--headroom must be >= 0 points, got {self.headroom}")
         if self.margin < 0:
             raise TmlpError(f"--budget-margin must be >= 0 standard errors, got {self.margin}")
+        if self.judge not in DROP_JUDGES:
+            raise TmlpError(f"--judge-drop must be one of {', '.join(DROP_JUDGES)}, got {self.judge!r}")
         for what, values in (("--plan-k", self.k_choices), ("--plan-rank", self.rank_choices)):
             if values is not None and (not values or min(values) < 1):
                 raise TmlpError(f"{what} takes comma-separated positive integers like 25,50,100, got {values!r}")
@@ -357,7 +363,7 @@ class ExportSpec:
     """One export, complete: the model name, a section per stage, and the output folder (None:
     runs/<model>-<dataset>)."""
 
-    VERSION: ClassVar[int] = 10
+    VERSION: ClassVar[int] = 11
     model: str
     source: SourceSpec = field(default_factory=SourceSpec)
     blocks: BlocksSpec = field(default_factory=BlocksSpec)

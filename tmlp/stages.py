@@ -24,6 +24,7 @@ from tmlp.calibration.record import IndexedBatch, tokens_per_image
 from tmlp.data import DataSet, ImageSplit, augment_batch, load_dataset, to_tensor
 from tmlp.distill import distill_, kl_to_teacher
 from tmlp.distributed import World, batch_share, world
+from tmlp.drop_rate import DropRate, Reading, logit_distance, read
 from tmlp.finetune import Recipe, finetune_
 from tmlp.errors import TmlpError
 from tmlp.io import atomic_path, cache_path, ensure_writable_dir, file_sha256, publish, save_torch, write_json
@@ -33,14 +34,14 @@ from tmlp.plan import BlockOption, Plan, held_out_tokens, option_calibration, pl
 from tmlp.spec import AVERAGE_IMAGES, ExportSpec, PlanSpec, SourceSpec, TaylorConfig
 from tmlp.surgery import select_blocks, skipped_blocks, taylorize_
 from tmlp.taylor.exact import kept_units
-from tmlp.train import TrainConfig, batches, evaluate, is_trained, resolve_precision, train
+from tmlp.train import TrainConfig, batches, evaluate, is_trained, resolve_precision, split_logits, train
 
 __all__ = ["AveragedChecks", "Built", "ChooseSplitChecks", "Exported", "Loaded", "ResolvedTarget", "Selection", "ValSplits", "build",
            "calibrate_plan_options", "calibrate_selection", "clear_run_folder", "common_metadata", "distil", "distillation_may_run",
            "embedded_default_checkpoint", "export_models", "export_tmlp", "export_verified", "hold_budget", "load",
            "load_model_and_data", "load_tmlp_model", "parity_examples", "parse_block_k", "parse_layers",
-           "plan_configs", "plan_options", "plan_stage", "planning_budget", "publish_run", "reduce_tokens", "report", "resolve_target",
-           "save_model", "select", "summarize", "tensor_batches", "tmlp_metadata", "versions", "write_manifest",
+           "plan_configs", "plan_options", "plan_stage", "planning_budget", "publish_run", "reader", "reduce_tokens", "report", "resolve_target",
+           "save_model", "select", "summarize", "tensor_batches", "tmlp_metadata", "trained_rate", "versions", "write_manifest",
            "write_val_images"]
 
 Log = Callable[[str], None]
@@ -333,6 +334,15 @@ def calibrate_selection(loaded: Loaded, selection: Selection, config: TaylorConf
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. plan
 # ---------------------------------------------------------------------------------------------------------------------
+def reader(loaded: Loaded, split: ImageSplit, share: World | None = None) -> Callable[[torch.nn.Module], Reading]:
+    """``read(model)``: the model's ``Reading`` on ``split`` against the original (its top-1 accuracy and the
+    original's, its logit distance and the paired standard error of its drop); the original's logits are computed
+    once, here."""
+    reference = split_logits(loaded.model, split, loaded.spec, share=share)
+    labels = torch.as_tensor(np.asarray(split.y)).long()
+    return lambda model: read(reference, split_logits(model, split, loaded.spec, share=share), labels)
+
+
 def distillation_may_run(spec: ExportSpec) -> bool:
     """Whether the distil stage may train: epochs N > 0, or auto under a budget."""
     if spec.distill.epochs is None:
@@ -417,10 +427,15 @@ def plan_stage(loaded: Loaded, selection: Selection,
         f"{spec.plan.max_acc_drop:g}{'' if budget == spec.plan.max_acc_drop else f' + --headroom {spec.plan.headroom:g}'}"
         f"): options {', '.join(o.label() for o in options)}; logit-KL sensitivity on {len(probe)} and accuracy on "
         f"{len(choose)} validation images of the choose split{every}")
-    accuracy = lambda m: evaluate(m, choose, loaded.spec, torch.device("cpu"))  # noqa: E731
-    plan = plan_blocks(model, calibrations, options, config.order, accuracy, budget / 100, tokens, probe, log=log,
+    judge = (reader(loaded, choose) if spec.plan.judge == "predicted" else
+             lambda m: evaluate(m, choose, loaded.spec, torch.device("cpu")))
+    plan = plan_blocks(model, calibrations, options, config.order, judge, budget / 100, tokens, probe, log=log,
                        progress=progress, keep_mlps=not spec.plan.replace_all)
     log(plan.search_table())
+    if plan.rate is not None:
+        log(f"drops judged as predicted from the logit distance at {plan.rate.rate:.3g} points per unit, fitted "
+            f"over the {len(plan.rate.points)} choices measured (tmlp.drop_rate: a measured drop reads within "
+            "±0.5 points on these images, so the cheapest reading within the budget would be a lucky one)")
     log(plan.table())
     if not plan.chosen:
         raise TmlpError(f"no block can be replaced within {budget:g} points of accuracy; raise --max-acc-drop, or "
@@ -448,30 +463,43 @@ class Built:
     choose: float
     distillation: dict[str, Any] | None = None
     tokens: dict[str, Any] | None = None  # the token-reduction schedule (tmlp.tokens), when the spec asks for one
+    reading: Reading | None = None  # the T-MLP model on the choose split (tmlp.drop_rate), where measured
+    rate: DropRate | None = None  # the rate its drops are judged at: the plan's, or its training's
 
     def with_model(self, model: torch.nn.Module, choose: float, accuracy: float,
-                   distillation: dict[str, Any] | None = None) -> "Built":
+                   distillation: dict[str, Any] | None = None, reading: Reading | None = None,
+                   rate: DropRate | None = None) -> "Built":
         return Built(model, self.accuracy_original, accuracy, self.n_val, self.choose_original, choose,
-                     distillation if distillation is not None else self.distillation, self.tokens)
+                     distillation if distillation is not None else self.distillation, self.tokens, reading,
+                     rate if rate is not None else self.rate)
+
+    def judged_drop(self) -> float:
+        """The T-MLP model's drop on the choose split (points) as the budget judges it: predicted from its logit
+        distance at ``rate`` where both are known, else measured."""
+        if self.rate is None or self.reading is None:
+            return 100 * (self.choose_original - self.choose)
+        return self.rate.judge(self.reading)
 
 
 def build(loaded: Loaded, selection: Selection, calibration: dict[str, BlockCalibration], config: TaylorConfig,
-          source: SourceSpec, log: Log = print) -> Built:
-    """Stage 5: a copy of the model with the selected blocks replaced, and both models' accuracy on the choose and
-    the report split."""
+          source: SourceSpec, log: Log = print, rate: DropRate | None = None) -> Built:
+    """Stage 5: a copy of the model with the selected blocks replaced, both models' accuracy on the choose and the
+    report split, and the T-MLP model's reading on the choose split (judged at ``rate``, the plan's, if given)."""
     model = copy.deepcopy(loaded.model)
     configs = {"_default": config, **{f: config.replace(k=k, max_tokens=config.max_tokens)
                                       for f, k in selection.block_k.items()}}
     taylorize_(model, configs, layers=selection.fqns, calibration=calibration)
     splits = loaded.val_splits(source)
     cpu = torch.device("cpu")
-    acc = {(name, which): evaluate(net, getattr(splits, name), loaded.spec, cpu)
-           for name in ("choose", "report") for which, net in (("original", loaded.model), ("tmlp", model))}
+    reading = reader(loaded, splits.choose)(model)
+    acc = {("choose", "original"): reading.original, ("choose", "tmlp"): reading.accuracy,
+           **{("report", which): evaluate(net, splits.report, loaded.spec, cpu)
+              for which, net in (("original", loaded.model), ("tmlp", model))}}
     for name in ("choose", "report"):
         log(f"PyTorch accuracy on the {name} split ({len(getattr(splits, name))} validation images): original "
             f"{100 * acc[name, 'original']:.2f}%, T-MLP {100 * acc[name, 'tmlp']:.2f}%")
     return Built(model, acc["report", "original"], acc["report", "tmlp"], len(splits.report),
-                 acc["choose", "original"], acc["choose", "tmlp"])
+                 acc["choose", "original"], acc["choose", "tmlp"], reading=reading, rate=rate)
 
 
 def reduce_tokens(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, progress: bool = True) -> Built:
@@ -518,10 +546,11 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
     d, budget = spec.distill, spec.plan.max_acc_drop
     if d.epochs == 0 or (d.epochs is None and budget is None):
         return built
-    drop = built.choose_original - built.choose
-    if d.epochs is None and drop <= budget / 100:
-        log(f"no distillation needed: the T-MLP model is within the budget on the choose split "
-            f"({100 * drop:+.2f} <= {budget:g} points)")
+    judged = built.judged_drop()
+    margin = spec.plan.margin * (built.reading.standard_error if built.reading is not None else 0.0)
+    if d.epochs is None and judged + margin <= budget + 1e-9:
+        log(f"no distillation needed: the T-MLP model is within the budget on the choose split ({judged:+.2f}"
+            + (f" + {margin:.2f} margin" if margin else "") + f" <= {budget:g} points)")
         return built
     t0 = time.time()
     auto = d.epochs is None
@@ -530,8 +559,7 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
     splits = loaded.val_splits(spec.source)
     cpu = torch.device("cpu")
     w = world()  # under torchrun each rank trains on its share of every batch and scores its share of the checks
-    def choose_accuracy(m: torch.nn.Module) -> float:
-        return evaluate(m, splits.choose, loaded.spec, cpu, share=w)
+    choose_accuracy = reader(loaded, splits.choose, share=w)  # each check's top-1 and logit distance
     averaged = auto and d.average and d.finetune
     if averaged:
         images = d.images or AVERAGE_IMAGES
@@ -567,8 +595,10 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
                           schedule=d.schedule, **train)
         what = f"distillation of the Taylor tensors (logit KL, lr {d.lr} {d.schedule})"
     seen = checks.restore_best() if auto else n_images * d.epochs
-    choose = checks.best if auto else evaluate(built.model, splits.choose, loaded.spec, cpu)
+    reading = choose_accuracy(built.model)
+    choose = reading.accuracy
     after = evaluate(built.model, splits.report, loaded.spec, cpu)
+    rate = trained_rate(checks.history if auto else [], reading) if built.rate is not None else None
     log(f"{what} over {seen} training images: T-MLP accuracy on the choose split {100 * built.choose:.2f}% -> "
         f"{100 * choose:.2f}% (original {100 * built.choose_original:.2f}%), on the report split "
         f"{100 * built.accuracy:.2f}% -> {100 * after:.2f}% (original {100 * built.accuracy_original:.2f}%)")
@@ -582,7 +612,24 @@ def distil(loaded: Loaded, built: Built, spec: ExportSpec, log: Log = print, pro
               "seconds": round(time.time() - t0, 1)}
     if d.finetune:
         record.update(finetune_lr=d.finetune_lr, label_weight=d.label_weight, whole_model_checks=whole_model_checks)
-    return built.with_model(built.model, choose, after, record)
+    if rate is not None:
+        record.update(rate=rate.to_dict(), judged_drop_points=rate.judge(reading))
+        log(f"  drops of the trained model judged at {rate.rate:.3g} points per unit of logit distance, fitted over "
+            f"{rate.source}: judged drop on the choose split {rate.judge(reading):+.2f} points")
+    return built.with_model(built.model, choose, after, record, reading=reading, rate=rate)
+
+
+def trained_rate(history: list[dict[str, float]], final: Reading) -> DropRate:
+    """The rate a trained model's drops are judged at: fitted over its training's checks (each a reading of the
+    weights of that moment on the choose split, none selected), else (no check measured a distance: trained for a
+    fixed number of epochs) over the final model's own reading, which then judges it by its measured drop.
+    Training with the labels moves the logits in ways that cost no accuracy, so the plan's rate does not carry
+    over (bench/results/kl-rule)."""
+    points = [(h["choose_distance"], 100 * (final.original - h["choose_accuracy"])) for h in history
+              if h.get("choose_distance") is not None]
+    if points:
+        return DropRate(f"the {len(points)} check(s) of its training", points)
+    return DropRate("the trained model's own reading").add(final)
 
 
 class AveragedChecks:
@@ -612,6 +659,7 @@ class AveragedChecks:
 
     def _measure(self, model: torch.nn.Module) -> tuple[float, float]:
         out = self._logits(model)
+        self.distance = logit_distance(self.target, out)
         return float((out.argmax(1) == self.labels).float().mean()), float(kl_to_teacher(out, self.target))
 
     def __call__(self, seen: int) -> bool:
@@ -622,7 +670,7 @@ class AveragedChecks:
                 v.lerp_(now[k].float(), 1.0 / self.n)  # weight 1 at the first check: a copy
         self.shadow.load_state_dict(self.mean, strict=False)
         acc, kl = self._measure(self.shadow)
-        self.history.append({"images": seen, "choose_accuracy": acc, "choose_kl": kl})
+        self.history.append({"images": seen, "choose_accuracy": acc, "choose_kl": kl, "choose_distance": self.distance})
         better = kl < self.best_kl
         self.log(f"  after {seen} training images: mean of {self.n} check(s) on the choose split {100 * acc:.2f}%, "
                  f"KL to the original {kl:.4f}" + (" (lowest so far)" if better else ""))
@@ -638,12 +686,13 @@ class AveragedChecks:
 
 class ChooseSplitChecks:
     """The stopping rule of automatic distillation: called every ``every`` training images with the number seen, it
-    measures the choose-split accuracy, keeps a copy of the best weights, and says stop (True) when the accuracy has
+    measures the choose-split accuracy (``accuracy(model)``: a fraction, or a ``Reading`` whose logit distance is
+    kept in ``history`` too, for the trained model's rate), keeps a copy of the best weights, and says stop (True) when the accuracy has
     not improved on the best for ``patience`` checks in a row, or reached ``target`` (the original model's: the T-MLP
     model has nothing left to recover; further training would only train the network on). ``restore_best()`` loads
     the best weights back and returns the images they had seen."""
 
-    def __init__(self, model: torch.nn.Module, accuracy: Callable[[torch.nn.Module], float], start: float,
+    def __init__(self, model: torch.nn.Module, accuracy: Callable[[torch.nn.Module], float | Reading], start: float,
                  every: int, log: Log = print, target: float | None = None, patience: int = 1) -> None:
         self.model, self.accuracy, self.every, self.log, self.target = model, accuracy, every, log, target
         self.patience, self.since_best = patience, 0
@@ -654,8 +703,10 @@ class ChooseSplitChecks:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def __call__(self, seen: int) -> bool:
-        acc = self.accuracy(self.model)
-        self.history.append({"images": seen, "choose_accuracy": acc})
+        result = self.accuracy(self.model)
+        acc = result.accuracy if isinstance(result, Reading) else result
+        self.history.append({"images": seen, "choose_accuracy": acc,
+                             **({"choose_distance": result.distance} if isinstance(result, Reading) else {})})
         improved = acc > self.best
         reached = self.target is not None and acc >= self.target
         self.since_best = 0 if improved else self.since_best + 1
@@ -816,24 +867,36 @@ def hold_budget(loaded: Loaded, selection: Selection, built: Built, spec: Export
                 plan: Plan | None, staging: str, exported: Exported, log: Log = print
                 ) -> tuple[Selection, Built]:
     """Stage 8b (under a budget): measure tmlp.onnx against original.onnx in onnxruntime on the choose split and,
-    while it loses more than the budget, back off and export again (tmlp.budget.next_move: the move that buys the
+    while it loses more than the budget (as judged: its drop predicted from its logit distance at ``built.rate``,
+    tmlp.drop_rate; measured where there is no rate), back off and export again (tmlp.budget.next_move: the move that buys the
     most logit KL per multiply-add, a less sensitive option for a block or its MLP back).
     Raises, with nothing published, when no replaced block can stay."""
-    from tmlp.budget import BudgetCheck, back_off, ort_correct
+    from tmlp.budget import BudgetCheck, back_off, ort_logits
 
     budget, margin = spec.plan.max_acc_drop, spec.plan.margin
     choose = loaded.val_splits(spec.source).choose
-    check = BudgetCheck(budget, ort_correct(exported.files["original.onnx"], choose, loaded.spec), margin)
+    labels = np.asarray(choose.y)
+    reference = ort_logits(exported.files["original.onnx"], choose, loaded.spec)
+    rate = built.rate
+    check = BudgetCheck(budget, reference.argmax(1) == labels, margin, rate)
     cpu = torch.device("cpu")
-    pytorch_drop = lambda m: 100 * (built.choose_original - evaluate(m, choose, loaded.spec, cpu))  # noqa: E731
+    read_choose = reader(loaded, choose)
+
+    def pytorch_drop(model: torch.nn.Module) -> float:  # each back-off step is a point of the fit: none is chosen
+        reading = read_choose(model)
+        return reading.drop if rate is None else rate.add(reading).judge(reading)
+
     while True:
         t0 = time.time()
-        check.measure(selection.fqns, ort_correct(exported.files["tmlp.onnx"], choose, loaded.spec),
-                      time.time() - t0)
+        logits = ort_logits(exported.files["tmlp.onnx"], choose, loaded.spec)
+        distance = logit_distance(torch.from_numpy(reference), torch.from_numpy(logits))
+        check.measure(selection.fqns, logits.argmax(1) == labels, time.time() - t0, distance)
         with_margin = f" + {margin:g} x {check.standard_error:.2f} standard error" if margin else ""
+        judged = "" if rate is None else (f", judged from its logit distance {distance:.4f} "
+                                          f"{check.judged:+.2f} points")
         log(f"budget check in onnxruntime on the choose split ({len(choose)} images): original "
             f"{100 * check.original:.2f}%, T-MLP {100 * check.accuracy:.2f}% with {len(selection.fqns)} block(s) "
-            f"replaced: drop {check.drop:+.2f} points{with_margin}, budget {budget:g}: "
+            f"replaced: drop {check.drop:+.2f} points{judged}{with_margin}, budget {budget:g}: "
             f"{'holds' if check.holds() else 'broken'}")
         if check.holds():
             break
@@ -847,8 +910,9 @@ def hold_budget(loaded: Loaded, selection: Selection, built: Built, spec: Export
     exported.budget = check.to_dict()
     if len(check.steps) > 1:
         splits = loaded.val_splits(spec.source)
-        built = built.with_model(built.model, evaluate(built.model, choose, loaded.spec, cpu),
-                                 evaluate(built.model, splits.report, loaded.spec, cpu))
+        reading = read_choose(built.model)
+        built = built.with_model(built.model, reading.accuracy,
+                                 evaluate(built.model, splits.report, loaded.spec, cpu), reading=reading)
     return selection, built
 
 

@@ -25,7 +25,7 @@ from tmlp.errors import TmlpError
 from tmlp.io import check_can_write, folder_kept_on_success, save_torch
 from tmlp.models import COMMIT_FILE_MB, create_model, input_size, read_checkpoint, resolve_config, save_checkpoint
 
-__all__ = ["Run", "TrainConfig", "autocast", "batches", "evaluate", "load_initial_weights", "train",
+__all__ = ["Run", "TrainConfig", "autocast", "batches", "evaluate", "load_initial_weights", "split_logits", "train",
            "write_run_snapshot"]
 
 
@@ -130,6 +130,26 @@ def evaluate(model: nn.Module, split: ImageSplit, spec: dict[str, Any], device: 
     if share is not None and share.distributed:
         correct, total = (int(v) for v in all_reduce_sum([correct, total]))
     return correct / max(1, total)
+
+
+@torch.no_grad()
+def split_logits(model: nn.Module, split: ImageSplit, spec: dict[str, Any], batch_size: int = 256,
+                 share: World | None = None) -> torch.Tensor:
+    """[N, classes] float32 logits of ``model`` on every image of ``split`` (CPU, fp32); with ``share`` (torchrun)
+    each rank computes its share of every batch and the rows are summed over the ranks into the whole."""
+    model.eval()
+    order = np.arange(len(split))
+    if share is None or not share.distributed:
+        return torch.cat([model(x).float() for x, _ in batches(split, spec, batch_size, order)])
+    mine = np.concatenate([batch_share(order[i:i + batch_size], share) for i in range(0, len(order), batch_size)]
+                          or [order[:0]])
+    parts = [model(x).float() for x, _ in batches(split, spec, batch_size, mine)]
+    width, ranks = all_reduce_sum([parts[0].shape[1] if parts else 0, 1 if parts else 0]).tolist()
+    classes = round(width / max(ranks, 1))  # a rank with an empty share learns the width from the others
+    out = torch.zeros(len(split), classes, dtype=torch.float64)
+    if parts:
+        out[torch.from_numpy(mine)] = torch.cat(parts).double()
+    return all_reduce_sum(out).float()
 
 
 def native_bf16(device: torch.device) -> bool:
