@@ -10,12 +10,12 @@ from tmlp.budget import BudgetCheck, paired_standard_error
 from tmlp.drop_rate import OVERRULE, DropRate, Reading, logit_distance, read
 
 
-def test_logit_distance_is_the_mean_root_of_each_images_kl():
+def test_logit_distance_is_the_mean_kl_of_the_class_probabilities():
     reference = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
     logits = torch.tensor([[1.0, 0.5, -1.0], [0.5, 0.5, 0.0]])
     p, q = torch.log_softmax(reference, 1), torch.log_softmax(logits, 1)
     kl = (p.exp() * (p - q)).sum(1)
-    assert logit_distance(reference, logits) == pytest.approx(float(kl.sqrt().mean()), rel=1e-6)
+    assert logit_distance(reference, logits) == pytest.approx(float(kl.mean()), rel=1e-6)
     assert logit_distance(reference, reference) == 0.0
     assert logit_distance(reference, reference + 3.0) == pytest.approx(0.0, abs=1e-7)  # a shift changes nothing
 

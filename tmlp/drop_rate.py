@@ -11,10 +11,11 @@ fit is an average over candidates, none of them selected, so it carries no winne
 (distillation, fine-tuning) gets its own rate, fitted over the checks of its training: training with the labels moves
 the logits in ways that cost no accuracy, which changes the rate (bench/results/kl-rule).
 
-The distance is ``logit_distance``: the mean over images of sqrt(KL(original ‖ model)) of each image's class
-probabilities — a flip needs the logits to move by more than the image's margin, and that movement grows as the
-square root of the image's KL, so the mean of the roots follows the flips; the plain mean KL is dominated by a few
-images far from the original.
+The distance is ``logit_distance``: the mean over images of KL(original ‖ model) of the class probabilities, in nats
+(the plan's own sensitivity measure). Over the 67 candidates of the CIFAR-10 DeiT-Small's plan paths it predicted the
+report split's drop best of four statistics (mean KL, sqrt of the mean KL, the mean of each image's sqrt(KL), the
+share of images whose class changed): RMSE 0.33 and 0.50 points against 0.44 and 0.70 for the choose split's own
+top-1 drop (bench/results/kl-rule).
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ OVERRULE = 2.0  # standard errors by which a measured drop must exceed the predi
 
 @torch.no_grad()
 def logit_distance(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over the rows of two [n, classes] logit tensors of sqrt(KL(softmax(reference) ‖ softmax(logits)))."""
+    """Mean over the rows of two [n, classes] logit tensors of KL(softmax(reference) ‖ softmax(logits)), in nats."""
     p = torch.log_softmax(reference.double(), dim=-1)
     q = torch.log_softmax(logits.double(), dim=-1)
-    return float((p.exp() * (p - q)).sum(-1).clamp_min(0).sqrt().mean())
+    return float((p.exp() * (p - q)).sum(-1).clamp_min(0).mean())
 
 
 @dataclass(frozen=True)
@@ -106,5 +107,5 @@ class DropRate:
         se = self.rate_standard_error
         return {"source": self.source, "points_per_unit_distance": self.rate,
                 "standard_error": None if math.isinf(se) else se,
-                "distance": "mean over images of sqrt(KL(original || model)) of the class probabilities",
+                "distance": "mean over images of KL(original || model) of the class probabilities, nats",
                 "points": [{"distance": x, "drop_points": y} for x, y in self.points]}
