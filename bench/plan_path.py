@@ -1,8 +1,8 @@
 """Which measurement on the choose split predicts a candidate's drop on the report split: its own top-1 drop, or its
 logit KL through one exchange rate fitted over every candidate?
 
-For the export spec of a run's manifest (the same model, data, calibration and plan options; calibrations come from
-the cache), this script walks the plan's whole λ path (``tmlp.plan.candidate_choices``, with and without the original
+For the default export spec of a model (the same data, calibration and plan options; ``--plan-units`` offers exact
+hidden units as the export does; calibrations come from the cache), this script walks the plan's whole λ path (``tmlp.plan.candidate_choices``, with and without the original
 MLP as an option: every choice the plan's search could measure), builds each candidate in PyTorch, untrained, and
 measures on both halves of the validation images its top-1 drop against the original and the mean KL(original ‖
 candidate) of the class probabilities. No choice is made on these numbers, so neither half is flattered.
@@ -12,8 +12,9 @@ The analysis fits drop = a · sqrt(KL) and drop = b · KL through the origin ove
 and b · KL (of the choose-split KL). It also replays the plan's choice at a budget (the cheapest candidate whose
 predicted drop fits) under each predictor and reports what that candidate loses on the report split.
 
-    python bench/plan_path.py bench/results/plan-units/headroom-0/manifest.json \
-        [--no-units] [--budget 1.0] [--out bench/results/kl-rule/units]
+    python bench/plan_path.py [--checkpoint bench/deit_small_cifar10_fp16.pt] \
+        [--dataset npz:/work/shared/data/cifar10-jpeg] [--plan-units 0,64,256] [--budget 1.0] \
+        [--out bench/results/kl-rule/default] [--replot]
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import argparse
 import json
 import os
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -109,17 +109,54 @@ def write_table(rows: list[dict], analysis: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], analysis: dict, path: str, title: str) -> None:
+    """Each candidate's top-1 drop on the choose split and on the report split against its choose-split logit KL, with
+    the line b · KL fitted over the choose points, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kl = np.array([r["choose"]["kl"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.scatter(kl, [r["choose"]["drop_points"] for r in rows], s=18, color="tab:blue",
+               label="choose split (every choice is made here)")
+    ax.scatter(kl, [r["report"]["drop_points"] for r in rows], s=18, color="tab:red", marker="^",
+               label="report split (never used for a choice)")
+    line = np.linspace(0, kl.max() * 1.05, 50)
+    ax.plot(line, analysis["rate_linear_points_per_nat"] * line, color="tab:blue", lw=1.2,
+            label=f"fitted on the choose split: {analysis['rate_linear_points_per_nat']:.1f} points per nat")
+    ax.axhline(analysis["budget_points"], color="grey", ls=":", lw=1)
+    ax.set_xlabel("logit KL to the original on the choose split (nats)")
+    ax.set_ylabel("top-1 drop (points)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("manifest", help="a run's manifest.json: its export spec is walked")
+    parser.add_argument("--model", default="deit_small")
+    parser.add_argument("--checkpoint", default="bench/deit_small_cifar10_fp16.pt")
+    parser.add_argument("--dataset", default="npz:/work/shared/data/cifar10-jpeg",
+                        help="as given to tmlp export (the calibration cache is keyed by this string)")
+    parser.add_argument("--plan-units", default=None, help="--plan-units of the export, e.g. 0,64,256")
     parser.add_argument("--budget", type=float, default=1.0, help="points, for the replayed choice")
-    parser.add_argument("--no-units", action="store_true", help="walk the plan without its --plan-units choices")
     parser.add_argument("--out", default="bench/results/kl-rule/default")
+    parser.add_argument("--replot", action="store_true", help="only redraw OUT/plan_path.png from OUT/plan_path.json")
     args = parser.parse_args()
-    with open(args.manifest) as f:
-        spec = ExportSpec.from_dict(json.load(f)["spec"])
-    if args.no_units:
-        spec = replace(spec, plan=replace(spec.plan, unit_choices=None))
+    if args.replot:
+        with open(os.path.join(args.out, "plan_path.json")) as f:
+            done = json.load(f)
+        plot(done["candidates"], done["analysis"], os.path.join(args.out, "plan_path.png"),
+             f"Every choice on the plan's λ path: {len(done['options'])} option(s) per block, untrained")
+        return
+    units = None if args.plan_units is None else tuple(int(m) for m in args.plan_units.split(","))
+    spec = ExportSpec.from_flags(args.model, {"source__checkpoint": args.checkpoint, "source__dataset": args.dataset,
+                                              "plan__unit_choices": units})
     t0 = time.time()
     loaded = load(spec, print, progress=False)
     selection = select(loaded, spec, print)
@@ -163,8 +200,10 @@ def main() -> None:
     analysis = analyse(rows, args.budget)
     os.makedirs(args.out, exist_ok=True)
     write_json(os.path.join(args.out, "plan_path.json"),
-               {"manifest": args.manifest, "options": [o.label() for o in options], "candidates": rows,
+               {"spec": spec.to_dict(), "options": [o.label() for o in options], "candidates": rows,
                 "analysis": analysis, "seconds": round(time.time() - t0, 1)})
+    plot(rows, analysis, os.path.join(args.out, "plan_path.png"),
+         f"Every choice on the plan's λ path: {len(options)} option(s) per block, untrained")
     write_text(os.path.join(args.out, "plan_path.md"),
                write_table(rows, analysis, f"Plan path of {', '.join(o.label() for o in options)}"))
     print(open(os.path.join(args.out, "plan_path.md")).read())
