@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tmlp.data import ImageSplit
-from tmlp.drop_rate import DropRate, Reading
+from tmlp.drop_rate import DropRate, Reading, paired_standard_error
 from tmlp.errors import TmlpError
 from tmlp.plan import BlockOption, Plan
 from tmlp.runtime.run import input_shape, make_session, preprocess, time_batches
@@ -59,17 +59,6 @@ def ort_accuracy(path: str, split: ImageSplit, preprocessing: dict[str, Any], ba
                  threads: int | None = None) -> float:
     """Top-1 accuracy (fraction) of ONNX model ``path`` in onnxruntime on ``split`` (``ort_correct``'s mean)."""
     return float(ort_correct(path, split, preprocessing, batch, threads).mean()) if len(split) else 0.0
-
-
-def paired_standard_error(original: np.ndarray, tmlp: np.ndarray) -> float:
-    """Standard error (points) of the accuracy drop ``original.mean() - tmlp.mean()`` measured on the same images
-    (bool [N] each): the standard deviation of the per-image differences over sqrt(N). Only the images on which the
-    two models disagree contribute: at 10% disagreement on 2,500 images it is 0.63 points."""
-    n = len(original)
-    if n < 2:
-        return 0.0
-    diff = original.astype(np.float64) - tmlp.astype(np.float64)
-    return float(100 * diff.std(ddof=1) / np.sqrt(n))
 
 
 def quick_speedup(original: str, tmlp: str, runs: int = 30, warmup: int = 5) -> dict[str, float]:

@@ -23,9 +23,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["OVERRULE", "DropRate", "Reading", "logit_distance", "read"]
+__all__ = ["OVERRULE", "DropRate", "Reading", "logit_distance", "paired_standard_error", "read"]
 
 OVERRULE = 2.0  # standard errors by which a measured drop must exceed the predicted one to overrule it
 
@@ -58,10 +59,20 @@ class Reading:
 def read(reference: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> Reading:
     """The ``Reading`` of a model's [n, classes] ``logits`` against the original's ``reference`` on images whose
     classes are ``labels`` [n]."""
-    original, model = (reference.argmax(1) == labels).double(), (logits.argmax(1) == labels).double()
-    diff = original - model
-    se = float(100 * diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
-    return Reading(float(model.mean()), float(original.mean()), logit_distance(reference, logits), se)
+    original, model = (reference.argmax(1) == labels).numpy(), (logits.argmax(1) == labels).numpy()
+    return Reading(float(model.mean()), float(original.mean()), logit_distance(reference, logits),
+                   paired_standard_error(original, model))
+
+
+def paired_standard_error(original: np.ndarray, tmlp: np.ndarray) -> float:
+    """Standard error (points) of the accuracy drop ``original.mean() - tmlp.mean()`` measured on the same images
+    (bool [N] each): the standard deviation of the per-image differences over sqrt(N). Only the images on which the
+    two models disagree contribute: at 10% disagreement on 2,500 images it is 0.63 points."""
+    n = len(original)
+    if n < 2:
+        return 0.0
+    diff = original.astype(np.float64) - tmlp.astype(np.float64)
+    return float(100 * diff.std(ddof=1) / np.sqrt(n))
 
 
 @dataclass

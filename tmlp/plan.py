@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from tmlp.blocks import channel_dim
 from tmlp.calibration.calibrate import BlockCalibration
 from tmlp.calibration.record import stream_blocks
-from tmlp.drop_rate import DropRate, Reading
+from tmlp.drop_rate import DropRate, Reading, logit_distance
 from tmlp.errors import TmlpError
 from tmlp.surgery import replace_module
 from tmlp.taylor.derivatives import SharedDerivatives
@@ -155,12 +155,7 @@ def relative_error(block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((block(x) - y).norm() / y.norm().clamp_min(1e-12))
 
 
-@torch.no_grad()
-def logit_kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean KL(softmax(reference) ‖ softmax(logits)) over the rows of two [n, classes] tensors, in nats."""
-    p = torch.log_softmax(reference.float(), dim=-1)
-    q = torch.log_softmax(logits.float(), dim=-1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+logit_kl = logit_distance  # mean KL(softmax(reference) ‖ softmax(logits)) over the rows, in nats
 
 
 @torch.no_grad()

@@ -659,7 +659,6 @@ class AveragedChecks:
 
     def _measure(self, model: torch.nn.Module) -> tuple[float, float]:
         out = self._logits(model)
-        self.distance = logit_distance(self.target, out)
         return float((out.argmax(1) == self.labels).float().mean()), float(kl_to_teacher(out, self.target))
 
     def __call__(self, seen: int) -> bool:
@@ -670,7 +669,7 @@ class AveragedChecks:
                 v.lerp_(now[k].float(), 1.0 / self.n)  # weight 1 at the first check: a copy
         self.shadow.load_state_dict(self.mean, strict=False)
         acc, kl = self._measure(self.shadow)
-        self.history.append({"images": seen, "choose_accuracy": acc, "choose_kl": kl, "choose_distance": self.distance})
+        self.history.append({"images": seen, "choose_accuracy": acc, "choose_kl": kl, "choose_distance": kl})
         better = kl < self.best_kl
         self.log(f"  after {seen} training images: mean of {self.n} check(s) on the choose split {100 * acc:.2f}%, "
                  f"KL to the original {kl:.4f}" + (" (lowest so far)" if better else ""))
